@@ -1,0 +1,412 @@
+"""Block-sparse gemv, outer product and dot (Theano's SparseBlockGemv / SparseBlockOuter).
+
+The two primitive operations are closed under differentiation:
+
+* the VJP of ``gemv`` is an ``outer`` (the weight gradient) and a ``gemv`` over
+  the transposed weights with the index arrays swapped (the input gradient);
+* the VJP of ``outer`` is made of two ``gemv`` calls.
+
+Both are ``jax.custom_vjp`` functions whose backward passes call each other, so
+``jax.grad`` of ``jax.grad`` works to any order.  The forward passes save only
+their inputs as residuals, never the gathered ``(batch, i_win, o_win, i_size,
+o_size)`` weight blocks.
+
+Out-of-range indices
+--------------------
+Eager calls with concrete index arrays raise ``IndexError``.  Under ``jit`` the
+values are unknown when tracing; an out-of-range index there selects a block of
+zeros that does not exist: in ``gemv`` / ``dot`` it contributes nothing (an
+out-of-range ``output_idx[b, j]`` leaves ``out[b, j] == o[b, j]``, and in
+``sparse_block_dot`` adds no bias), in ``outer`` its update is dropped.  Gradients
+are consistent with that (zero).  Nothing crashes and no NaN or inf appears.
+``jax.experimental.checkify`` with ``checkify.index_checks`` reports such an
+index.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from blocksparse_jax import _checks
+from blocksparse_jax._execute import gemv_contract, outer_contract
+
+# --------------------------------------------------------------------------------------
+# The custom-VJP core.  Indices here are int32 and in range; masking happens outside.
+# --------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gemv(o, W, h, input_idx, output_idx, transpose_w):
+    """``o + sum_i h[b, i] @ blk(b, i, j)``; see ``gemv_contract`` for ``transpose_w``."""
+    acc = _checks.accumulation_dtype(o.dtype, W.dtype, h.dtype)
+    y = gemv_contract(W, h, input_idx, output_idx, transpose_w=transpose_w, acc_dtype=acc)
+    return (o.astype(acc) + y).astype(o.dtype)
+
+
+def _gemv_fwd(o, W, h, input_idx, output_idx, transpose_w):
+    out = _gemv(o, W, h, input_idx, output_idx, transpose_w)
+    return out, (W, h, input_idx, output_idx)
+
+
+def _gemv_bwd(transpose_w, res, g):
+    W, h, input_idx, output_idx = res
+    one = jnp.ones((), _checks.accumulation_dtype(W.dtype, h.dtype, g.dtype))
+    if transpose_w:
+        # out[b, j] += h[b, i] @ W[oi, ii].T  =>  dW[oi, ii] += outer(g[b, j], h[b, i])
+        dW = _outer(jnp.zeros_like(W), g, h, output_idx, input_idx, one)
+        dh = _gemv(jnp.zeros_like(h), W, g, output_idx, input_idx, False)
+    else:
+        # out[b, j] += h[b, i] @ W[ii, oi]    =>  dW[ii, oi] += outer(h[b, i], g[b, j])
+        dW = _outer(jnp.zeros_like(W), h, g, input_idx, output_idx, one)
+        dh = _gemv(jnp.zeros_like(h), W, g, output_idx, input_idx, True)
+    return g, dW, dh, None, None
+
+
+_gemv.defvjp(_gemv_fwd, _gemv_bwd)
+
+
+@jax.custom_vjp
+def _outer(o, x, y, x_idx, y_idx, alpha):
+    """``o`` with ``alpha * outer(x[b, i], y[b, j])`` added at ``(x_idx[b, i], y_idx[b, j])``."""
+    acc = _checks.accumulation_dtype(o.dtype, x.dtype, y.dtype)
+    return outer_contract(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc).astype(o.dtype)
+
+
+def _outer_fwd(o, x, y, x_idx, y_idx, alpha):
+    return _outer(o, x, y, x_idx, y_idx, alpha), (x, y, x_idx, y_idx, alpha)
+
+
+def _outer_bwd(res, G):
+    x, y, x_idx, y_idx, alpha = res
+    acc = _checks.accumulation_dtype(x.dtype, y.dtype, G.dtype)
+    # d/dy[b, j] = alpha * sum_i x[b, i] @ G[xi, yi];  d/dx[b, i] = alpha * sum_j G[xi, yi] @ y[b, j]
+    gy = _gemv(jnp.zeros(y.shape, acc), G, x, x_idx, y_idx, False)
+    gx = _gemv(jnp.zeros(x.shape, acc), G, y, y_idx, x_idx, True)
+    a = alpha.astype(acc)
+    dalpha = jnp.sum(gy * y.astype(acc)).astype(alpha.dtype)
+    return G, (a * gx).astype(x.dtype), (a * gy).astype(y.dtype), None, None, dalpha
+
+
+_outer.defvjp(_outer_fwd, _outer_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# Validation shared by the public ops.
+# --------------------------------------------------------------------------------------
+
+_W_DESC = "(i_blocks, o_blocks, i_size, o_size)"
+
+
+def _as_array(name: str, x) -> jax.Array:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        try:
+            x = jnp.asarray(x)
+        except TypeError as e:
+            raise TypeError(f"{name} must be an array; got {type(x).__name__}") from e
+    return x
+
+
+def _check_windowed(
+    name: str, x, idx_name: str, idx, *, win: str, size: str, size_value: int, size_source: str
+) -> tuple[bool, int]:
+    """Checks an activation ``(batch, win, size)`` and its index array ``(batch, win)``.
+
+    Also accepts the per-example form ``(win, size)`` with a 1-D index array.
+    Returns ``(batched, batch)``.
+    """
+    _checks.check_float(name, x)
+    _checks.check_int(idx_name, idx)
+    if x.ndim not in (2, 3):
+        raise ValueError(
+            f"{name} must be 3-D (batch, {win}, {size}) or, for one example, 2-D ({win}, {size}); "
+            f"got shape {_checks.shape_str(x.shape)}"
+        )
+    batched = x.ndim == 3
+    desc = f"(batch, {win}, {size})" if batched else f"({win}, {size})"
+    _checks.check_dim(name, x, -1, size_value, desc, f"{size}={size_value} ({size_source})")
+    idx_desc = f"(batch, {win})" if batched else f"({win},)"
+    if idx.ndim != x.ndim - 1 or idx.shape != x.shape[:-1]:
+        raise ValueError(
+            f"{idx_name} must have shape {idx_desc} = {_checks.shape_str(x.shape[:-1])} to match "
+            f"{name} of shape {_checks.shape_str(x.shape)}; got shape {_checks.shape_str(idx.shape)}"
+        )
+    return batched, (x.shape[0] if batched else 1)
+
+
+def _check_batch(a_name: str, a_batched: bool, a_shape, b_name: str, b_batched: bool, b_shape):
+    if a_batched != b_batched:
+        raise ValueError(
+            f"{a_name} has shape {_checks.shape_str(a_shape)} and {b_name} has shape "
+            f"{_checks.shape_str(b_shape)}: both must be batched (3-D) or both per-example (2-D)"
+        )
+    if a_batched and a_shape[0] != b_shape[0]:
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same batch size; got {a_name} of shape "
+            f"{_checks.shape_str(a_shape)} and {b_name} of shape {_checks.shape_str(b_shape)}"
+        )
+
+
+def _normalize(name: str, idx, n: int, what: str):
+    _checks.check_index_values(name, idx, n, what)
+    return _checks.normalize_index(idx, n)
+
+
+def _batched(*xs):
+    return tuple(x[None] for x in xs)
+
+
+def _prepare_gemv(W, h, input_idx, output_idx):
+    """Validates ``W``, ``h`` and the index arrays; returns the normalised problem.
+
+    Returns ``(W, h, ii, oi, valid_out, batched)`` with ``h`` and the indices
+    given a leading batch axis if they had none, and the activations of
+    out-of-range input blocks zeroed (they contribute nothing).
+    """
+    W = _as_array("W", W)
+    h = _as_array("h", h)
+    input_idx = _as_array("input_idx", input_idx)
+    output_idx = _as_array("output_idx", output_idx)
+    _checks.check_float("W", W)
+    _checks.check_ndim("W", W, 4, _W_DESC)
+    i_blocks, o_blocks, i_size, _ = W.shape
+    batched, _ = _check_windowed(
+        "h", h, "input_idx", input_idx, win="i_win", size="i_size",
+        size_value=i_size, size_source="W.shape[2]",
+    )
+    _checks.check_int("output_idx", output_idx)
+    if output_idx.ndim != h.ndim - 1 or output_idx.shape[:-1] != h.shape[:-2]:
+        want = "(batch, o_win)" if batched else "(o_win,)"
+        raise ValueError(
+            f"output_idx must have shape {want} with the batch of h of shape "
+            f"{_checks.shape_str(h.shape)}; got shape {_checks.shape_str(output_idx.shape)}"
+        )
+    ii, vi = _normalize("input_idx", input_idx, i_blocks, "i_blocks")
+    oi, vo = _normalize("output_idx", output_idx, o_blocks, "o_blocks")
+    if not batched:
+        h, ii, vi, oi, vo = _batched(h, ii, vi, oi, vo)
+    h = jnp.where(vi[..., None], h, jnp.zeros((), h.dtype))
+    return W, h, ii, oi, vo, batched
+
+
+def _gemv_masked(o, W, h, ii, oi, valid_out):
+    """The core gemv; an out-of-range output block contributes nothing (keeps ``o``)."""
+    return jnp.where(valid_out[..., None], _gemv(o, W, h, ii, oi, False), o)
+
+
+# --------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------
+
+
+def sparse_block_gemv(
+    o: ArrayLike,
+    W: ArrayLike,
+    h: ArrayLike,
+    input_idx: ArrayLike,
+    output_idx: ArrayLike,
+) -> jax.Array:
+    r"""Block-sparse matrix-vector product, Theano's ``SparseBlockGemv``.
+
+    For every example ``b`` and output slot ``j``::
+
+        out[b, j] = o[b, j] + sum_i h[b, i] @ W[input_idx[b, i], output_idx[b, j]]
+
+    Only the ``i_win * o_win`` selected blocks of ``W`` are read per example.
+
+    Args:
+      o: ``(batch, o_win, o_size)`` values the products are added to.
+      W: ``(i_blocks, o_blocks, i_size, o_size)`` block weight matrix.
+      h: ``(batch, i_win, i_size)`` input blocks.
+      input_idx: ``(batch, i_win)`` integer indices into ``W``'s first axis.
+        Negative values count from the end.
+      output_idx: ``(batch, o_win)`` integer indices into ``W``'s second axis.
+
+      For one example, pass ``o (o_win, o_size)``, ``h (i_win, i_size)`` and 1-D
+      index arrays; the result is then ``(o_win, o_size)`` (convenient under
+      ``jax.vmap``).
+
+    Returns:
+      ``(batch, o_win, o_size)`` in ``o``'s dtype.  Float16/bfloat16 inputs
+      accumulate in float32.
+
+    Raises:
+      TypeError: a non-float ``o``/``W``/``h`` or a non-integer index array.
+      ValueError: a rank or shape that does not match the others.
+      IndexError: a concrete (not traced) index outside ``[-n, n)``.  Under
+        ``jit`` an out-of-range index selects a block of zeros (it adds nothing);
+        ``checkify.index_checks`` reports it.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from blocksparse_jax import sparse_block_gemv
+      >>> W = jnp.arange(2 * 3 * 2 * 2, dtype=jnp.float32).reshape(2, 3, 2, 2)
+      >>> h = jnp.ones((1, 1, 2))                 # batch=1, i_win=1, i_size=2
+      >>> o = jnp.zeros((1, 2, 2))                # o_win=2, o_size=2
+      >>> sparse_block_gemv(o, W, h, jnp.array([[1]]), jnp.array([[0, 2]]))
+      Array([[[26., 28.],
+              [42., 44.]]], dtype=float32)
+
+    References:
+      Theano/Aesara ``aesara.tensor.nnet.blocksparse.SparseBlockGemv``.
+    """
+    W, h, ii, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
+    o = _as_array("o", o)
+    _checks.check_float("o", o)
+    expected = (*oi.shape, W.shape[3])
+    if o.shape != (expected if batched else expected[1:]):
+        want = "(batch, o_win, o_size)" if batched else "(o_win, o_size)"
+        got = expected if batched else expected[1:]
+        raise ValueError(
+            f"o must have shape {want} = {_checks.shape_str(got)} from output_idx and W; "
+            f"got shape {_checks.shape_str(o.shape)}"
+        )
+    out = _gemv_masked(o if batched else o[None], W, h, ii, oi, vo)
+    return out if batched else out[0]
+
+
+def sparse_block_dot(
+    W: ArrayLike,
+    h: ArrayLike,
+    input_idx: ArrayLike,
+    b: ArrayLike,
+    output_idx: ArrayLike,
+) -> jax.Array:
+    r"""Block-sparse dot product plus bias (Theano's ``sparse_block_dot``; the seed's argument order).
+
+    ::
+
+        out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+
+    The bias of an output block is added once per output slot, never once per
+    input block.
+
+    Args:
+      W: ``(i_blocks, o_blocks, i_size, o_size)`` block weight matrix.
+      h: ``(batch, i_win, i_size)`` input blocks (or ``(i_win, i_size)`` for one example).
+      input_idx: ``(batch, i_win)`` integer indices into ``W``'s first axis.
+      b: ``(o_blocks, o_size)`` bias of each output block.
+      output_idx: ``(batch, o_win)`` integer indices into ``W``'s second axis and ``b``.
+
+    Returns:
+      ``(batch, o_win, o_size)`` in ``b``'s dtype.
+
+    Raises:
+      TypeError, ValueError, IndexError: as :func:`sparse_block_gemv`.  Under
+        ``jit`` an out-of-range ``output_idx`` gives zeros (no block, no bias).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from blocksparse_jax import sparse_block_dot
+      >>> W = jnp.ones((3, 4, 2, 5))
+      >>> b = jnp.arange(4 * 5, dtype=jnp.float32).reshape(4, 5)
+      >>> h = jnp.ones((1, 2, 2))
+      >>> out = sparse_block_dot(W, h, jnp.array([[0, 2]]), b, jnp.array([[3]]))
+      >>> out   # 2 input blocks * 2 ones + b[3]
+      Array([[[19., 20., 21., 22., 23.]]], dtype=float32)
+    """
+    W, h, ii, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
+    b = _as_array("b", b)
+    _checks.check_float("b", b)
+    if b.shape != (W.shape[1], W.shape[3]):
+        raise ValueError(
+            f"b must have shape (o_blocks, o_size) = {_checks.shape_str((W.shape[1], W.shape[3]))} "
+            f"from W of shape {_checks.shape_str(W.shape)}; got shape {_checks.shape_str(b.shape)}"
+        )
+    # No block and no bias for an out-of-range output index.
+    bias = jnp.where(vo[..., None], b[oi], jnp.zeros((), b.dtype))
+    out = _gemv_masked(bias, W, h, ii, oi, vo)
+    return out if batched else out[0]
+
+
+def sparse_block_outer(
+    o: ArrayLike,
+    x: ArrayLike,
+    y: ArrayLike,
+    x_idx: ArrayLike,
+    y_idx: ArrayLike,
+    alpha: ArrayLike = 1.0,
+) -> jax.Array:
+    r"""Block-sparse outer product update, Theano's ``SparseBlockOuter``.
+
+    For every example ``b``, ``i`` and ``j``::
+
+        out[x_idx[b, i], y_idx[b, j]] += alpha * outer(x[b, i], y[b, j])
+
+    starting from ``out = o``; repeated block indices accumulate.  ``alpha`` is
+    applied as the formula says (Theano's CPU implementation ignored it).
+
+    This is the weight gradient of :func:`sparse_block_gemv`, and with
+    ``o = W`` and ``alpha = -learning_rate`` it is a sparse SGD step that
+    touches only the selected blocks.
+
+    Args:
+      o: ``(x_blocks, y_blocks, x_size, y_size)`` matrix the updates are added to.
+      x: ``(batch, x_win, x_size)`` (or ``(x_win, x_size)`` for one example).
+      y: ``(batch, y_win, y_size)`` (or ``(y_win, y_size)``).
+      x_idx: ``(batch, x_win)`` integer indices into ``o``'s first axis.
+      y_idx: ``(batch, y_win)`` integer indices into ``o``'s second axis.
+      alpha: scalar scale of the update (differentiable).
+
+    Returns:
+      ``(x_blocks, y_blocks, x_size, y_size)`` in ``o``'s dtype.
+
+    Raises:
+      TypeError, ValueError, IndexError: as :func:`sparse_block_gemv`.  Under
+        ``jit`` the update of an out-of-range block is dropped.
+
+    Examples:
+      A sparse SGD step: the gradient of ``sum(out * g)`` for
+      ``out = sparse_block_gemv(o, W, h, ii, oi)`` with respect to ``W`` is
+      ``sparse_block_outer(zeros_like(W), h, g, ii, oi)``, so the update
+      ``W - lr * grad`` is one call that only touches the selected blocks:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from blocksparse_jax import sparse_block_gemv, sparse_block_outer
+      >>> W = jnp.ones((4, 4, 3, 2)); h = jnp.ones((2, 1, 3)); g = jnp.ones((2, 1, 2))
+      >>> ii, oi = jnp.array([[0], [0]]), jnp.array([[1], [3]])
+      >>> loss = lambda W: jnp.sum(sparse_block_gemv(jnp.zeros((2, 1, 2)), W, h, ii, oi) * g)
+      >>> W_new = sparse_block_outer(W, h, g, ii, oi, alpha=-0.1)
+      >>> bool(jnp.allclose(W_new, W - 0.1 * jax.grad(loss)(W)))
+      True
+      >>> float(W_new[0, 1, 0, 0]), float(W_new[1, 1, 0, 0])   # selected vs untouched block
+      (0.8999999761581421, 1.0)
+    """
+    o = _as_array("o", o)
+    x = _as_array("x", x)
+    y = _as_array("y", y)
+    x_idx = _as_array("x_idx", x_idx)
+    y_idx = _as_array("y_idx", y_idx)
+    _checks.check_float("o", o)
+    _checks.check_ndim("o", o, 4, "(x_blocks, y_blocks, x_size, y_size)")
+    x_blocks, y_blocks, x_size, y_size = o.shape
+    x_batched, _ = _check_windowed(
+        "x", x, "x_idx", x_idx, win="x_win", size="x_size",
+        size_value=x_size, size_source="o.shape[2]",
+    )
+    y_batched, _ = _check_windowed(
+        "y", y, "y_idx", y_idx, win="y_win", size="y_size",
+        size_value=y_size, size_source="o.shape[3]",
+    )
+    _check_batch("x", x_batched, x.shape, "y", y_batched, y.shape)
+    alpha = _as_array("alpha", alpha)
+    if alpha.ndim != 0:
+        raise ValueError(f"alpha must be a scalar; got shape {_checks.shape_str(alpha.shape)}")
+    if not jnp.issubdtype(alpha.dtype, jnp.floating) and not jnp.issubdtype(
+        alpha.dtype, jnp.integer
+    ):
+        raise TypeError(f"alpha must be a real scalar; got dtype {alpha.dtype}")
+    xi, vx = _normalize("x_idx", x_idx, x_blocks, "x_blocks")
+    yi, vy = _normalize("y_idx", y_idx, y_blocks, "y_blocks")
+    if not x_batched:
+        x, y, xi, vx, yi, vy = _batched(x, y, xi, vx, yi, vy)
+    # An out-of-range block's update is dropped: zero its factor (the update goes to block 0).
+    x = jnp.where(vx[..., None], x, jnp.zeros((), x.dtype))
+    y = jnp.where(vy[..., None], y, jnp.zeros((), y.dtype))
+    acc = _checks.accumulation_dtype(o.dtype, x.dtype, y.dtype)
+    if not jnp.issubdtype(alpha.dtype, jnp.floating):
+        alpha = alpha.astype(acc)
+    return _outer(o, x, y, xi, yi, alpha)

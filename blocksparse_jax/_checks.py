@@ -1,0 +1,140 @@
+"""Trace-time validation of shapes, dtypes and index arrays.
+
+Static checks (ranks, shapes, dtypes) always run, before any tracing work, and
+raise ``ValueError`` / ``TypeError`` naming the argument, the shape expected in
+the seed's terms and the shape received.
+
+Index values are checked only when they are concrete (an eager call): an
+out-of-range value raises ``IndexError``.  Under ``jit`` the values are unknown
+at trace time; :func:`normalize_index` then turns every out-of-range entry into
+a *masked* entry (see the module docstring of ``_blocksparse``) through a
+``lax.gather`` in ``fill`` mode, which is exactly what
+``jax.experimental.checkify.index_checks`` instruments, so checkify reports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_float(name: str, x: jax.Array) -> None:
+    if x.dtype not in [np.dtype(d) for d in FLOAT_DTYPES]:
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64); "
+            f"got dtype {x.dtype}"
+        )
+
+
+def check_int(name: str, x: jax.Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must be an array of integer block indices; got dtype {x.dtype}. "
+            f"Cast it with {name}.astype(jnp.int32)."
+        )
+
+
+def check_ndim(name: str, x: jax.Array, ndim: int, desc: str) -> None:
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {desc}; got shape {shape_str(x.shape)}")
+
+
+def check_dim(name: str, x: jax.Array, axis: int, expected: int, desc: str, source: str) -> None:
+    """Checks ``x.shape[axis] == expected``; ``source`` says where ``expected`` came from."""
+    if x.shape[axis] != expected:
+        raise ValueError(
+            f"{name} must have shape {desc} with {source}; got shape {shape_str(x.shape)}"
+        )
+
+
+def common_float_dtype(*dtypes) -> np.dtype:
+    """The dtype mixed float operands are computed in (independent of promotion mode).
+
+    Equal dtypes stay as they are; any float64 gives float64; any other mix
+    (float16 with bfloat16, or either with float32) gives float32.
+    """
+    dts = {np.dtype(d) for d in dtypes}
+    if len(dts) == 1:
+        return dts.pop()
+    if np.dtype(jnp.float64) in dts:
+        return np.dtype(jnp.float64)
+    return np.dtype(jnp.float32)
+
+
+def accumulation_dtype(*dtypes) -> np.dtype:
+    """float64 if any operand is float64, else float32 (low precision accumulates in float32)."""
+    if np.dtype(jnp.float64) in {np.dtype(d) for d in dtypes}:
+        return np.dtype(jnp.float64)
+    return np.dtype(jnp.float32)
+
+
+def concrete_value(x) -> np.ndarray | None:
+    """``x`` as a NumPy array if its value is known now (not traced), else ``None``."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_index_values(name: str, idx, n: int, what: str) -> None:
+    """Raises ``IndexError`` if a concrete ``idx`` holds a value outside ``[-n, n)``."""
+    value = concrete_value(idx)
+    if value is None or value.size == 0:
+        return
+    bad = (value < -n) | (value >= n)
+    if bad.any():
+        pos = tuple(int(p) for p in np.argwhere(bad)[0])
+        raise IndexError(
+            f"{name} holds {int(value[pos])} at position {pos}, out of range for "
+            f"{what}={n} (valid indices are -{n} <= i < {n})"
+        )
+
+
+def _probe_gather(n: int, probe: jax.Array) -> jax.Array:
+    """``valid[k] = 0 <= probe[k] < n`` as a ``fill``-mode gather that checkify instruments."""
+    dnums = lax.GatherDimensionNumbers(
+        offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
+    )
+    flat = probe.reshape(-1, 1)
+    valid = lax.gather(
+        jnp.ones((n,), jnp.bool_), flat, dnums, (1,), mode="fill", fill_value=False
+    )
+    return valid.reshape(probe.shape)
+
+
+def normalize_index(idx: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """Maps block indices of any integer dtype to ``(int32 index in [0, n), valid mask)``.
+
+    Negative entries count from the end.  Entries outside ``[-n, n)`` come back
+    as index 0 with ``valid == False``; the caller masks their contribution.
+    """
+    info = jnp.iinfo(idx.dtype)
+    ok = jnp.ones(idx.shape, jnp.bool_)
+    if n <= info.max:
+        ok &= idx < n
+    if info.min < 0 and -n >= info.min:
+        ok &= idx >= -n
+    # Every valid entry fits in int32 now; invalid ones are parked at 0.
+    safe = jnp.where(ok, idx, jnp.zeros((), idx.dtype)).astype(jnp.int32)
+    safe = jnp.where(safe < 0, safe + n, safe)
+    # The probe carries the offending raw value (clipped to int32) so that
+    # checkify's message shows it.
+    i32 = jnp.iinfo(jnp.int32)
+    lo = max(int(info.min), int(i32.min))
+    hi = min(int(info.max), int(i32.max))
+    raw = jnp.clip(idx, jnp.asarray(lo, idx.dtype), jnp.asarray(hi, idx.dtype)).astype(jnp.int32)
+    raw = jnp.where((raw >= 0) & (raw < n), jnp.int32(-1), raw)  # a wrapped value stays invalid
+    valid = _probe_gather(n, jnp.where(ok, safe, raw))
+    return safe, valid

@@ -1,0 +1,43 @@
+"""Strict settings for the whole suite, and the plain / jit / vmap fixture.
+
+Eight CPU devices are configured before JAX starts so that the multi-device
+tests can build meshes; single-device tests simply use the first device.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def _plain(f):
+    return f
+
+
+def _jit(f):
+    return jax.jit(f)
+
+
+def _vmap(f):
+    """Runs ``f`` on a batch of one copy of every argument (leading axis 1) and unbatches."""
+
+    def g(*args):
+        batched = jax.tree_util.tree_map(lambda a: a[None], args)
+        out = jax.vmap(f)(*batched)
+        return jax.tree_util.tree_map(lambda a: a[0], out)
+
+    return g
+
+
+@pytest.fixture(params=["plain", "jit", "vmap"])
+def transform(request):
+    """Applies ``f`` plain, under ``jax.jit`` or under ``jax.vmap`` (over a leading axis of 1)."""
+    return {"plain": _plain, "jit": _jit, "vmap": _vmap}[request.param]
