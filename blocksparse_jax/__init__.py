@@ -5,10 +5,30 @@ from blocksparse_jax._blocksparse import (
     sparse_block_gemv,
     sparse_block_outer,
 )
+from blocksparse_jax._hsoftmax import (
+    HSoftmaxLayout,
+    HSoftmaxParams,
+    frequency_classes,
+    h_log_softmax,
+    h_softmax,
+    h_softmax_init,
+    h_softmax_loss,
+    h_softmax_sample,
+    h_softmax_top_k,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HSoftmaxLayout",
+    "HSoftmaxParams",
+    "frequency_classes",
+    "h_log_softmax",
+    "h_softmax",
+    "h_softmax_init",
+    "h_softmax_loss",
+    "h_softmax_sample",
+    "h_softmax_top_k",
     "sparse_block_dot",
     "sparse_block_gemv",
     "sparse_block_outer",
