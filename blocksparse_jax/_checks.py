@@ -108,9 +108,7 @@ def _probe_gather(n: int, probe: jax.Array) -> jax.Array:
         offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
     )
     flat = probe.reshape(-1, 1)
-    valid = lax.gather(
-        jnp.ones((n,), jnp.bool_), flat, dnums, (1,), mode="fill", fill_value=False
-    )
+    valid = lax.gather(jnp.ones((n,), jnp.bool_), flat, dnums, (1,), mode="fill", fill_value=False)
     return valid.reshape(probe.shape)
 
 

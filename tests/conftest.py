@@ -30,7 +30,7 @@ def _vmap(f):
     """Runs ``f`` on a batch of one copy of every argument (leading axis 1) and unbatches."""
 
     def g(*args):
-        batched = jax.tree_util.tree_map(lambda a: a[None], args)
+        batched = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a)[None], args)
         out = jax.vmap(f)(*batched)
         return jax.tree_util.tree_map(lambda a: a[0], out)
 
