@@ -914,10 +914,10 @@ def frequency_classes(
     r"""Assigns words to classes of roughly equal probability mass (frequency binning).
 
     Words are sorted by decreasing count and cut into ``n_classes`` consecutive
-    runs so that class ``c`` ends where the cumulative count is closest to
-    ``(c + 1) / n_classes`` of the total - as class-based language models do
-    (frequent words get small classes, rare words large ones) - subject to
-    every class holding between 1 and ``max_class_size`` words.  Within a
+    runs, each class taking as close as it can to an equal share of the mass
+    not yet assigned - as class-based language models do (frequent words get
+    small classes, rare words large ones) - subject to every class holding
+    between 1 and ``max_class_size`` words.  Within a
     class, slots follow decreasing count.  Class sizes differ; the layout pads
     every class to ``n_outputs_per_class`` (the largest size) and
     ``class_sizes=`` tells the log-space functions which slots are padding.
@@ -988,7 +988,10 @@ def frequency_classes(
         remaining, later = n_words - pos, C - c - 1
         lo = max(1, remaining - later * cap)
         hi = min(cap, remaining - later)
-        goal = total * (c + 1) / C
+        # An equal share of the mass not yet assigned (frequent words that fill
+        # a class alone may take more than 1 / n_classes).
+        done = cum[pos - 1] if pos else 0.0
+        goal = done + (total - done) / (C - c)
         # The end (exclusive) whose cumulative count is closest to the goal.
         end = int(np.searchsorted(cum, goal, side="left"))
         if end < n_words and (end == 0 or cum[end] - goal < goal - cum[end - 1]):
