@@ -121,8 +121,10 @@ def _vary(axes: tuple, *xs):
 
 
 def _shard_map(mesh, body, in_specs, out_specs, args):
+    """``shard_map(body)(*args)``, jitted: an eager ``shard_map`` would compile op by op."""
     args = [_place(mesh, a, s) for a, s in zip(args, in_specs, strict=True)]
-    return jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)(*args)
+    f = jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)
+    return jax.jit(f)(*args)
 
 
 def _local_index(safe: jax.Array, valid: jax.Array, n_local: int, model_axis) -> jax.Array:
@@ -138,12 +140,15 @@ def _local_index(safe: jax.Array, valid: jax.Array, n_local: int, model_axis) ->
     return jnp.where(mine, local, n_local)
 
 
-def _validate_op(fn, args, index_checks) -> jax.ShapeDtypeStruct:
-    """The single-device op's own trace-time checks (same messages), then concrete index values."""
-    out = jax.eval_shape(fn, *args)
+def _validate_op(fn, args, index_checks) -> None:
+    """The single-device op's own trace-time checks (same messages), then concrete index values.
+
+    The op is traced on bare shapes and dtypes (no sharding), which runs its
+    static checks and nothing else.
+    """
+    jax.eval_shape(fn, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args))
     for name, idx, n, what in index_checks:
         _checks.check_index_values(name, idx, n, what)
-    return out
 
 
 def _require_batched(name: str, x: jax.Array, desc: str) -> None:
