@@ -1,0 +1,103 @@
+"""The demo's options."""
+
+from __future__ import annotations
+
+import argparse
+
+SUMMARY = "train a large-vocabulary language model with h_softmax (and a full-softmax baseline)"
+
+#: Default sizes of the run: about three minutes on a 2-core CPU, compilation included.
+DEFAULTS = {
+    "steps": 600,
+    "batch_size": 256,
+    "seed": 0,
+    "out": "blocksparse_demo",
+}
+
+#: Model sizes (not options: the demo's point is the output layer).
+CONTEXT, EMBED, HIDDEN, LEARNING_RATE = 4, 64, 64, 3e-3
+
+#: The largest h_softmax class, in units of an even split of the vocabulary.
+CLASS_SIZE_FACTOR = 1
+
+#: The hierarchical softmax needs two classes, each with a real choice to make.
+MIN_VOCAB = 4
+
+DESCRIPTION = f"""\
+{SUMMARY}.
+
+The corpus is the Python standard library's own source (without its test
+suites), tokenized into identifiers, numbers, operators, symbols and newlines;
+every tenth file is held out for validation.  The model sees the previous
+{CONTEXT} tokens (embedded and concatenated, one tanh hidden layer of
+{HIDDEN}) and predicts the next with a two-level hierarchical softmax whose
+classes come from frequency_classes, trained with h_softmax_loss and Adam.  The
+same model with an exact softmax over the whole vocabulary is the baseline.
+Results go to OUT: metrics.json and loss.png (when matplotlib is installed).
+"""
+
+
+def _int_at_least(lo: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{what}, got {v}")
+        return v
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the demo's options to ``parser``."""
+    parser.add_argument(
+        "--text",
+        metavar="PATH",
+        help="a UTF-8 text file, or a folder of them, to train on instead of the standard library",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=_int_at_least(MIN_VOCAB, f"must be at least {MIN_VOCAB} (two classes of two tokens)"),
+        metavar="N",
+        help="keep the N-1 most frequent training tokens plus <unk> "
+        "(default: every token seen at least twice)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_int_at_least(1, "must be a positive integer"),
+        default=DEFAULTS["steps"],
+        metavar="N",
+        help="training steps of each model (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_int_at_least(1, "must be a positive integer"),
+        default=DEFAULTS["batch_size"],
+        metavar="N",
+        help="tokens per training step (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_int_at_least(0, "must be a non-negative integer"),
+        default=DEFAULTS["seed"],
+        help="random seed of the initialisation, the batches and the samples (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        default=DEFAULTS["out"],
+        metavar="DIR",
+        help="folder for metrics.json and loss.png (default: ./%(default)s/)",
+    )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the full-softmax baseline (faster; no speedup is reported)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="save the parameters, optimizer state and step to PATH (.npz) during and after "
+        "training; a later run with the same PATH and options resumes where it stopped",
+    )

@@ -1,0 +1,184 @@
+"""``python -m blocksparse_jax demo``: tiny in-process runs, resuming, and bad arguments.
+
+The runs call ``blocksparse_jax.__main__.main(argv)`` in this process (no JAX
+start-up per run) on a small generated text, a few steps each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("optax")
+
+from blocksparse_jax.__main__ import main  # noqa: E402
+from blocksparse_jax.demo import _corpus  # noqa: E402
+
+METRIC_KEYS = {
+    "vocab_size",
+    "steps",
+    "tokens_per_s_hsoftmax",
+    "tokens_per_s_full",
+    "speedup",
+    "val_ppl_hsoftmax",
+    "val_ppl_full",
+    "val_ppl_unigram",
+}
+
+
+def _write_text(path, n_lines=500):
+    """A small, very regular program: a model learns it within a few steps."""
+    lines = []
+    for i in range(n_lines):
+        lines.append(f"def f{i % 20}(x, y):\n    return x + y * {i % 7}\n")
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One run with the baseline and a checkpoint: (text, out, checkpoint, metrics)."""
+    d = tmp_path_factory.mktemp("demo")
+    text = _write_text(d / "prog.py")
+    out, ckpt = d / "out", d / "ckpt.npz"
+    argv = ["demo", "--text", str(text), "--steps", "12", "--batch-size", "32"]
+    code = main([*argv, "--out", str(out), "--checkpoint", str(ckpt), "--seed", "3"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    return text, out, ckpt, metrics
+
+
+def test_tiny_run_writes_metrics_and_learns(tiny_run):
+    _, out, ckpt, m = tiny_run
+    assert METRIC_KEYS <= set(m)
+    assert m["steps"] == 12 and m["steps_full"] == 12
+    assert m["vocab_size"] >= 4
+    for key in ("val_ppl_hsoftmax", "val_ppl_full", "val_ppl_unigram"):
+        assert math.isfinite(m[key]) and m[key] >= 1.0
+    for key in ("tokens_per_s_hsoftmax", "tokens_per_s_full", "speedup"):
+        assert m[key] > 0
+    for key in ("loss_hsoftmax", "loss_full"):
+        losses = np.asarray(m[key])
+        assert losses.shape == (12,) and np.all(np.isfinite(losses))
+        assert losses[-3:].mean() < losses[:3].mean()  # it learns
+    assert len(m["top5"]) >= 1 and all(len(p["top"]) == 5 for p in m["top5"])
+    probs = [p for _, p in m["top5"][0]["top"]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
+    assert all(len(s["sample"]) > 0 for s in m["samples"])
+    assert ckpt.exists() and (out / "summary.txt").exists()
+    if _has_matplotlib():
+        assert (out / "loss.png").stat().st_size > 0
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_resume_continues_the_step_count(tiny_run, tmp_path, capsys):
+    text, _, ckpt, first = tiny_run
+    out = tmp_path / "out"
+    argv = ["demo", "--text", str(text), "--batch-size", "32", "--seed", "3", "--out", str(out)]
+    code = main([*argv, "--steps", "20", "--checkpoint", str(ckpt), "--no-baseline"])
+    assert code == 0
+    assert "resuming from" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert m["steps"] == 20
+    assert m["loss_hsoftmax"][:12] == first["loss_hsoftmax"]  # the history is kept
+    assert len(m["loss_hsoftmax"]) == 20
+    assert m["val_ppl_full"] is None and m["speedup"] is None  # --no-baseline
+    # The baseline's state stays in the checkpoint, at its step.
+    with np.load(ckpt) as z:
+        header = json.loads(str(z["header"]))
+    assert header["models"]["hsoftmax"]["step"] == 20
+    assert header["models"]["full"]["step"] == 12
+
+
+def _bad(argv, capsys, *needles):
+    code = main(["demo", *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--steps", "0"], "--steps: must be a positive integer, got 0"),
+        (["--steps", "-3"], "--steps: must be a positive integer, got -3"),
+        (["--steps", "many"], "--steps: expected an integer, got 'many'"),
+        (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+        (["--vocab-size", "2"], "--vocab-size: must be at least 4"),
+        (["--seed", "-1"], "--seed: must be a non-negative integer"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_options(argv, needle, capsys, tmp_path):
+    _bad([*argv, "--out", str(tmp_path / "out")], capsys, needle)
+
+
+def test_missing_text(capsys, tmp_path):
+    missing = str(tmp_path / "nowhere.txt")
+    _bad(["--text", missing, "--out", str(tmp_path / "o")], capsys, "no such file or folder")
+
+
+def test_empty_corpus(capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n\n", encoding="utf-8")
+    _bad(["--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")], capsys, "empty")
+    folder = tmp_path / "binary"
+    folder.mkdir()
+    (folder / "blob.bin").write_bytes(b"\x00\xff\xfe" * 10)
+    _bad(["--text", str(folder), "--out", str(tmp_path / "o")], capsys, "no UTF-8 text")
+
+
+def test_vocabulary_too_small(capsys, tmp_path):
+    text = tmp_path / "tiny.txt"
+    text.write_text("a b a b a b a b a b a b\n", encoding="utf-8")
+    _bad(["--text", str(text), "--out", str(tmp_path / "o")], capsys, "two classes")
+
+
+def test_bad_out_and_checkpoint_paths(tiny_run, capsys, tmp_path):
+    text = str(tiny_run[0])
+    afile = tmp_path / "file"
+    afile.write_text("x", encoding="utf-8")
+    _bad(["--text", text, "--out", str(afile)], capsys, "not a folder")
+    out = str(tmp_path / "o")
+    _bad(["--text", text, "--out", out, "--checkpoint", str(tmp_path)], capsys, "is a folder")
+    _bad(["--text", text, "--out", out, "--checkpoint", str(afile)], capsys, "not a checkpoint")
+
+
+def test_checkpoint_of_another_run(tiny_run, capsys, tmp_path):
+    text, _, ckpt, _ = tiny_run
+    argv = ["--text", str(text), "--out", str(tmp_path / "o"), "--checkpoint", str(ckpt)]
+    _bad([*argv, "--batch-size", "16", "--seed", "3"], capsys, "batch_size 32 there, 16 now")
+
+
+def test_help_exits_zero(capsys):
+    assert main(["demo", "--help"]) == 0
+    assert "--checkpoint" in capsys.readouterr().out
+
+
+def test_tokenizer_and_stdlib_discovery():
+    toks = _corpus.tokenize("x = f(1.5e3, 'a b') ** 2  # note\n\n\ny->z\n")
+    assert toks == ["x", "=", "f", "(", "1.5e3", ",", "'", "a", "b", "'", ")", "**", "2", "#"] + [
+        "note",
+        "\n",
+        "y",
+        "->",
+        "z",
+        "\n",
+    ]
+    root, files = _corpus.stdlib_files()
+    assert _corpus.stdlib_files() == (root, files)  # deterministic
+    rel = [os.path.relpath(f, root).split(os.sep) for f in files]
+    assert not any({"test", "tests", "idle_test", "site-packages"} & set(r[:-1]) for r in rel)
+    assert ["os.py"] in rel and all(r[-1].endswith(".py") for r in rel)
