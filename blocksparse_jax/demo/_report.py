@@ -51,22 +51,23 @@ def summary(m: dict) -> str:
     for p in m["top5"]:
         ctx = " ".join(_show(t) for t in p["context"])
         top = "  ".join(f"{_show(t)} {prob:.2f}" for t, prob in p["top"])
-        lines.append(f"  ... {ctx}  ->  {top}   (actual: {_show(p['actual'])})")
-    lines += ["", "sampled continuations (h_softmax_sample), after '...':"]
-    for i, s in enumerate(m["samples"], 1):
-        text = detokenize(s["context"]) + " ... " + detokenize(s["sample"])
-        body = text.strip("\n").replace("\n", "\n      ")
-        lines.append(f"  [{i}] {body}")
+        lines.append(f"  [{ctx}]  ->  {top}   (actual: {_show(p['actual'])})")
+    n = len(m["samples"][0]["sample"]) if m["samples"] else 0
+    lines += ["", f"sampled continuations (h_softmax_sample, {n} tokens after the [prompt]):"]
+    for s in m["samples"]:
+        ctx = " ".join(_show(t) for t in s["context"])
+        body = detokenize(s["sample"]).replace("\n", "\n      ")
+        lines.append(f"  [{ctx}] {body}")
     lines.append(f"\ntotal time {m['wall_s']:.0f} s")
     return "\n".join(lines)
 
 
-def _ema(x: np.ndarray, alpha: float = 0.05) -> np.ndarray:
-    out, acc = np.empty_like(x), x[0]
-    for i, v in enumerate(x):
-        acc = acc + alpha * (v - acc) if i else v
-        out[i] = acc
-    return out
+def _smooth(x: np.ndarray, half: int = 10) -> np.ndarray:
+    """A centred moving average over ``2 * half + 1`` steps (fewer at the ends)."""
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    i = np.arange(len(x))
+    lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(x))
+    return (c[hi] - c[lo]) / (hi - lo)
 
 
 def plot_losses(path: str, m: dict) -> bool:
@@ -76,32 +77,45 @@ def plot_losses(path: str, m: dict) -> bool:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    fig = Figure(figsize=(8, 4.5), dpi=110)
+    fig = Figure(figsize=(10, 4.2), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    curves = [("h_softmax", m["loss_hsoftmax"], m["val_ppl_hsoftmax"], "C0")]
+    by_step, by_time = fig.subplots(1, 2, sharey=True)
+    curves = [("h_softmax", "hsoftmax", "C0")]
     if m["loss_full"]:
-        curves.append(("full softmax", m["loss_full"], m["val_ppl_full"], "C1"))
-    for name, losses, ppl, color in curves:
-        y = np.asarray(losses, dtype=np.float64)
-        x = np.arange(1, len(y) + 1)
-        ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(x, _ema(y), color=color, label=f"{name} (train, smoothed)")
-        ax.plot(
-            [len(y)], [math.log(ppl)], "o", color=color, label=f"{name} validation ({ppl:.0f} ppl)"
+        curves.append(("full softmax", "full", "C1"))
+    for name, kind, color in curves:
+        y = np.asarray(m[f"loss_{kind}"], dtype=np.float64)
+        ppl, tps = m[f"val_ppl_{kind}"], m[f"tokens_per_s_{kind}"]
+        steps = np.arange(1, len(y) + 1)
+        by_step.plot(steps, y, color=color, alpha=0.2, linewidth=0.7)
+        by_step.plot(steps, _smooth(y), color=color, label=f"{name} (training, smoothed)")
+        by_step.plot([len(y)], [math.log(ppl)], "o", color=color, label=f"{name} validation")
+        if tps:
+            seconds = steps * (m["batch_size"] / tps)
+            by_time.plot(seconds, _smooth(y), color=color, label=f"{name} ({tps:,.0f} tokens/s)")
+            by_time.plot([seconds[-1]], [math.log(ppl)], "o", color=color)
+    for ax in (by_step, by_time):
+        ax.axhline(
+            math.log(m["val_ppl_unigram"]),
+            color="gray",
+            linestyle="--",
+            linewidth=1,
+            label="unigram validation" if ax is by_step else None,
         )
-    ax.axhline(
-        math.log(m["val_ppl_unigram"]),
-        color="gray",
-        linestyle="--",
-        label=f"unigram validation ({m['val_ppl_unigram']:.0f} ppl)",
+        ax.grid(alpha=0.3)
+    by_step.set_xlabel("training step")
+    by_step.set_ylabel("cross-entropy (nats/token)")
+    by_step.legend(fontsize=8)
+    by_time.set_xlabel("training time (s, at the measured tokens/s)")
+    by_time.legend(fontsize=8)
+    speed = f"; h_softmax trains {m['speedup']:.1f}x faster" if m["speedup"] else ""
+    fig.suptitle(
+        f"next-token model on {m['vocab_size']:,} tokens: validation perplexity "
+        f"{m['val_ppl_hsoftmax']:.0f} (h_softmax)"
+        + (f" vs {m['val_ppl_full']:.0f} (full)" if m["val_ppl_full"] else "")
+        + f", unigram {m['val_ppl_unigram']:.0f}{speed}",
+        fontsize=10,
     )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    speed = f", {m['speedup']:.1f}x the full softmax's tokens/s" if m["speedup"] else ""
-    ax.set_title(f"h_softmax language model, vocabulary {m['vocab_size']:,}{speed}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return True

@@ -26,10 +26,10 @@ EVAL_TOKENS, EVAL_CHUNK = 8192, 1024
 #: split contains them (the standard library does); else random positions.
 PROMPTS = (
     ("def", "__init__", "(", "self"),
-    ("self", "."),
-    ("import",),
-    ("for", "i", "in"),
-    ("raise",),
+    ("=", "self", "."),
+    ("\n", "import"),
+    ("\n", "for", "i", "in"),
+    ("\n", "raise"),
     ("if", "__name__", "=="),
 )
 N_TOP_K_PROMPTS, N_SAMPLE_PROMPTS, TOP_K, SAMPLE_TOKENS = 4, 3, 5, 24
