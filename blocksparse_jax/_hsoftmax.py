@@ -33,6 +33,7 @@ Shape letters: ``batch``; ``n_in`` the input width; ``n_classes``;
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -375,6 +376,28 @@ def _n_valid_outputs(prob: _Problem) -> int | None:
     return None if sizes is None else int(np.minimum(full, sizes).sum())
 
 
+@functools.partial(jax.jit, static_argnames=("fn", "acc", "n_outputs", "static"))
+def _run_jit(arrays, args, *, fn, acc, n_outputs, static):
+    x, W1, b1, W2, b2, class_sizes, class_valid = arrays
+    prob = _Problem(x, W1, b1, W2, b2, acc, n_outputs, class_sizes, class_valid, True)
+    return fn(prob, *args, **dict(static))
+
+
+def _run(fn, prob: _Problem, *args, **static):
+    """``fn(prob, *args, **static)`` as one cached ``jax.jit`` computation.
+
+    The validation (and the checks of concrete values) happens before, eagerly;
+    the computation itself is then compiled once per configuration instead of
+    dispatched op by op (and, for a ``lax.scan``, retraced on every call).
+    """
+    arrays = (prob.x, prob.W1, prob.b1, prob.W2, prob.b2, prob.class_sizes, prob.class_valid)
+    out = _run_jit(
+        arrays, args, fn=fn, acc=prob.acc, n_outputs=prob.n_outputs,
+        static=tuple(sorted(static.items())),
+    )  # fmt: skip
+    return out if prob.batched else jax.tree.map(lambda a: a[0], out)
+
+
 # --------------------------------------------------------------------------------------
 # Theano-compatible h_softmax.
 # --------------------------------------------------------------------------------------
@@ -461,13 +484,22 @@ def h_softmax(
             raise ValueError(f"{name}={given} does not match {source}={actual}; pass {actual}")
     n_outputs = _check_n_outputs(n_outputs, W2.shape[0], W2.shape[2])
     dt, acc = _dtypes(x, W1, b1, W2, b2)
+    if target is not None:
+        target = _check_target(target, batch_size, n_outputs, batched=True)
+        _normalize_target(target, n_outputs)  # raises IndexError when concrete
+    return _h_softmax(x, W1, b1, W2, b2, target, n_outputs=n_outputs, dt=dt, acc=acc)
+
+
+@functools.partial(jax.jit, static_argnames=("n_outputs", "dt", "acc"))
+def _h_softmax(x, W1, b1, W2, b2, target, *, n_outputs, dt, acc):
+    """The seed's code, line by line (after validation)."""
+    batch_size, n_outputs_per_class = x.shape[0], W2.shape[2]
     class_probs = jax.nn.softmax(_class_logits(x, W1, b1, acc), axis=-1)
     if target is None:
         output_probs = jax.nn.softmax(_all_activations(x, W2, b2, acc), axis=-1)
         output_probs = class_probs[:, :, None] * output_probs
         return output_probs.reshape(batch_size, -1)[:, :n_outputs].astype(dt)
-    t = _check_target(target, batch_size, n_outputs, batched=True)
-    t, valid = _normalize_target(t, n_outputs)
+    t, valid = _normalize_target(target, n_outputs)
     target_classes = t // n_outputs_per_class
     target_outputs_in_class = t % n_outputs_per_class
     output_probs = jax.nn.softmax(_target_activations(x, W2, b2, target_classes, acc), axis=-1)
@@ -531,7 +563,11 @@ def h_softmax_init(
         )
     n_classes = int(n_classes)
     per_class = -(-n_outputs // n_classes)
-    dtype = jnp.dtype(dtype)
+    return _init(key, n_in, n_classes, per_class, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _init(key, n_in, n_classes, per_class, dtype) -> HSoftmaxParams:
     k1, k2 = jax.random.split(key)
     scale = 1.0 / math.sqrt(n_in)
     W1 = (jax.random.normal(k1, (n_in, n_classes), jnp.float32) * scale).astype(dtype)
@@ -602,10 +638,8 @@ def h_log_softmax(
     """
     prob = _prepare(x, params, n_outputs, class_sizes)
     if target is None:
-        out = _full_log_probs(prob)
-    else:
-        out = _target_log_probs(prob, target)
-    return out if prob.batched else out[0]
+        return _run(_full_log_probs, prob)
+    return _run(_target_log_probs, prob, _checked_target(prob, target))
 
 
 def _full_log_probs(prob: _Problem) -> jax.Array:
@@ -618,11 +652,21 @@ def _full_log_probs(prob: _Problem) -> jax.Array:
     return logp.reshape(prob.x.shape[0], C * P)[:, : prob.n_outputs]
 
 
-def _target_log_probs(prob: _Problem, target) -> jax.Array:
+def _checked_target(prob: _Problem, target) -> jax.Array:
+    """``target`` as ``(batch,)``, its shape and (when concrete) its values checked."""
+    batch = prob.x.shape[0]
+    t = _check_target(target, batch, prob.n_outputs, batched=prob.batched).reshape(batch)
+    if _checks.concrete_value(t) is not None:
+        # Raises IndexError for an out-of-range or padded target.
+        _check_padding_target(
+            _normalize_target(t, prob.n_outputs)[0], prob.class_sizes, prob.per_class
+        )
+    return t
+
+
+def _target_log_probs(prob: _Problem, t) -> jax.Array:
     batch, P = prob.x.shape[0], prob.per_class
-    t = _check_target(target, batch, prob.n_outputs, batched=prob.batched)
-    t, valid = _normalize_target(t.reshape(batch), prob.n_outputs)
-    _check_padding_target(t, prob.class_sizes, P)
+    t, valid = _normalize_target(t, prob.n_outputs)
     classes, slots = t // P, t % P
     act = _target_activations(prob.x, prob.W2, prob.b2, classes, prob.acc)  # (batch, P)
     slot_logp = _masked_log_softmax(act, prob.slot_valid(classes))
@@ -788,24 +832,22 @@ def h_softmax_top_k(
         raise ValueError(f"k must be in [1, {limit}] ({what}={limit}); got k={k}")
     if n_best_classes is not None and not approximate:
         raise ValueError("n_best_classes is used only with approximate=True")
-    class_logp = prob.class_log_probs()
     if approximate:
         m = min(k, C) if n_best_classes is None else int(n_best_classes)
         if not 1 <= m <= C:
             raise ValueError(f"n_best_classes must be in [1, n_classes] = [1, {C}]; got {m}")
-        vals, idx = _top_k_approximate(prob, class_logp, k, m)
+        return _run(_top_k_approximate, prob, k=k, m=m)
+    if classes_per_step is None:
+        cc = _TOP_K_CHUNK_ELEMENTS // max(1, prob.x.shape[0] * P)
     else:
-        if classes_per_step is None:
-            cc = _TOP_K_CHUNK_ELEMENTS // max(1, prob.x.shape[0] * P)
-        else:
-            cc = int(classes_per_step)
-            if cc < 1:
-                raise ValueError(f"classes_per_step must be >= 1; got {classes_per_step}")
-        vals, idx = _top_k_exact(prob, class_logp, k, max(1, min(C, cc)))
-    return (vals, idx) if prob.batched else (vals[0], idx[0])
+        cc = int(classes_per_step)
+        if cc < 1:
+            raise ValueError(f"classes_per_step must be >= 1; got {classes_per_step}")
+    return _run(_top_k_exact, prob, k=k, cc=max(1, min(C, cc)))
 
 
-def _top_k_exact(prob: _Problem, class_logp, k: int, cc: int):
+def _top_k_exact(prob: _Problem, *, k: int, cc: int):
+    class_logp = prob.class_log_probs()
     batch = prob.x.shape[0]
     C, P = prob.W2.shape[0], prob.per_class
     n_steps = -(-C // cc)
@@ -836,9 +878,9 @@ def _top_k_exact(prob: _Problem, class_logp, k: int, cc: int):
     return vals, idx
 
 
-def _top_k_approximate(prob: _Problem, class_logp, k: int, m: int):
+def _top_k_approximate(prob: _Problem, *, k: int, m: int):
     batch, P = prob.x.shape[0], prob.per_class
-    cl, best = lax.top_k(class_logp, m)  # (batch, m)
+    cl, best = lax.top_k(prob.class_log_probs(), m)  # (batch, m)
     act = _target_activations(prob.x, prob.W2, prob.b2, best, prob.acc)  # (batch, m, P)
     slot_ok = prob.slot_valid(best)
     logp = _neg_inf_where_invalid(cl[:, :, None] + _masked_log_softmax(act, slot_ok), slot_ok)
@@ -891,13 +933,16 @@ def h_softmax_sample(
       ((5,), dtype('int32'), True)
     """
     prob = _prepare(x, params, n_outputs, class_sizes)
+    return _run(_sample, prob, key)
+
+
+def _sample(prob: _Problem, key) -> jax.Array:
     k_class, k_slot = jax.random.split(key)
     classes = jax.random.categorical(k_class, prob.class_log_probs(), axis=-1).astype(jnp.int32)
     act = _target_activations(prob.x, prob.W2, prob.b2, classes, prob.acc)
     act = jnp.where(prob.slot_valid(classes), act, -jnp.inf)
     slots = jax.random.categorical(k_slot, act, axis=-1).astype(jnp.int32)
-    out = classes * prob.per_class + slots
-    return out if prob.batched else out[0]
+    return classes * prob.per_class + slots
 
 
 # --------------------------------------------------------------------------------------
