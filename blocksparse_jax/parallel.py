@@ -127,12 +127,16 @@ def _shard_map(mesh, body, in_specs, out_specs, args):
     return jax.jit(f)(*args)
 
 
-def _local_index(safe: jax.Array, valid: jax.Array, n_local: int, model_axis) -> jax.Array:
-    """Global in-range indices -> this model shard's local ones; ``n_local`` (out of range) elsewhere.
+def _local_index(idx: jax.Array, n: int, n_local: int, model_axis) -> jax.Array:
+    """Global block indices -> this model shard's local ones; ``n_local`` (out of range) elsewhere.
 
-    The core ops treat an out-of-range index under tracing as selecting nothing,
-    so an index owned by another shard contributes nothing here.
+    ``idx`` may hold negative (from the end) and, under ``jit``, out-of-range
+    entries; it is normalised as the core ops do (with the probe that
+    ``checkify.index_checks`` reports).  The core ops treat an out-of-range index
+    under tracing as selecting nothing, so an index owned by another shard, or
+    invalid, contributes nothing here.
     """
+    safe, valid = _checks.normalize_index(idx, n)
     if model_axis is None:
         return jnp.where(valid, safe, n_local)
     local = safe - lax.axis_index(model_axis) * n_local
@@ -185,11 +189,10 @@ def _gemv_like(o, W, h, input_idx, output_idx, bias, *, mesh, data_axis, model_a
     )
     ob_local = o_blocks // _size(mesh, model_axis)
     acc = _checks.accumulation_dtype(W.dtype, h.dtype, (o if bias is None else bias).dtype)
-    safe, valid = _checks.normalize_index(output_idx, o_blocks)
     axes = tuple(a for a in (data_axis, model_axis) if a is not None)
 
-    def body(W, h, ii, safe, valid, *bias):
-        loc = _local_index(safe, valid, ob_local, model_axis)
+    def body(W, h, ii, oi, *bias):
+        loc = _local_index(oi, o_blocks, ob_local, model_axis)
         W, h = _vary(axes, W, h)
         if bias:
             (b,) = bias
@@ -200,8 +203,8 @@ def _gemv_like(o, W, h, input_idx, output_idx, bias, *, mesh, data_axis, model_a
         return part if model_axis is None else lax.psum(part, model_axis)
 
     d, m = data_axis, model_axis
-    args = [W, h, input_idx, safe, valid]
-    specs = [P(None, m), P(d), P(d), P(d), P(d)]
+    args = [W, h, input_idx, output_idx]
+    specs = [P(None, m), P(d), P(d), P(d)]
     if bias is not None:
         args.append(bias)
         specs.append(P(m))
@@ -379,11 +382,10 @@ def sparse_block_outer(
     acc = _checks.accumulation_dtype(o.dtype, x.dtype, y.dtype)
     if not jnp.issubdtype(alpha.dtype, jnp.floating):
         alpha = alpha.astype(acc)
-    safe, valid = _checks.normalize_index(y_idx, y_blocks)
     axes = tuple(a for a in (data_axis, model_axis) if a is not None)
 
-    def body(o, x, y, xi, safe, valid, alpha):
-        loc = _local_index(safe, valid, yb_local, model_axis)
+    def body(o, x, y, xi, yi, alpha):
+        loc = _local_index(yi, y_blocks, yb_local, model_axis)
         zeros = jnp.zeros(o.shape, acc)
         zeros, x, y, alpha = _vary(axes, zeros, x, y, alpha)
         upd = _bs.sparse_block_outer(zeros, x, y, xi, loc, alpha)
@@ -395,9 +397,9 @@ def sparse_block_outer(
     return _shard_map(
         mesh,
         body,
-        [P(None, m), P(d), P(d), P(d), P(d), P(d), P()],
+        [P(None, m), P(d), P(d), P(d), P(d), P()],
         P(None, m),
-        [o, x, y, x_idx, safe, valid, alpha],
+        [o, x, y, x_idx, y_idx, alpha],
     )
 
 
@@ -478,7 +480,8 @@ def _hs_log_probs(x, params, target, *, n_outputs, class_sizes, mesh, data_axis,
         logp = _hs._neg_inf_where_invalid(class_logp[:, :, None] + slot_logp, slot_ok)
         return logp.reshape(x.shape[0], c_local * per_class)
 
-    def target_body(x, W1, b1, W2, b2, class_valid, sizes, t, valid):
+    def target_body(x, W1, b1, W2, b2, class_valid, sizes, t):
+        t, valid = _hs._normalize_target(t, n_outputs)
         logits = class_logits(x, W1, b1, class_valid)
         lse = _global_lse(logits, model_axis)
         classes, slots = t // per_class, t % per_class
@@ -511,9 +514,11 @@ def _hs_log_probs(x, params, target, *, n_outputs, class_sizes, mesh, data_axis,
         # moves log-probabilities, never weights).
         return _place(mesh, out, P(d))[:, :n_outputs]
     t = _hs._check_target(target, batch, n_outputs, batched=True)
-    t, valid = _hs._normalize_target(t, n_outputs)
-    _hs._check_padding_target(t, prob.class_sizes, per_class)
-    return _shard_map(mesh, target_body, [*specs, P(d), P(d)], P(d), [*args, t, valid])
+    value = _checks.concrete_value(t)
+    if value is not None:  # eager: out-of-range and padded-slot targets raise IndexError
+        _hs._normalize_target(jnp.asarray(value), n_outputs)
+        _hs._check_padding_target(value, prob.class_sizes, per_class)
+    return _shard_map(mesh, target_body, [*specs, P(d)], P(d), [*args, t])
 
 
 def _neg_inf(dtype) -> jax.Array:

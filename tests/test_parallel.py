@@ -92,23 +92,23 @@ def _train_step(mesh):
     log-probabilities (as ``aux``), so one compilation checks values and gradients.
     """
     gemv, dot, outer, hs_loss, log_softmax = _ops(mesh)
-    p = PROBLEM
 
-    def loss(diff):
+    def loss(diff, data):
         W, b, h, g, alpha, params, x = diff
+        o, ii, oi, target, mask = data
         aux = dict(
-            gemv=gemv(p["o"], W, h, p["ii"], p["oi"]),
-            dot=dot(W, h, p["ii"], b, p["oi"]),
-            outer=outer(W, h, g, p["ii"], p["oi"], alpha),
-            target=log_softmax(x, params, p["target"], n_outputs=N_OUT),
+            gemv=gemv(o, W, h, ii, oi),
+            dot=dot(W, h, ii, b, oi),
+            outer=outer(W, h, g, ii, oi, alpha),
+            target=log_softmax(x, params, target, n_outputs=N_OUT),
         )
-        hs = hs_loss(x, params, p["target"], n_outputs=N_OUT, mask=p["mask"])
+        hs = hs_loss(x, params, target, n_outputs=N_OUT, mask=mask)
         value = jnp.sum(jnp.sin(aux["gemv"])) + jnp.sum(jnp.cos(aux["dot"])) + hs
         value += 0.1 * jnp.sum(jnp.sin(aux["outer"])) + 0.1 * jnp.sum(aux["target"])
         return value, aux
 
-    def step(diff):
-        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(diff)
+    def step(diff, data):
+        (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(diff, data)
         new = jax.tree.map(lambda a, ga: a - LR * ga, diff, grads)
         return value, aux, grads, new
 
@@ -125,6 +125,11 @@ def _diff_args(params):
     return (p["W"], p["b"], p["h"], p["g"], p["alpha"], params, p["x"])
 
 
+def _data_args():
+    p = PROBLEM
+    return (p["o"], p["ii"], p["oi"], p["target"], p["mask"])
+
+
 def _unpad(params, n=N_CLASSES):
     W1, b1, W2, b2 = jax.device_get(params)
     return bsj.HSoftmaxParams(W1[:, :n], b1[:n], W2[:n], b2[:n])
@@ -133,7 +138,7 @@ def _unpad(params, n=N_CLASSES):
 @pytest.fixture(scope="module")
 def single():
     """Single-device results, computed once."""
-    value, aux, grads, new = _train_step(None)(_diff_args(PROBLEM["params"]))
+    value, aux, grads, new = _train_step(None)(_diff_args(PROBLEM["params"]), _data_args())
     full = _full_log_softmax(None)(PROBLEM["params"])
     return dict(value=value, fwd=dict(aux, full=full), grads=grads, new=new)
 
@@ -146,10 +151,20 @@ def run(request):
     W = jax.device_put(PROBLEM["W"], NamedSharding(mesh, P(None, "model")))
     b = jax.device_put(PROBLEM["b"], NamedSharding(mesh, P("model")))
     params = parallel.shard_params(PROBLEM["params"], mesh)
-    args = (W, b, PROBLEM["h"], PROBLEM["g"], PROBLEM["alpha"], params, PROBLEM["x"])
+    batch = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))  # split over data
+    args = (
+        W,
+        b,
+        batch(PROBLEM["h"]),
+        batch(PROBLEM["g"]),
+        PROBLEM["alpha"],
+        params,
+        batch(PROBLEM["x"]),
+    )
+    data = tuple(batch(a) for a in _data_args())
     step = _train_step(mesh)
-    compiled = step.lower(args).compile()
-    value, aux, grads, new = compiled(args)
+    compiled = step.lower(args, data).compile()
+    value, aux, grads, new = compiled(args, data)
     full = _full_log_softmax(mesh)(params)
     return dict(
         mesh=mesh, compiled=compiled, value=value, fwd=dict(aux, full=full), grads=grads, new=new
