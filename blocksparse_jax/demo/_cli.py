@@ -8,7 +8,7 @@ SUMMARY = "train a large-vocabulary language model with h_softmax (and a full-so
 
 #: Default sizes of the run: about three minutes on a 2-core CPU, compilation included.
 DEFAULTS = {
-    "steps": 700,
+    "steps": 600,
     "batch_size": 128,
     "seed": 0,
     "out": "blocksparse_demo",
