@@ -424,6 +424,17 @@ def test_top_k_exact_equals_brute_force(case, classes_per_step):
     np.testing.assert_allclose(np64(vals), np64(ref_vals), rtol=1e-12)
 
 
+def test_top_k_exact_never_materialises_all_outputs():
+    """No intermediate of the exact search holds every output of an example."""
+    C, P, n_outputs = 8, 6, 45
+    params, x = make_params(C, P), make_x()
+    f = lambda x, p: h_softmax_top_k(x, p, 3, n_outputs=n_outputs, classes_per_step=2)
+    text = str(jax.make_jaxpr(f)(x, params))
+    assert "[4,2,6]" in text  # one step: (batch, classes_per_step, n_outputs_per_class)
+    for full in ("[4,45]", "[4,48]", "[4,8,6]"):
+        assert full not in text, full
+
+
 def test_top_k_all_outputs_and_vmap(transform):
     n_outputs, C, P, _ = CASES["padded"]
     params, x = make_params(C, P), make_x()
