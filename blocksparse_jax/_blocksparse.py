@@ -21,6 +21,25 @@ out-of-range ``output_idx[b, j]`` leaves ``out[b, j] == o[b, j]``, and in
 are consistent with that (zero).  Nothing crashes and no NaN or inf appears.
 ``jax.experimental.checkify`` with ``checkify.index_checks`` reports such an
 index.
+
+Execution strategies
+--------------------
+Every public op takes a keyword-only ``strategy`` (static configuration, passed
+through the custom VJPs' ``nondiff_argnums`` so the backward passes use it too):
+
+* ``"gather"``: gather the selected blocks (in chunks of the batch under a
+  memory budget) and contract with one einsum;
+* ``"loop"``: a ``lax.fori_loop`` over the pairs reading each block in place;
+* ``"dense"``: scatter the activations into the full block space, one dense GEMM;
+* ``"grouped"``: sort the pairs by block and multiply each distinct block once
+  by all the activation rows that use it;
+* ``"auto"`` (default): on CPU the cheapest by a cost model over the static
+  shapes (``_execute.estimate_costs``: bytes of blocks read, distinct blocks
+  touched, gathered bytes, flops, loop steps); on GPU and TPU ``"gather"``.  The
+  backend choice is a ``jax.lax.platform_dependent``, so one exported function
+  carries both.
+
+All strategies give the same values and gradients; only speed and memory differ.
 """
 
 from __future__ import annotations
@@ -32,60 +51,67 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from blocksparse_jax import _checks
-from blocksparse_jax._execute import gemv_contract, outer_contract
+from blocksparse_jax._execute import check_strategy, gemv_contract, outer_contract
 
 # --------------------------------------------------------------------------------------
 # The custom-VJP core.  Indices here are int32 and in range; masking happens outside.
 # --------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _gemv(o, W, h, input_idx, output_idx, transpose_w):
-    """``o + sum_i h[b, i] @ blk(b, i, j)``; see ``gemv_contract`` for ``transpose_w``."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gemv(o, W, h, input_idx, output_idx, transpose_w, strategy):
+    """``o + sum_i h[b, i] @ blk(b, i, j)``; see ``gemv_contract`` for ``transpose_w``.
+
+    ``strategy`` (a name from ``_execute.STRATEGIES``) is static configuration and
+    is passed on to every gemv and outer of the backward pass.
+    """
     acc = _checks.accumulation_dtype(o.dtype, W.dtype, h.dtype)
-    y = gemv_contract(W, h, input_idx, output_idx, transpose_w=transpose_w, acc_dtype=acc)
+    y = gemv_contract(
+        W, h, input_idx, output_idx, transpose_w=transpose_w, acc_dtype=acc, strategy=strategy
+    )
     return (o.astype(acc) + y).astype(o.dtype)
 
 
-def _gemv_fwd(o, W, h, input_idx, output_idx, transpose_w):
-    out = _gemv(o, W, h, input_idx, output_idx, transpose_w)
+def _gemv_fwd(o, W, h, input_idx, output_idx, transpose_w, strategy):
+    out = _gemv(o, W, h, input_idx, output_idx, transpose_w, strategy)
     return out, (W, h, input_idx, output_idx)
 
 
-def _gemv_bwd(transpose_w, res, g):
+def _gemv_bwd(transpose_w, strategy, res, g):
     W, h, input_idx, output_idx = res
     one = jnp.ones((), _checks.accumulation_dtype(W.dtype, h.dtype, g.dtype))
     if transpose_w:
         # out[b, j] += h[b, i] @ W[oi, ii].T  =>  dW[oi, ii] += outer(g[b, j], h[b, i])
-        dW = _outer(jnp.zeros_like(W), g, h, output_idx, input_idx, one)
-        dh = _gemv(jnp.zeros_like(h), W, g, output_idx, input_idx, False)
+        dW = _outer(jnp.zeros_like(W), g, h, output_idx, input_idx, one, strategy)
+        dh = _gemv(jnp.zeros_like(h), W, g, output_idx, input_idx, False, strategy)
     else:
         # out[b, j] += h[b, i] @ W[ii, oi]    =>  dW[ii, oi] += outer(h[b, i], g[b, j])
-        dW = _outer(jnp.zeros_like(W), h, g, input_idx, output_idx, one)
-        dh = _gemv(jnp.zeros_like(h), W, g, output_idx, input_idx, True)
+        dW = _outer(jnp.zeros_like(W), h, g, input_idx, output_idx, one, strategy)
+        dh = _gemv(jnp.zeros_like(h), W, g, output_idx, input_idx, True, strategy)
     return g, dW, dh, None, None
 
 
 _gemv.defvjp(_gemv_fwd, _gemv_bwd)
 
 
-@jax.custom_vjp
-def _outer(o, x, y, x_idx, y_idx, alpha):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _outer(o, x, y, x_idx, y_idx, alpha, strategy):
     """``o`` with ``alpha * outer(x[b, i], y[b, j])`` added at ``(x_idx[b, i], y_idx[b, j])``."""
     acc = _checks.accumulation_dtype(o.dtype, x.dtype, y.dtype)
-    return outer_contract(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc).astype(o.dtype)
+    out = outer_contract(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc, strategy=strategy)
+    return out.astype(o.dtype)
 
 
-def _outer_fwd(o, x, y, x_idx, y_idx, alpha):
-    return _outer(o, x, y, x_idx, y_idx, alpha), (x, y, x_idx, y_idx, alpha)
+def _outer_fwd(o, x, y, x_idx, y_idx, alpha, strategy):
+    return _outer(o, x, y, x_idx, y_idx, alpha, strategy), (x, y, x_idx, y_idx, alpha)
 
 
-def _outer_bwd(res, G):
+def _outer_bwd(strategy, res, G):
     x, y, x_idx, y_idx, alpha = res
     acc = _checks.accumulation_dtype(x.dtype, y.dtype, G.dtype)
     # d/dy[b, j] = alpha * sum_i x[b, i] @ G[xi, yi];  d/dx[b, i] = alpha * sum_j G[xi, yi] @ y[b, j]
-    gy = _gemv(jnp.zeros(y.shape, acc), G, x, x_idx, y_idx, False)
-    gx = _gemv(jnp.zeros(x.shape, acc), G, y, y_idx, x_idx, True)
+    gy = _gemv(jnp.zeros(y.shape, acc), G, x, x_idx, y_idx, False, strategy)
+    gx = _gemv(jnp.zeros(x.shape, acc), G, y, y_idx, x_idx, True, strategy)
     a = alpha.astype(acc)
     dalpha = jnp.sum(gy * y.astype(acc)).astype(alpha.dtype)
     return G, (a * gx).astype(x.dtype), (a * gy).astype(y.dtype), None, None, dalpha
@@ -192,9 +218,9 @@ def _prepare_gemv(W, h, input_idx, output_idx):
     return W, h, ii, oi, vo, batched
 
 
-def _gemv_masked(o, W, h, ii, oi, valid_out):
+def _gemv_masked(o, W, h, ii, oi, valid_out, strategy):
     """The core gemv; an out-of-range output block contributes nothing (keeps ``o``)."""
-    return jnp.where(valid_out[..., None], _gemv(o, W, h, ii, oi, False), o)
+    return jnp.where(valid_out[..., None], _gemv(o, W, h, ii, oi, False, strategy), o)
 
 
 # --------------------------------------------------------------------------------------
@@ -208,6 +234,8 @@ def sparse_block_gemv(
     h: ArrayLike,
     input_idx: ArrayLike,
     output_idx: ArrayLike,
+    *,
+    strategy: str = "auto",
 ) -> jax.Array:
     r"""Block-sparse matrix-vector product, Theano's ``SparseBlockGemv``.
 
@@ -228,6 +256,11 @@ def sparse_block_gemv(
       For one example, pass ``o (o_win, o_size)``, ``h (i_win, i_size)`` and 1-D
       index arrays; the result is then ``(o_win, o_size)`` (convenient under
       ``jax.vmap``).
+      strategy: how the products are executed (keyword-only; the same values
+        either way): ``"auto"`` (default) picks by a cost model over the static
+        shapes on CPU and uses ``"gather"`` on GPU/TPU; or one of ``"gather"``,
+        ``"loop"``, ``"dense"``, ``"grouped"`` to force it (also in the backward
+        pass).  See "Execution strategies" in the module docstring.
 
     Returns:
       ``(batch, o_win, o_size)`` in ``o``'s dtype.  Float16/bfloat16 inputs
@@ -235,7 +268,8 @@ def sparse_block_gemv(
 
     Raises:
       TypeError: a non-float ``o``/``W``/``h`` or a non-integer index array.
-      ValueError: a rank or shape that does not match the others.
+      ValueError: a rank or shape that does not match the others, or an unknown
+        ``strategy``.
       IndexError: a concrete (not traced) index outside ``[-n, n)``.  Under
         ``jit`` an out-of-range index selects a block of zeros (it adds nothing);
         ``checkify.index_checks`` reports it.
@@ -253,6 +287,7 @@ def sparse_block_gemv(
     References:
       Theano/Aesara ``aesara.tensor.nnet.blocksparse.SparseBlockGemv``.
     """
+    strategy = check_strategy(strategy)
     W, h, ii, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
     o = _as_array("o", o)
     _checks.check_float("o", o)
@@ -264,7 +299,7 @@ def sparse_block_gemv(
             f"o must have shape {want} = {_checks.shape_str(got)} from output_idx and W; "
             f"got shape {_checks.shape_str(o.shape)}"
         )
-    out = _gemv_masked(o if batched else o[None], W, h, ii, oi, vo)
+    out = _gemv_masked(o if batched else o[None], W, h, ii, oi, vo, strategy)
     return out if batched else out[0]
 
 
@@ -274,6 +309,8 @@ def sparse_block_dot(
     input_idx: ArrayLike,
     b: ArrayLike,
     output_idx: ArrayLike,
+    *,
+    strategy: str = "auto",
 ) -> jax.Array:
     r"""Block-sparse dot product plus bias (Theano's ``sparse_block_dot``; the seed's argument order).
 
@@ -290,6 +327,11 @@ def sparse_block_dot(
       input_idx: ``(batch, i_win)`` integer indices into ``W``'s first axis.
       b: ``(o_blocks, o_size)`` bias of each output block.
       output_idx: ``(batch, o_win)`` integer indices into ``W``'s second axis and ``b``.
+      strategy: how the products are executed (keyword-only; the same values
+        either way): ``"auto"`` (default) picks by a cost model over the static
+        shapes on CPU and uses ``"gather"`` on GPU/TPU; or one of ``"gather"``,
+        ``"loop"``, ``"dense"``, ``"grouped"`` to force it (also in the backward
+        pass).  See "Execution strategies" in the module docstring.
 
     Returns:
       ``(batch, o_win, o_size)`` in ``b``'s dtype.
@@ -308,6 +350,7 @@ def sparse_block_dot(
       >>> out   # 2 input blocks * 2 ones + b[3]
       Array([[[19., 20., 21., 22., 23.]]], dtype=float32)
     """
+    strategy = check_strategy(strategy)
     W, h, ii, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
     b = _as_array("b", b)
     _checks.check_float("b", b)
@@ -318,7 +361,7 @@ def sparse_block_dot(
         )
     # No block and no bias for an out-of-range output index.
     bias = jnp.where(vo[..., None], b[oi], jnp.zeros((), b.dtype))
-    out = _gemv_masked(bias, W, h, ii, oi, vo)
+    out = _gemv_masked(bias, W, h, ii, oi, vo, strategy)
     return out if batched else out[0]
 
 
@@ -329,6 +372,8 @@ def sparse_block_outer(
     x_idx: ArrayLike,
     y_idx: ArrayLike,
     alpha: ArrayLike = 1.0,
+    *,
+    strategy: str = "auto",
 ) -> jax.Array:
     r"""Block-sparse outer product update, Theano's ``SparseBlockOuter``.
 
@@ -350,6 +395,11 @@ def sparse_block_outer(
       x_idx: ``(batch, x_win)`` integer indices into ``o``'s first axis.
       y_idx: ``(batch, y_win)`` integer indices into ``o``'s second axis.
       alpha: scalar scale of the update (differentiable).
+      strategy: how the products are executed (keyword-only; the same values
+        either way): ``"auto"`` (default) picks by a cost model over the static
+        shapes on CPU and uses ``"gather"`` on GPU/TPU; or one of ``"gather"``,
+        ``"loop"``, ``"dense"``, ``"grouped"`` to force it (also in the backward
+        pass).  See "Execution strategies" in the module docstring.
 
     Returns:
       ``(x_blocks, y_blocks, x_size, y_size)`` in ``o``'s dtype.
@@ -375,6 +425,7 @@ def sparse_block_outer(
       >>> float(W_new[0, 1, 0, 0]), float(W_new[1, 1, 0, 0])   # selected vs untouched block
       (0.8999999761581421, 1.0)
     """
+    strategy = check_strategy(strategy)
     o = _as_array("o", o)
     x = _as_array("x", x)
     y = _as_array("y", y)
@@ -409,4 +460,4 @@ def sparse_block_outer(
     acc = _checks.accumulation_dtype(o.dtype, x.dtype, y.dtype)
     if not jnp.issubdtype(alpha.dtype, jnp.floating):
         alpha = alpha.astype(acc)
-    return _outer(o, x, y, xi, yi, alpha)
+    return _outer(o, x, y, xi, yi, alpha, strategy)

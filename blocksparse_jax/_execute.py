@@ -77,19 +77,32 @@ def check_strategy(strategy) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CpuCosts:
-    """Constants of the CPU cost model (seconds, bytes); calibrated on a 2-core x86 CPU.
+    """Constants of the CPU cost model (seconds, bytes, flop/s), calibrated on a 2-core x86 CPU.
 
-    ``bandwidth``: sustained bytes/s of streaming reads.  ``flops``: dense GEMM flop/s.
-    ``small_flops``: flop/s of batched matrix-vector products (gather's einsum).
-    ``iteration``: overhead of one loop iteration.  ``fresh``: seconds per byte of a
-    freshly allocated large buffer (page faults; XLA allocates temporaries per call).
+    Attributes:
+      dram_bandwidth: bytes/s of reading blocks of ``W`` from main memory.
+      cache_bandwidth: bytes/s of copies that stay in cache (a gathered chunk, a
+        dynamically sliced block).
+      flops: flop/s of a dense GEMM.
+      small_flops: flop/s of many small batched matrix-vector products.
+      loop_step: seconds of one ``loop`` iteration (one pair) beyond its memory.
+      group_step: seconds of one ``grouped`` iteration (one run of pairs).
+      chunk_step: seconds of one ``gather`` chunk beyond its memory.
+      fresh: seconds per byte of a large temporary buffer (XLA allocates them per
+        call and the first touch of every page faults).
+      setup: fixed seconds every strategy but ``gather`` must save to be chosen
+        (keeps tiny problems on the simplest program).
     """
 
-    bandwidth: float = 8e9
+    dram_bandwidth: float = 1e10
+    cache_bandwidth: float = 6e10
     flops: float = 5e10
-    small_flops: float = 1e10
-    iteration: float = 4e-6
-    fresh: float = 5e-10
+    small_flops: float = 2e10
+    loop_step: float = 6e-7
+    group_step: float = 1.7e-6
+    chunk_step: float = 2e-5
+    fresh: float = 1e-9
+    setup: float = 5e-5
 
 
 COSTS = CpuCosts()
@@ -97,9 +110,9 @@ COSTS = CpuCosts()
 
 def expected_distinct(n_blocks: int, n_picks: int) -> float:
     """Expected distinct blocks among ``n_picks`` uniform random picks of ``n_blocks``."""
-    if n_blocks <= 0 or n_picks <= 0:
-        return 0.0
-    return n_blocks * -math.expm1(n_picks * math.log1p(-1.0 / n_blocks)) if n_blocks > 1 else 1.0
+    if n_blocks <= 1 or n_picks <= 0:
+        return float(min(n_blocks, n_picks))
+    return n_blocks * -math.expm1(n_picks * math.log1p(-1.0 / n_blocks))
 
 
 def group_rows(n_pairs: int, n_blocks: int) -> int:
@@ -110,24 +123,36 @@ def group_rows(n_pairs: int, n_blocks: int) -> int:
 
 
 def estimate_costs(
-    *, batch: int, i_blocks: int, o_blocks: int, i_win: int, o_win: int,
-    i_size: int, o_size: int, itemsize: int, costs: CpuCosts = COSTS,
+    *,
+    batch: int,
+    i_blocks: int,
+    o_blocks: int,
+    i_win: int,
+    o_win: int,
+    i_size: int,
+    o_size: int,
+    itemsize: int,
+    costs: CpuCosts = COSTS,
 ) -> dict[str, float]:
-    """Estimated CPU seconds of one gemv (or one outer update) per strategy.
+    """Estimated CPU seconds of one gemv (or one outer update) for each strategy.
 
-    ``flops`` are the useful multiply-adds ``2 * pairs * i_size * o_size`` (the
-    dense GEMM does ``2 * batch * i_blocks*i_size * o_blocks*o_size``); ``block
-    bytes`` are ``i_size * o_size * itemsize``; the blocks touched are the
-    expected distinct blocks of ``pairs = batch * i_win * o_win`` uniform picks.
+    With ``pairs = batch * i_win * o_win`` selected blocks of ``blk = i_size *
+    o_size * itemsize`` bytes, ``distinct`` the expected number of distinct
+    blocks among them (uniform random indices over ``i_blocks * o_blocks``) and
+    ``flops = 2 * pairs * i_size * o_size``:
 
-    * gather: every pair's block read, written to and read back from the
-      gathered buffer (3x), its matrix-vector products at ``small_flops``, a
-      loop step per chunk.
-    * loop: every pair's block read once, plus one loop step per pair.
-    * dense: the dense GEMM flops, ``W`` read (and transposed) once, the dense
-      activations written and read.
-    * grouped: each distinct block read once, one loop step per run of pairs
-      sharing a block, the stacked GEMMs, and the sort of the pairs.
+    * gather: every pair's block read from memory, copied into the chunk and read
+      back (in cache), the batched matrix-vector products, a step per chunk.
+    * loop: every pair's block read from memory and sliced (a copy in cache),
+      plus a loop step per pair.
+    * dense: the dense GEMM's ``2 * batch * i_blocks*i_size * o_blocks*o_size``
+      flops, ``W`` read and transposed once (a fresh ``W``-sized temporary), the
+      dense activations.
+    * grouped: each distinct block read from memory once and copied in cache, a
+      loop step per run of up to ``rows`` pairs sharing a block, the stacked
+      GEMMs, the sort of the pairs and the activations reordered.
+
+    The constants are in :class:`CpuCosts`.
     """
     c = costs
     pairs = batch * i_win * o_win
@@ -135,44 +160,60 @@ def estimate_costs(
     flops = 2.0 * pairs * i_size * o_size
     n_blocks = i_blocks * o_blocks
     distinct = expected_distinct(n_blocks, pairs)
-    act = batch * (i_win * i_size + o_win * o_size) * itemsize
-    per_example = i_win * o_win * blk
-    chunk = max(1, min(batch, GATHER_BUDGET_BYTES // max(per_example, 1)))
-    gathered = min(batch, chunk) * per_example
+    chunk = max(1, min(batch, GATHER_BUDGET_BYTES // max(i_win * o_win * blk, 1)))
     gather = (
-        3 * pairs * blk / c.bandwidth
+        pairs * blk / c.dram_bandwidth
+        + 2 * pairs * blk / c.cache_bandwidth
         + flops / c.small_flops
-        + math.ceil(batch / chunk) * 5 * c.iteration
-        + gathered * c.fresh
+        + math.ceil(batch / chunk) * c.chunk_step
     )
-    loop = pairs * blk / c.bandwidth + pairs * c.iteration + flops / c.flops
+    loop = (
+        c.setup
+        + pairs * (blk / c.dram_bandwidth + 2 * blk / c.cache_bandwidth + c.loop_step)
+        + flops / c.flops
+    )
     dense_act = batch * (i_blocks * i_size + o_blocks * o_size) * itemsize
     dense = (
-        2.0 * batch * i_blocks * i_size * o_blocks * o_size / c.flops
-        + 3 * n_blocks * blk / c.bandwidth
-        + 3 * dense_act / c.bandwidth
-        + (n_blocks * blk + dense_act) * c.fresh
+        c.setup
+        + 2.0 * batch * i_blocks * i_size * o_blocks * o_size / c.flops
+        + 2 * n_blocks * blk / c.dram_bandwidth
+        + n_blocks * blk * c.fresh
+        + 3 * dense_act / c.dram_bandwidth
     )
     rows = group_rows(pairs, n_blocks)
     steps = distinct + pairs / rows
     grouped = (
-        distinct * blk / c.bandwidth
-        + steps * (2 * c.iteration + 2.0 * rows * i_size * o_size / c.flops)
-        + pairs * max(1.0, math.log2(max(pairs, 2))) * 2e-9
-        + 4 * pairs * (i_size + o_size) * itemsize / c.bandwidth
+        c.setup
+        + distinct * blk / c.dram_bandwidth
+        + 2 * distinct * blk / c.cache_bandwidth
+        + steps * (c.group_step + 2.0 * rows * i_size * o_size / c.flops)
+        + pairs * max(1.0, math.log2(max(pairs, 2))) * 5e-9
+        + 4 * pairs * (i_size + o_size) * itemsize / c.cache_bandwidth
     )
-    del act
     return {"gather": gather, "loop": loop, "dense": dense, "grouped": grouped}
 
 
 def choose_strategy(
-    *, batch: int, i_blocks: int, o_blocks: int, i_win: int, o_win: int,
-    i_size: int, o_size: int, itemsize: int = 4,
+    *,
+    batch: int,
+    i_blocks: int,
+    o_blocks: int,
+    i_win: int,
+    o_win: int,
+    i_size: int,
+    o_size: int,
+    itemsize: int = 4,
 ) -> str:
     """The CPU strategy ``auto`` uses for these static shapes: the cheapest by :func:`estimate_costs`."""
     est = estimate_costs(
-        batch=batch, i_blocks=i_blocks, o_blocks=o_blocks, i_win=i_win, o_win=o_win,
-        i_size=i_size, o_size=o_size, itemsize=itemsize,
+        batch=batch,
+        i_blocks=i_blocks,
+        o_blocks=o_blocks,
+        i_win=i_win,
+        o_win=o_win,
+        i_size=i_size,
+        o_size=o_size,
+        itemsize=itemsize,
     )
     return min(est, key=est.get)
 
@@ -181,8 +222,14 @@ def _resolve(strategy: str, *, batch, i_blocks, o_blocks, i_win, o_win, i_size, 
     if strategy != "auto":
         return strategy
     return choose_strategy(
-        batch=batch, i_blocks=i_blocks, o_blocks=o_blocks, i_win=i_win, o_win=o_win,
-        i_size=i_size, o_size=o_size, itemsize=itemsize,
+        batch=batch,
+        i_blocks=i_blocks,
+        o_blocks=o_blocks,
+        i_win=i_win,
+        o_win=o_win,
+        i_size=i_size,
+        o_size=o_size,
+        itemsize=itemsize,
     )
 
 
@@ -219,7 +266,7 @@ def gemv_contract(
     ``W.transpose(1, 0, 3, 2)`` without materialising that transpose.
     """
     dt = common_float_dtype(W.dtype, h.dtype)
-    W, h = W.astype(dt), h.astype(dt)
+    W, h = jnp.asarray(W, dt), jnp.asarray(h, dt)
     batch, i_win, _ = h.shape
     o_win = output_idx.shape[1]
     rows_blocks, cols_blocks, s, t = W.shape
@@ -228,8 +275,15 @@ def gemv_contract(
     else:
         i_blocks, o_blocks, i_size, o_size = rows_blocks, cols_blocks, s, t
     choice = _resolve(
-        strategy, batch=batch, i_blocks=i_blocks, o_blocks=o_blocks, i_win=i_win, o_win=o_win,
-        i_size=i_size, o_size=o_size, itemsize=np.dtype(dt).itemsize,
+        strategy,
+        batch=batch,
+        i_blocks=i_blocks,
+        o_blocks=o_blocks,
+        i_win=i_win,
+        o_win=o_win,
+        i_size=i_size,
+        o_size=o_size,
+        itemsize=np.dtype(dt).itemsize,
     )
     if batch == 0 or i_win == 0 or o_win == 0:
         return jnp.zeros((batch, o_win, o_size), acc_dtype)
@@ -283,7 +337,9 @@ def _gemv_gather(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
     if chunk >= batch:
         return f((h, input_idx, output_idx))
     n = -(-batch // chunk)
-    out = lax.map(f, (_split(h, chunk, n), _split(input_idx, chunk, n), _split(output_idx, chunk, n)))
+    out = lax.map(
+        f, (_split(h, chunk, n), _split(input_idx, chunk, n), _split(output_idx, chunk, n))
+    )
     return out.reshape(n * chunk, *out.shape[2:])[:batch]
 
 
@@ -417,14 +473,21 @@ def outer_contract(
     Returns ``o``'s shape in ``acc_dtype``; repeated blocks accumulate.
     """
     dt = common_float_dtype(x.dtype, y.dtype)
-    x, y = x.astype(dt), y.astype(dt)
+    x, y = jnp.asarray(x, dt), jnp.asarray(y, dt)
     o = jnp.asarray(o, acc_dtype)
-    alpha = alpha.astype(acc_dtype)
+    alpha = jnp.asarray(alpha, acc_dtype)
     batch, x_win, x_size = x.shape
     y_win, y_size = y.shape[1:]
     choice = _resolve(
-        strategy, batch=batch, i_blocks=o.shape[0], o_blocks=o.shape[1], i_win=x_win,
-        o_win=y_win, i_size=x_size, o_size=y_size, itemsize=np.dtype(acc_dtype).itemsize,
+        strategy,
+        batch=batch,
+        i_blocks=o.shape[0],
+        o_blocks=o.shape[1],
+        i_win=x_win,
+        o_win=y_win,
+        i_size=x_size,
+        o_size=y_size,
+        itemsize=np.dtype(acc_dtype).itemsize,
     )
     if batch == 0 or x_win == 0 or y_win == 0:
         return o
@@ -450,7 +513,12 @@ def _outer_gather(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
     if chunk >= batch:
         return _outer_gather_all(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype)
     n = -(-batch // chunk)
-    xs = (_split(x, chunk, n), _split(y, chunk, n), _split(x_idx, chunk, n), _split(y_idx, chunk, n))
+    xs = (
+        _split(x, chunk, n),
+        _split(y, chunk, n),
+        _split(x_idx, chunk, n),
+        _split(y_idx, chunk, n),
+    )
 
     def step(o, a):
         return _outer_gather_all(o, *a, alpha, acc_dtype=acc_dtype), None
