@@ -215,6 +215,20 @@ def _check_target(target, batch: int, n_outputs: int, *, batched: bool) -> jax.A
     return target.reshape(())
 
 
+def _check_target_values(target, n_outputs: int) -> None:
+    """Raises ``IndexError`` if a concrete ``target`` holds a value outside ``[0, n_outputs)``."""
+    value = _checks.concrete_value(target)
+    if value is None or value.size == 0:
+        return
+    bad = (value < 0) | (value >= n_outputs)
+    if bad.any():
+        pos = tuple(int(p) for p in np.argwhere(bad)[0])
+        raise IndexError(
+            f"target holds {int(value[pos])} at position {pos}, out of range for "
+            f"n_outputs={n_outputs} (valid targets are 0 <= t < {n_outputs})"
+        )
+
+
 def _normalize_target(target: jax.Array, n_outputs: int) -> tuple[jax.Array, jax.Array]:
     """``(int32 target in [0, n_outputs), valid mask)``; raises ``IndexError`` when concrete.
 
@@ -223,15 +237,7 @@ def _normalize_target(target: jax.Array, n_outputs: int) -> tuple[jax.Array, jax
     ``fill``-mode probe gather of ``_checks`` makes ``checkify.index_checks``
     report it, with its value.
     """
-    value = _checks.concrete_value(target)
-    if value is not None and value.size:
-        bad = (value < 0) | (value >= n_outputs)
-        if bad.any():
-            pos = tuple(int(p) for p in np.argwhere(bad)[0])
-            raise IndexError(
-                f"target holds {int(value[pos])} at position {pos}, out of range for "
-                f"n_outputs={n_outputs} (valid targets are 0 <= t < {n_outputs})"
-            )
+    _check_target_values(target, n_outputs)
     info = jnp.iinfo(target.dtype)
     i32 = jnp.iinfo(jnp.int32)
     lo, hi = max(int(info.min), int(i32.min)), min(int(info.max), int(i32.max))
@@ -486,7 +492,7 @@ def h_softmax(
     dt, acc = _dtypes(x, W1, b1, W2, b2)
     if target is not None:
         target = _check_target(target, batch_size, n_outputs, batched=True)
-        _normalize_target(target, n_outputs)  # raises IndexError when concrete
+        _check_target_values(target, n_outputs)
     return _h_softmax(x, W1, b1, W2, b2, target, n_outputs=n_outputs, dt=dt, acc=acc)
 
 
@@ -656,11 +662,8 @@ def _checked_target(prob: _Problem, target) -> jax.Array:
     """``target`` as ``(batch,)``, its shape and (when concrete) its values checked."""
     batch = prob.x.shape[0]
     t = _check_target(target, batch, prob.n_outputs, batched=prob.batched).reshape(batch)
-    if _checks.concrete_value(t) is not None:
-        # Raises IndexError for an out-of-range or padded target.
-        _check_padding_target(
-            _normalize_target(t, prob.n_outputs)[0], prob.class_sizes, prob.per_class
-        )
+    _check_target_values(t, prob.n_outputs)  # raises IndexError when concrete
+    _check_padding_target(t, prob.class_sizes, prob.per_class)
     return t
 
 
@@ -921,7 +924,7 @@ def h_softmax_sample(
       ``(batch,)`` int32 output ids (a scalar for a 1-D ``x``).
 
     Raises:
-      Everything :func:`h_log_softmax` raises.
+      TypeError, ValueError: as :func:`h_log_softmax`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
