@@ -218,9 +218,7 @@ def _run(args: argparse.Namespace) -> None:
                 raise DemoError(f"--checkpoint {args.checkpoint!r}: {e}") from None
         states[kind] = state
         if state.step >= args.steps:
-            print(
-                f"{kind}: the checkpoint is at step {state.step} >= --steps {args.steps}; not training"
-            )
+            print(f"{kind}: already at step {state.step} (from the checkpoint)", flush=True)
         step_fn = _train.make_train_step(
             optimizer, outputs[kind], context=C, batch_size=args.batch_size, key=key_data
         )

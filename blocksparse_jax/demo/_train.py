@@ -114,6 +114,7 @@ def train(
         return state
     bar = _Progress(desc, steps, state.step)
     session_tokens, t_first, last_save = 0, None, time.perf_counter()
+    pending = None
     try:
         while state.step < steps:
             t0 = time.perf_counter()
@@ -123,8 +124,10 @@ def train(
             # The old arrays were donated: keep the new ones before anything can interrupt.
             state.params, state.opt_state = params, opt_state
             state.step += 1
+            pending = loss
             loss = float(loss)  # waits for the step
             state.losses.append(loss)
+            pending = None
             now = time.perf_counter()
             if t_first is None:
                 t_first = now
@@ -140,6 +143,8 @@ def train(
                 last_save = time.perf_counter()
     finally:
         bar.close()
+        if pending is not None:  # interrupted while waiting for a step's loss
+            state.losses.append(float(pending))
         if save is not None:
             save()
     return state
