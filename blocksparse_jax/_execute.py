@@ -57,7 +57,7 @@ from blocksparse_jax._checks import common_float_dtype
 STRATEGIES = ("auto", "gather", "loop", "dense", "grouped")
 """Valid values of the ``strategy=`` keyword of the public ops."""
 
-GATHER_BUDGET_BYTES = 8 * 2**20
+GATHER_BUDGET_BYTES = 2 * 2**20
 """Largest gathered-block buffer of the ``gather`` strategy (one chunk of the batch)."""
 
 
@@ -343,6 +343,29 @@ def _gemv_gather(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
     return out.reshape(n * chunk, *out.shape[2:])[:batch]
 
 
+def varying_axes(x) -> frozenset:
+    """The ``shard_map`` mesh axes ``x`` varies over (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _carry(init, *refs):
+    """``init`` cast to vary over the ``shard_map`` axes ``refs`` vary over.
+
+    Inside ``shard_map`` a loop carry must keep one type; a fresh ``zeros``
+    would be invariant while the body makes it vary.  Outside, a no-op.
+    """
+    axes = frozenset().union(*(varying_axes(r) for r in refs))
+    out = []
+    for x in init:
+        missing = tuple(sorted(axes - varying_axes(x)))
+        out.append(lax.pcast(x, missing, to="varying") if missing else x)
+    return tuple(out)
+
+
 def _block(W, r, c):
     """``W[r, c]`` as ``(s, t)`` through a dynamic slice (no gather)."""
     z = jnp.zeros((), r.dtype)
@@ -371,7 +394,8 @@ def _gemv_loop(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
         cur = lax.dynamic_slice_in_dim(out, k, 1)
         return lax.dynamic_update_slice_in_dim(out, cur + y, k, 0)
 
-    out = lax.fori_loop(0, n, body, jnp.zeros((batch * o_win, out_size), acc_dtype))
+    (init,) = _carry((jnp.zeros((batch * o_win, out_size), acc_dtype),), W, h, rows, cols)
+    out = lax.fori_loop(0, n, body, init)
     return out.reshape(batch, o_win, out_size)
 
 
@@ -438,7 +462,7 @@ def _gemv_grouped(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
         return end, lax.dynamic_update_slice_in_dim(ys, new, pos, 0)
 
     ys0 = jnp.zeros((n + P, out_size), acc_dtype)
-    _, ys = lax.while_loop(cond, body, (jnp.int32(0), ys0))
+    _, ys = lax.while_loop(cond, body, _carry((jnp.int32(0), ys0), W, hs, rs, cs, run_end))
     out = jnp.zeros((batch * o_win, out_size), acc_dtype)
     out = out.at[pb * o_win + pj].add(ys[:n])
     return out.reshape(batch, o_win, out_size)
@@ -544,6 +568,7 @@ def _outer_loop(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
         blk = lax.dynamic_slice(o, start, (1, 1, *o.shape[2:]))
         return lax.dynamic_update_slice(o, blk + (alpha * upd)[None, None], start)
 
+    (o,) = _carry((o,), x, y, xi, yi, alpha)
     return lax.fori_loop(0, batch * x_win * y_win, body, o)
 
 
@@ -586,7 +611,7 @@ def _outer_grouped(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
         blk = lax.dynamic_slice(o, start, (1, 1, x_size, y_size))
         return end, lax.dynamic_update_slice(o, blk + (alpha * upd)[None, None], start)
 
-    return lax.while_loop(cond, body, (jnp.int32(0), o))[1]
+    return lax.while_loop(cond, body, _carry((jnp.int32(0), o), xs, ys, rs, cs, run_end, alpha))[1]
 
 
 _OUTER = {
