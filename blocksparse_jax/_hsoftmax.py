@@ -60,8 +60,10 @@ __all__ = [
 
 _shape = _checks.shape_str
 
-# Elements of one chunk of second-level log-probabilities in the exact top-k
-# search (batch * classes_per_step * n_outputs_per_class): 16 MiB in float32.
+# The exact top-k search visits at most this many classes per step, and at
+# most this many elements (batch * classes_per_step * n_outputs_per_class,
+# 16 MiB in float32) per step.  Small steps stop the search early.
+_TOP_K_CLASSES_PER_STEP = 16
 _TOP_K_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -778,11 +780,15 @@ def h_softmax_top_k(
 ) -> tuple[jax.Array, jax.Array]:
     r"""The ``k`` most probable outputs of each example, without materialising them all.
 
-    Exact (default): a ``lax.scan`` over chunks of ``classes_per_step`` classes
-    computes ``log p`` for the outputs of those classes and merges them into a
-    running top-k, so memory is ``O(batch * (k + classes_per_step *
-    n_outputs_per_class))`` however large ``n_outputs`` is.  Ties go to the
-    lower output id, as ``lax.top_k`` of the full distribution.
+    Exact (default): a best-first search.  Classes are visited
+    ``classes_per_step`` at a time in decreasing order of their best
+    probability over the batch; each step computes ``log p`` for the outputs
+    of those classes and merges them into a running top-k.  Because ``log p(o)
+    <= log p(class(o))``, the search stops as soon as no example has an
+    unvisited class more probable than its current k-th best output - after a
+    few steps for a confident model, after all of them for a flat one.  Memory
+    is ``O(batch * (k + classes_per_step * n_outputs_per_class))`` however
+    large ``n_outputs`` is: ``(batch, n_outputs)`` is never materialised.
 
     Approximate (``approximate=True``): the ``n_best_classes`` most probable
     classes (default ``min(k, n_classes)``), then the best outputs within them
@@ -792,6 +798,10 @@ def h_softmax_top_k(
     best.  If the chosen classes hold fewer than ``k`` outputs the last entries
     are ``-inf``.
 
+    This is a search for decoding: its outputs carry no gradient (take
+    :func:`h_log_softmax` at the returned ids for one).  Ties between equal
+    log-probabilities may be broken either way.
+
     Args:
       x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
       params: :class:`HSoftmaxParams`.
@@ -800,9 +810,9 @@ def h_softmax_top_k(
       class_sizes: optional ``(n_classes,)`` class sizes, as in :func:`h_log_softmax`.
       approximate: search only the best classes.
       n_best_classes: classes searched when ``approximate``.
-      classes_per_step: classes per step of the exact search (default: as many
-        as keep a step's ``batch * classes_per_step * n_outputs_per_class``
-        block within 4M elements).
+      classes_per_step: classes per step of the exact search (default 16, fewer
+        if a step's ``batch * classes_per_step * n_outputs_per_class`` block
+        would exceed 4M elements).
 
     Returns:
       ``(log_probs, indices)``, both ``(batch, k)`` (``(k,)`` for a 1-D ``x``),
@@ -841,7 +851,7 @@ def h_softmax_top_k(
             raise ValueError(f"n_best_classes must be in [1, n_classes] = [1, {C}]; got {m}")
         return _run(_top_k_approximate, prob, k=k, m=m)
     if classes_per_step is None:
-        cc = _TOP_K_CHUNK_ELEMENTS // max(1, prob.x.shape[0] * P)
+        cc = min(_TOP_K_CLASSES_PER_STEP, _TOP_K_CHUNK_ELEMENTS // max(1, prob.x.shape[0] * P))
     else:
         cc = int(classes_per_step)
         if cc < 1:
@@ -850,34 +860,51 @@ def h_softmax_top_k(
 
 
 def _top_k_exact(prob: _Problem, *, k: int, cc: int):
-    class_logp = prob.class_log_probs()
-    batch = prob.x.shape[0]
-    C, P = prob.W2.shape[0], prob.per_class
-    n_steps = -(-C // cc)
+    """Best-first search over chunks of classes with a running top-k, stopping early.
 
-    def step(carry, i):
-        best_vals, best_idx = carry
+    Classes are visited in decreasing order of their best probability over the
+    batch, ``cc`` at a time; since ``log p(o) <= log p(class(o))``, the search
+    stops as soon as no example has an unvisited class more probable than its
+    current k-th best output.  A search, not a differentiable function: its
+    inputs are ``stop_gradient``-ed (``lax.while_loop`` has no reverse mode).
+    """
+    x, W2, b2 = (lax.stop_gradient(a) for a in (prob.x, prob.W2, prob.b2))
+    class_logp = lax.stop_gradient(prob.class_log_probs())  # (batch, C)
+    batch = x.shape[0]
+    C, P = W2.shape[0], prob.per_class
+    n_steps = -(-C // cc)
+    order = jnp.argsort(-jnp.max(class_logp, axis=0)).astype(jnp.int32)  # (C,)
+    sorted_logp = class_logp[:, order]
+    position = jnp.arange(C, dtype=jnp.int32)
+    slots = jnp.arange(P, dtype=jnp.int32)
+
+    def search_more(carry):
+        i, vals, _ = carry
+        unvisited = jnp.where(position[None, :] >= i * cc, sorted_logp, -jnp.inf)
+        return (i < n_steps) & jnp.any(jnp.max(unvisited, axis=1) >= vals[:, k - 1])
+
+    def step(carry):
+        i, best_vals, best_idx = carry
         # The last chunk is shifted back to stay in bounds; classes seen before are masked.
         start = jnp.minimum(i * cc, C - cc)
-        classes = start + jnp.arange(cc, dtype=jnp.int32)
-        W2 = lax.dynamic_slice_in_dim(prob.W2, start, cc, axis=0)
-        b2 = lax.dynamic_slice_in_dim(prob.b2, start, cc, axis=0)
-        cl = lax.dynamic_slice_in_dim(class_logp, start, cc, axis=1)  # (batch, cc)
-        act = _all_activations(prob.x, W2, b2, prob.acc)  # (batch, cc, P)
-        slot_ok = prob.slot_valid(classes) & (classes >= i * cc)[:, None]  # (cc, P)
-        logp = cl[:, :, None] + _masked_log_softmax(act, slot_ok[None])
+        classes = lax.dynamic_slice_in_dim(order, start, cc)  # (cc,)
+        fresh = start + jnp.arange(cc, dtype=jnp.int32) >= i * cc
+        act = _all_activations(x, W2[classes], b2[classes], prob.acc)  # (batch, cc, P)
+        slot_ok = prob.slot_valid(classes) & fresh[:, None]  # (cc, P)
+        logp = class_logp[:, classes][:, :, None] + _masked_log_softmax(act, slot_ok[None])
         logp = _neg_inf_where_invalid(logp, slot_ok[None]).reshape(batch, cc * P)
-        ids = (classes[:, None] * P + jnp.arange(P, dtype=jnp.int32)[None, :]).reshape(-1)
+        ids = (classes[:, None] * P + slots[None, :]).reshape(-1)
         vals = jnp.concatenate([best_vals, logp], axis=1)
         cand = jnp.concatenate([best_idx, jnp.broadcast_to(ids[None, :], logp.shape)], axis=1)
         vals, pos = lax.top_k(vals, k)
-        return (vals, jnp.take_along_axis(cand, pos, axis=1)), None
+        return i + 1, vals, jnp.take_along_axis(cand, pos, axis=1)
 
     init = (
+        jnp.zeros((), jnp.int32),
         jnp.full((batch, k), -jnp.inf, prob.acc),
         jnp.zeros((batch, k), jnp.int32),
     )
-    (vals, idx), _ = lax.scan(step, init, jnp.arange(n_steps, dtype=jnp.int32))
+    _, vals, idx = lax.while_loop(search_more, step, init)
     return vals, idx
 
 
@@ -894,7 +921,7 @@ def _top_k_approximate(prob: _Problem, *, k: int, m: int):
     if k_eff < k:
         vals = jnp.pad(vals, ((0, 0), (0, k - k_eff)), constant_values=-jnp.inf)
         idx = jnp.pad(idx, ((0, 0), (0, k - k_eff)))
-    return vals, idx
+    return lax.stop_gradient(vals), idx
 
 
 def h_softmax_sample(

@@ -424,6 +424,21 @@ def test_top_k_exact_equals_brute_force(case, classes_per_step):
     np.testing.assert_allclose(np64(vals), np64(ref_vals), rtol=1e-12)
 
 
+def test_top_k_exact_on_a_confident_model_and_without_gradient():
+    n_outputs, C, P = 40, 8, 5
+    params, x = make_params(C, P, scale=4.0), make_x()  # peaked: the search stops early
+    ref_vals, ref_idx = jax.lax.top_k(jnp.asarray(h_log_softmax_ref(x, *params, n_outputs)), 4)
+    f = jax.jit(lambda x, p: h_softmax_top_k(x, p, 4, n_outputs=n_outputs, classes_per_step=1))
+    vals, idx = f(x, params)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))
+    np.testing.assert_allclose(np64(vals), np64(ref_vals), rtol=1e-12)
+    text = str(jax.make_jaxpr(f)(x, params))
+    assert "while" in text
+    # A search for decoding: differentiating through it gives zeros, not an error.
+    g = jax.grad(lambda p: jnp.sum(f(x, p)[0]))(params)
+    assert all(float(jnp.abs(leaf).max()) == 0.0 for leaf in g)
+
+
 def test_top_k_exact_never_materialises_all_outputs():
     """No intermediate of the exact search holds every output of an example."""
     C, P, n_outputs = 8, 6, 45
