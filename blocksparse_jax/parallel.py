@@ -33,6 +33,8 @@ Works on any ``jax.sharding.Mesh`` - CPU, GPU, TPU, one host or many - with
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -43,6 +45,7 @@ from jax.typing import ArrayLike
 from blocksparse_jax import _blocksparse as _bs
 from blocksparse_jax import _checks
 from blocksparse_jax import _hsoftmax as _hs
+from blocksparse_jax._execute import varying_axes
 from blocksparse_jax._hsoftmax import HSoftmaxParams
 
 __all__ = [
@@ -96,14 +99,6 @@ def _place(mesh: Mesh, x: jax.Array, spec: P) -> jax.Array:
     return x
 
 
-def _varying_axes(x) -> frozenset:
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
 def _vary(axes: tuple, *xs):
     """Marks each ``x`` as varying over all ``axes`` inside ``shard_map``.
 
@@ -115,7 +110,7 @@ def _vary(axes: tuple, *xs):
     """
     out = []
     for x in xs:
-        missing = tuple(a for a in axes if a not in _varying_axes(x))
+        missing = tuple(a for a in axes if a not in varying_axes(x))
         out.append(lax.pcast(x, missing, to="varying") if missing else x)
     return out[0] if len(out) == 1 else tuple(out)
 
@@ -173,7 +168,7 @@ def _asarrays(**kw):
 # --------------------------------------------------------------------------------------
 
 
-def _gemv_like(o, W, h, input_idx, output_idx, bias, *, mesh, data_axis, model_axis):
+def _gemv_like(o, W, h, input_idx, output_idx, bias, *, mesh, data_axis, model_axis, strategy):
     """Shared body of gemv (``bias is None``, adds ``o``) and dot (adds ``bias[output_idx]``)."""
     i_blocks, o_blocks, _, o_size = W.shape
     _check_divisible(
@@ -196,10 +191,12 @@ def _gemv_like(o, W, h, input_idx, output_idx, bias, *, mesh, data_axis, model_a
         W, h = _vary(axes, W, h)
         if bias:
             (b,) = bias
-            part = _bs.sparse_block_dot(W, h, ii, _vary(axes, b.astype(acc)), loc)
+            part = _bs.sparse_block_dot(
+                W, h, ii, _vary(axes, b.astype(acc)), loc, strategy=strategy
+            )
         else:
             zeros = _vary(axes, jnp.zeros((*loc.shape, o_size), acc))
-            part = _bs.sparse_block_gemv(zeros, W, h, ii, loc)
+            part = _bs.sparse_block_gemv(zeros, W, h, ii, loc, strategy=strategy)
         return part if model_axis is None else lax.psum(part, model_axis)
 
     d, m = data_axis, model_axis
@@ -225,6 +222,7 @@ def sparse_block_gemv(
     mesh: Mesh,
     data_axis: str | None = "data",
     model_axis: str | None = "model",
+    strategy: str = "auto",
 ) -> jax.Array:
     r""":func:`blocksparse_jax.sparse_block_gemv` with the batch and ``W``'s output blocks sharded.
 
@@ -250,6 +248,8 @@ def sparse_block_gemv(
       mesh: the ``jax.sharding.Mesh`` to run on.
       data_axis: mesh axis the batch is split over (``None``: not split).
       model_axis: mesh axis ``o_blocks`` is split over (``None``: not split).
+      strategy: the single-device op's execution strategy, applied to each
+        shard's local problem (``"auto"`` decides from the per-shard shapes).
 
     Returns:
       ``(batch, o_win, o_size)`` in ``o``'s dtype, sharded over ``data_axis``.
@@ -274,13 +274,22 @@ def sparse_block_gemv(
         o=o, W=W, h=h, input_idx=input_idx, output_idx=output_idx
     )
     _validate_op(
-        _bs.sparse_block_gemv,
+        functools.partial(_bs.sparse_block_gemv, strategy=strategy),
         (o, W, h, input_idx, output_idx),
         _index_checks(W.shape, input_idx, output_idx),
     )
     _require_batched("h", h, "(batch, i_win, i_size)")
     return _gemv_like(
-        o, W, h, input_idx, output_idx, None, mesh=mesh, data_axis=data_axis, model_axis=model_axis
+        o,
+        W,
+        h,
+        input_idx,
+        output_idx,
+        None,
+        mesh=mesh,
+        data_axis=data_axis,
+        model_axis=model_axis,
+        strategy=strategy,
     )
 
 
@@ -301,6 +310,7 @@ def sparse_block_dot(
     mesh: Mesh,
     data_axis: str | None = "data",
     model_axis: str | None = "model",
+    strategy: str = "auto",
 ) -> jax.Array:
     r""":func:`blocksparse_jax.sparse_block_dot` with the batch and the output blocks sharded.
 
@@ -320,13 +330,22 @@ def sparse_block_dot(
         W=W, h=h, input_idx=input_idx, b=b, output_idx=output_idx
     )
     _validate_op(
-        _bs.sparse_block_dot,
+        functools.partial(_bs.sparse_block_dot, strategy=strategy),
         (W, h, input_idx, b, output_idx),
         _index_checks(W.shape, input_idx, output_idx),
     )
     _require_batched("h", h, "(batch, i_win, i_size)")
     return _gemv_like(
-        None, W, h, input_idx, output_idx, b, mesh=mesh, data_axis=data_axis, model_axis=model_axis
+        None,
+        W,
+        h,
+        input_idx,
+        output_idx,
+        b,
+        mesh=mesh,
+        data_axis=data_axis,
+        model_axis=model_axis,
+        strategy=strategy,
     )
 
 
@@ -341,6 +360,7 @@ def sparse_block_outer(
     mesh: Mesh,
     data_axis: str | None = "data",
     model_axis: str | None = "model",
+    strategy: str = "auto",
 ) -> jax.Array:
     r""":func:`blocksparse_jax.sparse_block_outer` with ``o``'s ``y_blocks`` and the batch sharded.
 
@@ -362,7 +382,7 @@ def sparse_block_outer(
     _check_mesh(mesh, data_axis, model_axis)
     o, x, y, x_idx, y_idx, alpha = _asarrays(o=o, x=x, y=y, x_idx=x_idx, y_idx=y_idx, alpha=alpha)
     _validate_op(
-        _bs.sparse_block_outer,
+        functools.partial(_bs.sparse_block_outer, strategy=strategy),
         (o, x, y, x_idx, y_idx, alpha),
         (("x_idx", x_idx, o.shape[0], "x_blocks"), ("y_idx", y_idx, o.shape[1], "y_blocks")),
     )
@@ -388,7 +408,7 @@ def sparse_block_outer(
         loc = _local_index(yi, y_blocks, yb_local, model_axis)
         zeros = jnp.zeros(o.shape, acc)
         zeros, x, y, alpha = _vary(axes, zeros, x, y, alpha)
-        upd = _bs.sparse_block_outer(zeros, x, y, xi, loc, alpha)
+        upd = _bs.sparse_block_outer(zeros, x, y, xi, loc, alpha, strategy=strategy)
         if data_axis is not None:
             upd = lax.psum(upd, data_axis)
         return (o.astype(acc) + upd).astype(o.dtype)
