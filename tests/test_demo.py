@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -160,6 +162,20 @@ def test_checkpoint_of_another_run(tiny_run, capsys, tmp_path):
     text, _, ckpt, _ = tiny_run
     argv = ["--text", str(text), "--out", str(tmp_path / "o"), "--checkpoint", str(ckpt)]
     _bad([*argv, "--batch-size", "16", "--seed", "3"], capsys, "batch_size 32 there, 16 now")
+
+
+def test_command_line_exit_code(tmp_path):
+    """The real ``python -m blocksparse_jax`` process: a bad option is exit code 2, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "blocksparse_jax", "demo", "--steps", "0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--steps: must be a positive integer, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_help_exits_zero(capsys):

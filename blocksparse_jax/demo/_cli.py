@@ -15,7 +15,7 @@ DEFAULTS = {
 }
 
 #: Model sizes (not options: the demo's point is the output layer).
-CONTEXT, EMBED, HIDDEN, LEARNING_RATE = 4, 64, 64, 3e-3
+CONTEXT, EMBED, HIDDEN, LEARNING_RATE = 4, 64, 64, 5e-3
 
 #: The largest h_softmax class, in units of an even split of the vocabulary.
 CLASS_SIZE_FACTOR = 1

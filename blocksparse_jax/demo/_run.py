@@ -139,7 +139,12 @@ def _run(args: argparse.Namespace) -> None:
     print(
         f"corpus: {corpus.source}: {corpus.n_files:,} files, {len(corpus.train):,} training and "
         f"{len(corpus.val):,} validation tokens (split {corpus.split}), "
-        f"{corpus.n_distinct:,} distinct, vocabulary {V:,} [{t_corpus:.1f} s]",
+        f"{corpus.n_distinct:,} distinct, vocabulary {V:,} [{t_corpus:.1f} s]"
+        + (
+            f"; skipped {corpus.n_skipped} files that are not UTF-8 text"
+            if corpus.n_skipped
+            else ""
+        ),
         flush=True,
     )
 
