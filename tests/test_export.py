@@ -88,6 +88,45 @@ def test_ops_and_gradients_export(problem, strategy):
     _export_and_check(ops_and_grads, p["o"], p["W"], p["b"], p["h"], p["g"], p["alpha"])
 
 
+def test_auto_strategy_exports_a_per_platform_choice():
+    """``strategy="auto"`` where the CPU choice is not ``gather``: ``lax.platform_dependent``.
+
+    The exported module carries a branch on the platform index, and its CPU
+    branch computes what the CPU strategy computes.
+    """
+    batch, i_blocks, o_blocks, i_win, o_win, i_size, o_size = 64, 2, 2, 4, 4, 8, 8
+    cpu_choice = _execute.choose_strategy(
+        batch=batch,
+        i_blocks=i_blocks,
+        o_blocks=o_blocks,
+        i_win=i_win,
+        o_win=o_win,
+        i_size=i_size,
+        o_size=o_size,
+        itemsize=8,
+    )
+    assert cpu_choice != "gather"
+    rng = np.random.default_rng(1)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape))
+    o, W, h = (
+        f(batch, o_win, o_size),
+        f(i_blocks, o_blocks, i_size, o_size),
+        f(batch, i_win, i_size),
+    )
+    ii = jnp.asarray(rng.integers(0, i_blocks, (batch, i_win)), jnp.int32)
+    oi = jnp.asarray(rng.integers(0, o_blocks, (batch, o_win)), jnp.int32)
+
+    def value_and_grads(o, W, h, strategy="auto"):
+        loss = lambda W, h: jnp.sum(bsj.sparse_block_gemv(o, W, h, ii, oi, strategy=strategy) ** 2)
+        return jax.value_and_grad(loss, argnums=(0, 1))(W, h)
+
+    exp = _export_and_check(value_and_grads, o, W, h)
+    assert "platform_index" in exp.mlir_module() and "stablehlo.case" in exp.mlir_module()
+    chex.assert_trees_all_close(
+        exp.call(o, W, h), jax.jit(value_and_grads, static_argnums=3)(o, W, h, cpu_choice), **TOL
+    )
+
+
 def test_second_order_gradient_exports(problem):
     p = problem
 
