@@ -8,7 +8,10 @@ For each vocabulary, the gradient (all weights and the input ``x``) of
 * the exact full-softmax cross-entropy over the same vocabulary
   (``logits = x @ W + b``, ``mean(logsumexp(logits) - logits[target])``),
 
-same batch, width and dtype (float32).  Both are ``jax.jit``-compiled ahead of
+same batch, width and dtype (float32); and, for decoding, the exact top-10 of
+``h_softmax_top_k`` against ``lax.top_k`` of the full log-softmax (at
+initialisation, where the hierarchical model is least confident and its search
+visits the most classes).  All are ``jax.jit``-compiled ahead of
 time (compile time reported apart), warmed up, then timed as the median of
 ``--repeats`` calls, each ending in ``block_until_ready``; the speedup is
 full / hierarchical, measured in the same run.  Results are printed as a table
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blocksparse_jax import h_softmax_init, h_softmax_loss
+from blocksparse_jax import h_softmax_init, h_softmax_loss, h_softmax_top_k
 
 # name: (vocab, batch, width)
 CASES = {
@@ -39,6 +42,7 @@ CASES = {
     "V600000_b256_w128": (600_000, 256, 128),
 }
 QUICK = {"V4096_b64_w32": (4_096, 64, 32)}
+TOP_K = 10
 
 
 def full_softmax_loss(W, b, x, target):
@@ -99,6 +103,12 @@ def run_case(name, vocab, batch, width, *, warmup, repeats):
     )
     full_loss = float(jax.jit(full_softmax_loss)(W, b, x, target))
 
+    def hs_top_k(params, x):
+        return h_softmax_top_k(x, params, TOP_K, n_outputs=vocab)
+
+    def full_top_k(W, b, x):
+        return jax.lax.top_k(jax.nn.log_softmax(jnp.dot(x, W) + b[None, :], axis=1), TOP_K)
+
     row = dict(
         case=name, vocab=vocab, batch=batch, width=width, dtype="float32",
         n_classes=n_classes, n_outputs_per_class=per_class,
@@ -107,6 +117,8 @@ def run_case(name, vocab, batch, width, *, warmup, repeats):
     for label, f, args in (
         ("hsoftmax", hs_grad, (params, x, target)),
         ("full", full_grad, (W, b, x, target)),
+        ("hsoftmax_topk", hs_top_k, (params, x)),
+        ("full_topk", full_top_k, (W, b, x)),
     ):
         compiled, csec, temp = compile_fn(f, args)
         med, times = time_fn(compiled, args, warmup=warmup, repeats=repeats)
@@ -116,6 +128,7 @@ def run_case(name, vocab, batch, width, *, warmup, repeats):
         row[f"{label}_temp_mb"] = temp / 2**20
         del compiled
     row["speedup"] = row["full_ms"] / row["hsoftmax_ms"]
+    row["topk_speedup"] = row["full_topk_ms"] / row["hsoftmax_topk_ms"]
     return row
 
 
@@ -134,7 +147,8 @@ def main(argv=None):
     )
     header = (
         f"{'case':20} {'classes x slots':>15} {'h-softmax ms':>13} {'full ms':>10} "
-        f"{'speedup':>8} {'compile s (hs/full)':>20} {'temp MB (hs/full)':>18}"
+        f"{'speedup':>8} {'compile s (hs/full)':>20} {'temp MB (hs/full)':>18} "
+        f"{'top-10 ms (hs/full)':>20} {'speedup':>8}"
     )
     print(header)
     rows = []
@@ -146,7 +160,8 @@ def main(argv=None):
         mem = f"{r['hsoftmax_temp_mb']:.0f}/{r['full_temp_mb']:.0f}"
         print(
             f"{name:20} {grid:>15} {r['hsoftmax_ms']:13.1f} {r['full_ms']:10.1f} "
-            f"{r['speedup']:7.1f}x {comp:>20} {mem:>18}",
+            f"{r['speedup']:7.1f}x {comp:>20} {mem:>18} "
+            f"{r['hsoftmax_topk_ms']:9.1f}/{r['full_topk_ms']:<10.1f} {r['topk_speedup']:7.1f}x",
             flush=True,
         )
     result = dict(

@@ -27,6 +27,10 @@ Two families live here:
   float16/bfloat16 inputs in float32.  ``class_sizes=`` describes classes of
   uneven size, as built by :func:`frequency_classes`.
 
+Every public function validates shapes, dtypes and (when they are concrete)
+target values eagerly, then runs its computation as one ``jax.jit`` cached per
+configuration, so an eager call is not dispatched op by op.
+
 Shape letters: ``batch``; ``n_in`` the input width; ``n_classes``;
 ``n_outputs_per_class``.
 """
