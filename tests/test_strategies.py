@@ -167,6 +167,29 @@ def test_low_precision(strategy, dtype):
     chex.assert_trees_all_close(np.asarray(dW, np.float64), want_dW, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("cpu_choice", ["loop", "grouped"])
+def test_auto_platform_dependent_under_transforms(monkeypatch, cpu_choice):
+    """``auto`` with a non-gather CPU choice (a ``platform_dependent``) under jit, vmap, grad of grad."""
+    monkeypatch.setattr(_execute, "choose_strategy", lambda **kw: cpu_choice)
+    p = _problem((5, 3, 4, 2, 2, 3, 2), seed=13)
+
+    @jax.jit
+    def run(W, o, h, ii, oi, g):
+        out = jax.vmap(sparse_block_gemv, in_axes=(0, None, 0, 0, 0))(o, W, h, ii, oi)
+        loss = lambda W, h: jnp.sum(jnp.sin(sparse_block_gemv(o, W, h, ii, oi)) * g)
+        dh2 = jax.grad(lambda W: jnp.sum(jax.grad(loss, 1)(W, h) ** 2))(W)
+        return out, jax.grad(loss, (0, 1))(W, h), dh2
+
+    def plain(W, o, h, ii, oi, g):
+        out = _gemv_autodiff(o, W, h, ii, oi)
+        loss = lambda W, h: jnp.sum(jnp.sin(_gemv_autodiff(o, W, h, ii, oi)) * g)
+        dh2 = jax.grad(lambda W: jnp.sum(jax.grad(loss, 1)(W, h) ** 2))(W)
+        return out, jax.grad(loss, (0, 1))(W, h), dh2
+
+    args = (p["W"], p["o"], p["h"], p["ii"], p["oi"], p["g"])
+    chex.assert_trees_all_close(run(*args), jax.jit(plain)(*args), rtol=1e-10, atol=1e-10)
+
+
 def test_auto_matches_reference():
     p = _problem((9, 3, 4, 2, 3, 2, 5), seed=12)
     out = jax.jit(sparse_block_gemv)(p["o"], p["W"], p["h"], p["ii"], p["oi"])
