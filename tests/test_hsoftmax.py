@@ -135,6 +135,49 @@ def test_h_softmax_bad_shapes(change, match):
         h_softmax(**args)
 
 
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda x, p: h_log_softmax(x[:, :3], p, n_outputs=10),
+            r"x must have shape \(batch, n_in\) with n_in=5",
+        ),
+        (
+            lambda x, p: h_log_softmax(x[None], p, n_outputs=10),
+            r"x must be 2-D \(batch, n_in\) or, for one",
+        ),
+        (lambda x, p: h_log_softmax(x, p, n_outputs=13), r"n_outputs must be in .* = \[1, 12\]"),
+        (
+            lambda x, p: h_log_softmax(x, p, jnp.zeros((3,), jnp.int32), n_outputs=10),
+            r"target must have shape \(batch,\) or \(batch, 1\) with batch=4",
+        ),
+        (
+            lambda x, p: h_log_softmax(x, p, n_outputs=10, class_sizes=jnp.ones((4,), jnp.int32)),
+            r"class_sizes must have shape \(n_classes,\) = \(3,\)",
+        ),
+        (
+            lambda x, p: h_log_softmax(x, p, n_outputs=12, class_sizes=jnp.array([1, 5, 2])),
+            r"class_sizes must lie in \[0, n_outputs_per_class\] = \[0, 4\]",
+        ),
+        (
+            lambda x, p: h_log_softmax(x, p._replace(b2=p.b2[:, :3]), n_outputs=10),
+            r"b2 must have shape \(n_classes, n_outputs_per_class\) = \(3, 4\)",
+        ),
+        (
+            lambda x, p: h_softmax_sample(jax.random.key(0), x, p, n_outputs=0),
+            r"n_outputs must be in .* = \[1, 12\]",
+        ),
+        (
+            lambda x, p: h_softmax_top_k(x, p, 2, n_outputs=10, approximate=True, n_best_classes=4),
+            r"n_best_classes must be in \[1, n_classes\] = \[1, 3\]",
+        ),
+    ],
+)
+def test_log_space_bad_shapes(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(make_x(), make_params(3, 4))
+
+
 def test_bad_dtypes():
     params, x = make_params(3, 4), make_x()
     with pytest.raises(TypeError, match="target must be an array of integer"):
