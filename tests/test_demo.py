@@ -198,3 +198,35 @@ def test_tokenizer_and_stdlib_discovery():
     rel = [os.path.relpath(f, root).split(os.sep) for f in files]
     assert not any({"test", "tests", "idle_test", "site-packages"} & set(r[:-1]) for r in rel)
     assert ["os.py"] in rel and all(r[-1].endswith(".py") for r in rel)
+
+
+def test_model_maps_words_and_outputs_consistently():
+    """top_k / sample return word ids (never padding) whose NLL matches the top-k log-probs."""
+    import jax
+    import jax.numpy as jnp
+
+    from blocksparse_jax import frequency_classes
+    from blocksparse_jax.demo import _model
+
+    counts = np.array([500, 3, 90, 40, 40, 7, 1, 2, 300, 12, 5, 60, 1], dtype=np.int64)
+    V = counts.size
+    layout = frequency_classes(counts, 4, max_class_size=-(-V // 4))
+    assert layout.n_outputs > V  # there is padding to map around
+    cfg = _model.ModelConfig(V, 3, 8, 16)
+    params = _model.init_params(jax.random.key(0), cfg, "hsoftmax", layout)
+    out = _model.Output.hsoftmax(layout)
+    ctx = jax.random.randint(jax.random.key(1), (6, 3), 0, V, dtype=jnp.int32)
+
+    @jax.jit  # one compilation instead of many eager ops
+    def check(params, ctx):
+        logp, words = _model.top_k(params, out, ctx, V)
+        nll = _model.nll(params, out, jnp.repeat(ctx, V, axis=0), words.reshape(-1))
+        return logp, words, nll, _model.sample(jax.random.key(2), params, out, ctx)
+
+    logp, words, nll, drawn = check(params, ctx)
+    assert words.dtype == jnp.int32 and bool(jnp.all((words >= 0) & (words < V)))
+    # every word once per row, each with its exact log-probability
+    assert all(sorted(row) == list(range(V)) for row in np.asarray(words).tolist())
+    np.testing.assert_allclose(-np.asarray(nll), np.asarray(logp).reshape(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.exp(np.asarray(logp)).sum(axis=1), 1.0, rtol=1e-5)
+    assert drawn.shape == (6,) and bool(jnp.all((drawn >= 0) & (drawn < V)))
