@@ -174,8 +174,13 @@ def load_corpus(text: str | None, *, vocab_size: int | None = None, min_count: i
         if len(toks) > toks.count(NEWLINE):  # not blank
             docs.append(toks)
     if not docs:
+        if text is None:
+            raise CorpusError(
+                f"{source}: no Python source found (is the standard library installed "
+                "without its .py files?); give a text with --text PATH"
+            )
         what = "UTF-8 text" if skipped else "tokens"
-        raise CorpusError(f"--text {source!r}: the corpus is empty (no {what} found)")
+        raise CorpusError(f"--text {text!r}: the corpus is empty (no {what} found)")
 
     if len(docs) >= VAL_EVERY:
         split = "by file"
