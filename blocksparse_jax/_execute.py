@@ -352,6 +352,12 @@ def varying_axes(x) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))
 
 
+def vary_over(x, axes):
+    """``x`` cast to vary over every ``shard_map`` mesh axis in ``axes`` (a no-op for none)."""
+    missing = tuple(sorted(frozenset(axes) - varying_axes(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _carry(init, *refs):
     """``init`` cast to vary over the ``shard_map`` axes ``refs`` vary over.
 
@@ -359,11 +365,7 @@ def _carry(init, *refs):
     would be invariant while the body makes it vary.  Outside, a no-op.
     """
     axes = frozenset().union(*(varying_axes(r) for r in refs))
-    out = []
-    for x in init:
-        missing = tuple(sorted(axes - varying_axes(x)))
-        out.append(lax.pcast(x, missing, to="varying") if missing else x)
-    return tuple(out)
+    return tuple(vary_over(x, axes) for x in init)
 
 
 def _block(W, r, c):

@@ -45,7 +45,7 @@ from jax.typing import ArrayLike
 from blocksparse_jax import _blocksparse as _bs
 from blocksparse_jax import _checks
 from blocksparse_jax import _hsoftmax as _hs
-from blocksparse_jax._execute import varying_axes
+from blocksparse_jax._execute import vary_over
 from blocksparse_jax._hsoftmax import HSoftmaxParams
 
 __all__ = [
@@ -108,11 +108,8 @@ def _vary(axes: tuple, *xs):
     ``psum``: for a weight shard that is the data-parallel reduction of its own
     blocks' gradient, for the activations the sum over the model shards.
     """
-    out = []
-    for x in xs:
-        missing = tuple(a for a in axes if a not in varying_axes(x))
-        out.append(lax.pcast(x, missing, to="varying") if missing else x)
-    return out[0] if len(out) == 1 else tuple(out)
+    out = tuple(vary_over(x, axes) for x in xs)
+    return out[0] if len(out) == 1 else out
 
 
 def _shard_map(mesh, body, in_specs, out_specs, args):
@@ -126,8 +123,7 @@ def _local_index(idx: jax.Array, n: int, n_local: int, model_axis) -> jax.Array:
     """Global block indices -> this model shard's local ones; ``n_local`` (out of range) elsewhere.
 
     ``idx`` may hold negative (from the end) and, under ``jit``, out-of-range
-    entries; it is normalised as the core ops do (with the probe that
-    ``checkify.index_checks`` reports).  The core ops treat an out-of-range index
+    entries; it is normalised as the core ops do.  The core ops treat an out-of-range index
     under tracing as selecting nothing, so an index owned by another shard, or
     invalid, contributes nothing here.
     """
@@ -170,7 +166,7 @@ def _asarrays(**kw):
 
 def _gemv_like(o, W, h, input_idx, output_idx, bias, *, mesh, data_axis, model_axis, strategy):
     """Shared body of gemv (``bias is None``, adds ``o``) and dot (adds ``bias[output_idx]``)."""
-    i_blocks, o_blocks, _, o_size = W.shape
+    _, o_blocks, _, o_size = W.shape
     _check_divisible(
         "o_blocks (W.shape[1])",
         o_blocks,
@@ -387,7 +383,7 @@ def sparse_block_outer(
         (("x_idx", x_idx, o.shape[0], "x_blocks"), ("y_idx", y_idx, o.shape[1], "y_blocks")),
     )
     _require_batched("x", x, "(batch, x_win, x_size)")
-    x_blocks, y_blocks = o.shape[:2]
+    y_blocks = o.shape[1]
     _check_divisible(
         "y_blocks (o.shape[1])",
         y_blocks,
