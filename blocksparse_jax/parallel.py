@@ -530,10 +530,9 @@ def _hs_log_probs(x, params, target, *, n_outputs, class_sizes, mesh, data_axis,
         # moves log-probabilities, never weights).
         return _place(mesh, out, P(d))[:, :n_outputs]
     t = _hs._check_target(target, batch, n_outputs, batched=True)
-    value = _checks.concrete_value(t)
-    if value is not None:  # eager: out-of-range and padded-slot targets raise IndexError
-        _hs._normalize_target(jnp.asarray(value), n_outputs)
-        _hs._check_padding_target(value, prob.class_sizes, per_class)
+    # Concrete targets: out-of-range and padded-slot ones raise IndexError (no-ops when traced).
+    _hs._check_target_values(t, n_outputs)
+    _hs._check_padding_target(t, prob.class_sizes, per_class)
     return _shard_map(mesh, target_body, [*specs, P(d)], P(d), [*args, t])
 
 
