@@ -437,11 +437,15 @@ def plot(results, path):
     regimes = list(results["regimes"])
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, mode in zip(axes, MODES, strict=True):
-        impls = []
-        for reg in results["regimes"].values():
-            for k, r in reg["modes"][mode]["impls"].items():
-                if "median_s" in r and k not in impls:
-                    impls.append(k)
+        order = ["auto", *STRATEGIES, "naive", "torch", "numpy"]
+        impls = [
+            k
+            for k in order
+            if any(
+                "median_s" in reg["modes"][mode]["impls"].get(k, {})
+                for reg in results["regimes"].values()
+            )
+        ]
         width = 0.8 / max(len(impls), 1)
         for n, k in enumerate(impls):
             ys = []
@@ -462,7 +466,11 @@ def plot(results, path):
         ax.set_yscale("log")
         ax.set_xticks(np.arange(len(regimes)) + 0.4 - width / 2)
         ax.set_xticklabels(
-            [f"{r}\n{tuple(results['regimes'][r]['shape'])}" for r in regimes], fontsize=7
+            [
+                f"{r}\n{tuple(results['regimes'][r]['shape'][:3])}\n{tuple(results['regimes'][r]['shape'][3:])}"
+                for r in regimes
+            ],
+            fontsize=7,
         )
         ax.set_ylabel("median ms (log)")
         ax.set_title(f"sparse_block_gemv {mode}, float32")
