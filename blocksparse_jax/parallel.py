@@ -113,26 +113,31 @@ def _vary(axes: tuple, *xs):
 
 
 def _shard_map(mesh, body, in_specs, out_specs, args):
-    """``shard_map(body)(*args)``, jitted: an eager ``shard_map`` would compile op by op."""
+    """``shard_map(body)(*args)``, jitted.
+
+    The outer ``jit``: an eager ``shard_map`` would compile op by op.  The inner
+    one: ``checkify`` instruments a ``shard_map`` whose body is a ``jit`` call
+    (with the bare body, JAX 0.10's checkify rule for ``shard_map`` fails).
+    """
     args = [_place(mesh, a, s) for a, s in zip(args, in_specs, strict=True)]
-    f = jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)
+    f = jax.shard_map(jax.jit(body), mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)
     return jax.jit(f)(*args)
 
 
-def _local_index(idx: jax.Array, n: int, n_local: int, model_axis) -> jax.Array:
-    """Global block indices -> this model shard's local ones; ``n_local`` (out of range) elsewhere.
+def _local_index(idx: jax.Array, n: int, n_local: int, model_axis) -> tuple[jax.Array, jax.Array]:
+    """Global block indices -> ``(local index, mine)`` on this model shard.
 
     ``idx`` may hold negative (from the end) and, under ``jit``, out-of-range
-    entries; it is normalised as the core ops do.  The core ops treat an out-of-range index
-    under tracing as selecting nothing, so an index owned by another shard, or
-    invalid, contributes nothing here.
+    entries; it is normalised as the core ops do (its probe is what
+    ``checkify.index_checks`` reports).  ``mine`` is ``False`` for an index
+    another shard owns, or an invalid one; its local index is then 0, a valid
+    block, and the caller zeroes that slot's contribution (an out-of-range
+    sentinel would make checkify report every other shard's index).
     """
     safe, valid = _checks.normalize_index(idx, n)
-    if model_axis is None:
-        return jnp.where(valid, safe, n_local)
-    local = safe - lax.axis_index(model_axis) * n_local
+    local = safe if model_axis is None else safe - lax.axis_index(model_axis) * n_local
     mine = valid & (local >= 0) & (local < n_local)
-    return jnp.where(mine, local, n_local)
+    return jnp.where(mine, local, 0), mine
 
 
 def _validate_op(fn, args, index_checks) -> None:
@@ -183,7 +188,7 @@ def _gemv_like(o, W, h, input_idx, output_idx, bias, *, mesh, data_axis, model_a
     axes = tuple(a for a in (data_axis, model_axis) if a is not None)
 
     def body(W, h, ii, oi, *bias):
-        loc = _local_index(oi, o_blocks, ob_local, model_axis)
+        loc, mine = _local_index(oi, o_blocks, ob_local, model_axis)
         W, h = _vary(axes, W, h)
         if bias:
             (b,) = bias
@@ -193,6 +198,8 @@ def _gemv_like(o, W, h, input_idx, output_idx, bias, *, mesh, data_axis, model_a
         else:
             zeros = _vary(axes, jnp.zeros((*loc.shape, o_size), acc))
             part = _bs.sparse_block_gemv(zeros, W, h, ii, loc, strategy=strategy)
+        # Slots this shard does not own contribute nothing (and get a zero cotangent).
+        part = jnp.where(mine[..., None], part, jnp.zeros((), part.dtype))
         return part if model_axis is None else lax.psum(part, model_axis)
 
     d, m = data_axis, model_axis
@@ -401,7 +408,8 @@ def sparse_block_outer(
     axes = tuple(a for a in (data_axis, model_axis) if a is not None)
 
     def body(o, x, y, xi, yi, alpha):
-        loc = _local_index(yi, y_blocks, yb_local, model_axis)
+        loc, mine = _local_index(yi, y_blocks, yb_local, model_axis)
+        y = jnp.where(mine[..., None], y, jnp.zeros((), y.dtype))  # others' slots: no update
         zeros = jnp.zeros(o.shape, acc)
         zeros, x, y, alpha = _vary(axes, zeros, x, y, alpha)
         upd = _bs.sparse_block_outer(zeros, x, y, xi, loc, alpha, strategy=strategy)
@@ -503,15 +511,16 @@ def _hs_log_probs(x, params, target, *, n_outputs, class_sizes, mesh, data_axis,
         classes, slots = t // per_class, t % per_class
         local = classes - first_class()
         mine = (local >= 0) & (local < c_local)
-        # Another shard's class is out of range here: its block-sparse dot gives 0
-        # and reads (and differentiates) no block of this shard's W2.
+        # For a class another shard owns, class 0 stands in; ``part`` below drops it, so
+        # this shard's W2 gets a zero gradient from it.
+        local = jnp.where(mine, local, 0)
         xv, W2v, b2v = _vary(axes, x, W2, b2)
-        act = _hs._target_activations(xv, W2v, b2v, jnp.where(mine, local, c_local), acc)
+        act = _hs._target_activations(xv, W2v, b2v, local, acc)
         slot_ok = _hs._slot_valid(classes, per_class, n_outputs, sizes)
         slot_logp = jnp.take_along_axis(
             _hs._masked_log_softmax(act, slot_ok), slots[:, None], axis=1
         )[:, 0]
-        class_logit = jnp.take_along_axis(logits, jnp.where(mine, local, 0)[:, None], axis=1)
+        class_logit = jnp.take_along_axis(logits, local[:, None], axis=1)
         part = jnp.where(mine, class_logit[:, 0] + slot_logp, jnp.zeros((), acc))
         if model_axis is not None:
             part = lax.psum(part, model_axis)

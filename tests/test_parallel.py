@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -343,6 +344,32 @@ def test_every_strategy_runs_sharded(strategy):
     got = loss(par, dict(mesh=mesh, strategy=strategy))
     want = loss(single, dict(strategy="gather"))
     chex.assert_trees_all_close(jax.device_get(got), jax.device_get(want), **TOL)
+
+
+def test_checkify_reports_out_of_range_indices():
+    """``checkify.index_checks`` sees through the parallel functions (``Auto`` mesh axes).
+
+    Only genuinely out-of-range indices are reported, not the indices of blocks
+    another shard owns.
+    """
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    p = PROBLEM
+    params = parallel.shard_params(p["params"], mesh)
+
+    def check(f, *args):
+        err, _ = checkify.checkify(jax.jit(f), errors=checkify.index_checks)(*args)
+        return err.get()
+
+    gemv = lambda oi: parallel.sparse_block_gemv(p["o"], p["W"], p["h"], p["ii"], oi, mesh=mesh)
+    assert check(gemv, p["oi"]) is None
+    assert "index 8 is out of bounds for axis 0 with size 8" in check(
+        gemv, p["oi"].at[5, 1].set(OB)
+    )
+    hs = lambda t: parallel.h_log_softmax(p["x"], params, t, n_outputs=N_OUT, mesh=mesh)
+    assert check(hs, p["target"]) is None
+    assert "index 23 is out of bounds for axis 0 with size 23" in check(
+        hs, p["target"].at[1].set(N_OUT)
+    )
 
 
 # --------------------------------------------------------------------------------------
