@@ -11,8 +11,8 @@ autograd (skipped, with a line saying so, when torch is not installed) and the
 NumPy loop reference (where it finishes in reasonable time).
 
 Steady-state medians are measured after warm-up, every call ending in
-``block_until_ready``, with the implementations timed round-robin so that
-load on the machine hits them alike; compile time and XLA's compiled temp
+``block_until_ready``, with the implementations timed round-robin (in a new
+random order each round) so that load on the machine hits them alike; compile time and XLA's compiled temp
 memory (``memory_analysis().temp_size_in_bytes``) are reported apart.  The
 bandwidth bound - bytes of the distinct blocks touched plus the inputs and
 outputs, over the machine's memory bandwidth - uses a bandwidth measured in
@@ -272,8 +272,12 @@ def run_regime(name, shape, impls, *, repeats, warmup, bandwidth, has_torch, thr
                 r()
             if time.perf_counter() - t0 > 5.0:
                 slow.add(k)
+        order = list(runners)
+        rng = np.random.default_rng(0)
         for rep in range(repeats):
-            for k, r in runners.items():
+            rng.shuffle(order)  # a new order each round: no implementation always follows another
+            for k in order:
+                r = runners[k]
                 if k in slow and rep >= 1:
                     continue
                 t0 = time.perf_counter()
@@ -330,7 +334,7 @@ def markdown(results) -> str:
         f"preallocated buffer (used for the bound); {bw['jax_copy'] / 1e9:.1f} GB/s for a jitted "
         "copy into a fresh XLA buffer (first-touch page faults).",
         f"Mode: {'quick (scaled-down shapes)' if results['quick'] else 'full'}; medians of "
-        f"{results['repeats']} round-robin runs after warm-up.",
+        f"{results['repeats']} round-robin runs (shuffled each round) after warm-up.",
         "",
     ]
     for mode in MODES:
