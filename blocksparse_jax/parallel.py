@@ -160,17 +160,30 @@ def _require_batched(name: str, x: jax.Array, desc: str) -> None:
         )
 
 
-def _asarrays(**kw):
-    return [_bs._as_array(k, v) for k, v in kw.items()]
-
-
 # --------------------------------------------------------------------------------------
 # The block-sparse ops.
 # --------------------------------------------------------------------------------------
 
 
-def _gemv_like(o, W, h, input_idx, output_idx, bias, *, mesh, data_axis, model_axis, strategy):
-    """Shared body of gemv (``bias is None``, adds ``o``) and dot (adds ``bias[output_idx]``)."""
+def _gemv_like(single, args: dict, *, mesh, data_axis, model_axis, strategy):
+    """Shared body of gemv (adds ``o``) and dot (adds ``b[output_idx]``).
+
+    ``single`` is the single-device op and ``args`` its arguments by name, in
+    its order; its own checks run first, with the same messages.
+    """
+    _check_mesh(mesh, data_axis, model_axis)
+    args = {k: _bs._as_array(k, v) for k, v in args.items()}
+    W, h, input_idx, output_idx = (args[k] for k in ("W", "h", "input_idx", "output_idx"))
+    o, bias = args.get("o"), args.get("b")
+    _validate_op(
+        functools.partial(single, strategy=strategy),
+        tuple(args.values()),
+        (
+            ("input_idx", input_idx, W.shape[0], "i_blocks"),
+            ("output_idx", output_idx, W.shape[1], "o_blocks"),
+        ),
+    )
+    _require_batched("h", h, "(batch, i_win, i_size)")
     _, o_blocks, _, o_size = W.shape
     _check_divisible(
         "o_blocks (W.shape[1])",
@@ -203,12 +216,12 @@ def _gemv_like(o, W, h, input_idx, output_idx, bias, *, mesh, data_axis, model_a
         return part if model_axis is None else lax.psum(part, model_axis)
 
     d, m = data_axis, model_axis
-    args = [W, h, input_idx, output_idx]
+    operands = [W, h, input_idx, output_idx]
     specs = [P(None, m), P(d), P(d), P(d)]
     if bias is not None:
-        args.append(bias)
+        operands.append(bias)
         specs.append(P(m))
-    part = _shard_map(mesh, body, specs, P(d), args)
+    part = _shard_map(mesh, body, specs, P(d), operands)
     if bias is not None:
         return part.astype(bias.dtype)
     o = _place(mesh, o, P(d))
@@ -272,34 +285,13 @@ def sparse_block_gemv(
       Array([[3., 3.],
              [3., 3.]], dtype=float32)
     """
-    _check_mesh(mesh, data_axis, model_axis)
-    o, W, h, input_idx, output_idx = _asarrays(
-        o=o, W=W, h=h, input_idx=input_idx, output_idx=output_idx
-    )
-    _validate_op(
-        functools.partial(_bs.sparse_block_gemv, strategy=strategy),
-        (o, W, h, input_idx, output_idx),
-        _index_checks(W.shape, input_idx, output_idx),
-    )
-    _require_batched("h", h, "(batch, i_win, i_size)")
     return _gemv_like(
-        o,
-        W,
-        h,
-        input_idx,
-        output_idx,
-        None,
+        _bs.sparse_block_gemv,
+        dict(o=o, W=W, h=h, input_idx=input_idx, output_idx=output_idx),
         mesh=mesh,
         data_axis=data_axis,
         model_axis=model_axis,
         strategy=strategy,
-    )
-
-
-def _index_checks(w_shape, input_idx, output_idx):
-    return (
-        ("input_idx", input_idx, w_shape[0], "i_blocks"),
-        ("output_idx", output_idx, w_shape[1], "o_blocks"),
     )
 
 
@@ -328,23 +320,9 @@ def sparse_block_dot(
     Returns:
       ``(batch, o_win, o_size)`` in ``b``'s dtype, sharded over ``data_axis``.
     """
-    _check_mesh(mesh, data_axis, model_axis)
-    W, h, input_idx, b, output_idx = _asarrays(
-        W=W, h=h, input_idx=input_idx, b=b, output_idx=output_idx
-    )
-    _validate_op(
-        functools.partial(_bs.sparse_block_dot, strategy=strategy),
-        (W, h, input_idx, b, output_idx),
-        _index_checks(W.shape, input_idx, output_idx),
-    )
-    _require_batched("h", h, "(batch, i_win, i_size)")
     return _gemv_like(
-        None,
-        W,
-        h,
-        input_idx,
-        output_idx,
-        b,
+        _bs.sparse_block_dot,
+        dict(W=W, h=h, input_idx=input_idx, b=b, output_idx=output_idx),
         mesh=mesh,
         data_axis=data_axis,
         model_axis=model_axis,
@@ -383,7 +361,10 @@ def sparse_block_outer(
       ``(x_blocks, y_blocks, x_size, y_size)`` in ``o``'s dtype, sharded like ``o``.
     """
     _check_mesh(mesh, data_axis, model_axis)
-    o, x, y, x_idx, y_idx, alpha = _asarrays(o=o, x=x, y=y, x_idx=x_idx, y_idx=y_idx, alpha=alpha)
+    names = ("o", "x", "y", "x_idx", "y_idx", "alpha")
+    o, x, y, x_idx, y_idx, alpha = (
+        _bs._as_array(n, a) for n, a in zip(names, (o, x, y, x_idx, y_idx, alpha), strict=True)
+    )
     _validate_op(
         functools.partial(_bs.sparse_block_outer, strategy=strategy),
         (o, x, y, x_idx, y_idx, alpha),
@@ -637,10 +618,11 @@ def h_softmax_loss(
       >>> import blocksparse_jax as bsj
       >>> from blocksparse_jax import parallel
       >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
-      >>> params = parallel.shard_params(bsj.h_softmax_init(jax.random.key(0), 8, 100), mesh)
+      >>> params = bsj.h_softmax_init(jax.random.key(0), 8, 100)
+      >>> sharded = parallel.shard_params(params, mesh)
       >>> x = jax.random.normal(jax.random.key(1), (4, 8))
       >>> target = jnp.array([1, 42, 99, 7])
-      >>> loss = parallel.h_softmax_loss(x, params, target, n_outputs=100, mesh=mesh)
+      >>> loss = parallel.h_softmax_loss(x, sharded, target, n_outputs=100, mesh=mesh)
       >>> bool(jnp.allclose(loss, bsj.h_softmax_loss(x, params, target, n_outputs=100)))
       True
     """
