@@ -108,6 +108,7 @@ def _outer_fwd(o, x, y, x_idx, y_idx, alpha, strategy):
 
 def _outer_bwd(strategy, res, G):
     x, y, x_idx, y_idx, alpha = res
+    alpha = jnp.asarray(alpha)  # a Python-float alpha may arrive as a JAX scalar wrapper
     acc = _checks.accumulation_dtype(x.dtype, y.dtype, G.dtype)
     # d/dy[b, j] = alpha * sum_i x[b, i] @ G[xi, yi];  d/dx[b, i] = alpha * sum_j G[xi, yi] @ y[b, j]
     gy = _gemv(jnp.zeros(y.shape, acc), G, x, x_idx, y_idx, False, strategy)
@@ -128,12 +129,13 @@ _W_DESC = "(i_blocks, o_blocks, i_size, o_size)"
 
 
 def _as_array(name: str, x) -> jax.Array:
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        try:
-            x = jnp.asarray(x)
-        except TypeError as e:
-            raise TypeError(f"{name} must be an array; got {type(x).__name__}") from e
-    return x
+    """``x`` as a JAX array (a no-op for arrays and tracers); a clear error otherwise."""
+    if isinstance(x, jax.Array):
+        return x
+    try:
+        return jnp.asarray(x)
+    except TypeError as e:
+        raise TypeError(f"{name} must be an array; got {type(x).__name__}") from e
 
 
 def _check_windowed(

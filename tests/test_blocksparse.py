@@ -252,6 +252,13 @@ def test_gemv_grads_order2(pattern):
     check_grads(f, (o, W, h), order=2, modes=["rev"])
 
 
+def test_grad_with_respect_to_a_python_float_alpha():
+    o, W, h, ii, oi = make_problem(SHAPES["general"], jnp.float64)
+    f = lambda a: jnp.sum(sparse_block_outer(jnp.zeros_like(W), h, o, ii, oi, a) ** 2)
+    # f(a) = a**2 f(1), so f'(1.5) = 3 f(1).
+    np.testing.assert_allclose(jax.grad(f)(1.5), 3 * f(1.0), rtol=1e-12)
+
+
 def test_outer_grads_order2():
     o, W, h, ii, oi = make_problem((2, 3, 4, 2, 2, 3, 2), jnp.float64, pattern="repeated")
     f = lambda W, h, o, alpha: sparse_block_outer(W, h, o, ii, oi, alpha)
