@@ -12,7 +12,8 @@ they differ in how they move memory:
 ``gather``
     Gather the selected blocks into a ``(chunk, i_win, o_win, i_size, o_size)``
     buffer and contract with one einsum, over chunks of the batch so that the
-    buffer never exceeds :data:`GATHER_BUDGET_BYTES`.  The weight update
+    buffer stays under :data:`GATHER_BUDGET_BYTES` (a chunk holds at least one
+    example).  The weight update
     scatter-adds the chunk's outer products.  Best on GPU/TPU and for tiny
     problems.
 ``loop``
