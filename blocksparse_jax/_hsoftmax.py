@@ -737,12 +737,23 @@ def h_softmax_loss(
       >>> jnp.flatnonzero(jnp.any(grads.W2 != 0, axis=(1, 2)))   # classes of 1, 42 and 99
       Array([0, 4, 9], dtype=int32)
     """
+    x = _as_array("x", x)
+    target, mask = _loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
+    logp = h_log_softmax(x, params, target, n_outputs=n_outputs, class_sizes=class_sizes)
+    return _reduce_nll(logp, mask, reduction)
+
+
+def _loss_target_and_mask(target, mask, reduction: str, *, batched: bool):
+    """Validates ``reduction`` and ``mask`` (default all ``True``) for a loss.
+
+    Returns ``(target, mask)`` with the masked targets replaced by 0: they may be
+    anything (a padding id such as -1) and must not reach the range checks.
+    """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
-    x = _as_array("x", x)
     target = _as_array("target", target)
     _checks.check_int("target", target)
-    shape = target.shape[:1] if x.ndim == 2 else ()
+    shape = target.shape[:1] if batched else ()
     if mask is None:
         mask = jnp.ones(shape, jnp.bool_)
     else:
@@ -754,13 +765,12 @@ def h_softmax_loss(
                 f"mask must have shape {'(batch,)' if shape else '()'} = {_shape(shape)} to "
                 f"match target of shape {_shape(target.shape)}; got shape {_shape(mask.shape)}"
             )
-    if target.ndim == 2 and shape:
-        keep = mask[:, None]
-    else:
-        keep = mask
-    # Masked targets may be anything (a padding id): replace them before they are checked.
-    target = jnp.where(keep, target, jnp.zeros((), target.dtype))
-    logp = h_log_softmax(x, params, target, n_outputs=n_outputs, class_sizes=class_sizes)
+    keep = mask.reshape(mask.shape + (1,) * (target.ndim - mask.ndim))
+    return jnp.where(keep, target, jnp.zeros((), target.dtype)), mask
+
+
+def _reduce_nll(logp: jax.Array, mask: jax.Array, reduction: str) -> jax.Array:
+    """``-logp`` where ``mask``, reduced: mean over the unmasked entries (0 if none), sum, none."""
     nll = jnp.where(mask, -logp, jnp.zeros((), logp.dtype))
     if reduction == "none":
         return nll

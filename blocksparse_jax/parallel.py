@@ -626,26 +626,8 @@ def h_softmax_loss(
       >>> bool(jnp.allclose(loss, bsj.h_softmax_loss(x, params, target, n_outputs=100)))
       True
     """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
     x = _bs._as_array("x", x)
-    target = _bs._as_array("target", target)
-    _checks.check_int("target", target)
-    shape = target.shape[:1]
-    if mask is None:
-        mask = jnp.ones(shape, jnp.bool_)
-    else:
-        mask = _bs._as_array("mask", mask)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"mask must be a bool array; got dtype {mask.dtype}")
-        if mask.shape != shape:
-            raise ValueError(
-                f"mask must have shape (batch,) = {_checks.shape_str(shape)} to match target of "
-                f"shape {_checks.shape_str(target.shape)}; got shape {_checks.shape_str(mask.shape)}"
-            )
-    # Masked targets may be anything (a padding id): replace them before they are checked.
-    keep = mask.reshape(mask.shape + (1,) * (target.ndim - 1))
-    target = jnp.where(keep, target, jnp.zeros((), target.dtype))
+    target, mask = _hs._loss_target_and_mask(target, mask, reduction, batched=True)
     logp = _hs_log_probs(
         x,
         params,
@@ -656,15 +638,7 @@ def h_softmax_loss(
         data_axis=data_axis,
         model_axis=model_axis,
     )
-    mask = _place(mesh, mask, P(data_axis))
-    nll = jnp.where(mask, -logp, jnp.zeros((), logp.dtype))
-    if reduction == "none":
-        return nll
-    total = jnp.sum(nll)
-    if reduction == "sum":
-        return total
-    count = jnp.sum(mask, dtype=jnp.int32).astype(total.dtype)
-    return total / jnp.maximum(count, jnp.ones((), total.dtype))
+    return _hs._reduce_nll(logp, _place(mesh, mask, P(data_axis)), reduction)
 
 
 def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") -> HSoftmaxParams:
