@@ -219,19 +219,9 @@ def choose_strategy(
     return min(est, key=est.get)
 
 
-def _resolve(strategy: str, *, batch, i_blocks, o_blocks, i_win, o_win, i_size, o_size, itemsize):
-    if strategy != "auto":
-        return strategy
-    return choose_strategy(
-        batch=batch,
-        i_blocks=i_blocks,
-        o_blocks=o_blocks,
-        i_win=i_win,
-        o_win=o_win,
-        i_size=i_size,
-        o_size=o_size,
-        itemsize=itemsize,
-    )
+def _resolve(strategy: str, **dims) -> str:
+    """``strategy`` itself, or for ``"auto"`` the CPU choice for these static shapes."""
+    return choose_strategy(**dims) if strategy == "auto" else strategy
 
 
 def _by_platform(cpu_choice: str, impl, *args):
