@@ -14,6 +14,7 @@ from blocksparse_jax._hsoftmax import (
     h_softmax_init,
     h_softmax_loss,
     h_softmax_sample,
+    h_softmax_sgd_step,
     h_softmax_top_k,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "h_softmax_init",
     "h_softmax_loss",
     "h_softmax_sample",
+    "h_softmax_sgd_step",
     "h_softmax_top_k",
     "sparse_block_dot",
     "sparse_block_gemv",

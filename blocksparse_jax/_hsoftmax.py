@@ -48,7 +48,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from blocksparse_jax import _checks
-from blocksparse_jax._blocksparse import _as_array, sparse_block_dot
+from blocksparse_jax._blocksparse import _as_array, sparse_block_dot, sparse_block_outer
 
 __all__ = [
     "HSoftmaxLayout",
@@ -673,11 +673,19 @@ def _checked_target(prob: _Problem, target) -> jax.Array:
     return t
 
 
-def _target_log_probs(prob: _Problem, t) -> jax.Array:
+def _target_log_probs(prob: _Problem, t, act_offset=None) -> jax.Array:
+    """``(batch,)`` log-probabilities of the targets ``t``.
+
+    ``act_offset`` (``(batch, n_outputs_per_class)``, zeros) is added to the
+    second-level activations: its gradient is the activations' cotangent, which
+    :func:`h_softmax_sgd_step` turns into the sparse ``W2`` update.
+    """
     batch, P = prob.x.shape[0], prob.per_class
     t, valid = _normalize_target(t, prob.n_outputs)
     classes, slots = t // P, t % P
     act = _target_activations(prob.x, prob.W2, prob.b2, classes, prob.acc)  # (batch, P)
+    if act_offset is not None:
+        act = act + act_offset
     slot_logp = _masked_log_softmax(act, prob.slot_valid(classes))
     rows = jnp.arange(batch)
     logp = prob.class_log_probs()[rows, classes] + slot_logp[rows, slots]
@@ -741,6 +749,107 @@ def h_softmax_loss(
     target, mask = _loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
     logp = h_log_softmax(x, params, target, n_outputs=n_outputs, class_sizes=class_sizes)
     return _reduce_nll(logp, mask, reduction)
+
+
+def h_softmax_sgd_step(
+    x: ArrayLike,
+    params: HSoftmaxParams,
+    target: ArrayLike,
+    learning_rate: ArrayLike,
+    *,
+    n_outputs: int,
+    mask: ArrayLike | None = None,
+    reduction: str = "mean",
+    class_sizes: ArrayLike | None = None,
+) -> tuple[jax.Array, HSoftmaxParams, jax.Array]:
+    r"""One SGD step on :func:`h_softmax_loss` that updates ``W2`` sparsely, in place.
+
+    ::
+
+        params' = params - learning_rate * grad(h_softmax_loss)(params)
+
+    The same values as the dense step, but the gradients of ``W2`` and ``b2``
+    are never built: they are non-zero only in the targets' classes, and the
+    update is applied to those blocks directly, with :func:`sparse_block_outer`
+    (``alpha=-learning_rate``) for ``W2`` and a scatter-add for ``b2``.
+    ``jax.grad`` must return a dense ``W2``-sized gradient, whose zero-fill
+    dominates a step at large vocabularies (``W2`` holds ``n_in * n_outputs``
+    weights); this step touches ``W2`` only where the targets' classes are.
+    Under ``jax.jit`` with ``params`` donated (``donate_argnums``) the update
+    is made in the donated buffer; without donation XLA copies ``W2`` first.
+
+    Args:
+      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      params: :class:`HSoftmaxParams`.
+      target: ``(batch,)`` or ``(batch, 1)`` integer outputs in ``[0, n_outputs)``.
+      learning_rate: scalar step size (an array or a Python float; traced, so a
+        schedule does not recompile).
+      n_outputs, mask, reduction, class_sizes: as in :func:`h_softmax_loss`;
+        ``reduction`` must reduce to a scalar (``"mean"`` or ``"sum"``).
+
+    Returns:
+      ``(loss, new_params, dx)``: the loss before the step (as
+      :func:`h_softmax_loss`), the updated parameters (each in its own dtype) and
+      the gradient of the loss with respect to ``x`` (to backpropagate into the
+      layers below), shaped and typed like ``x``.
+
+    Raises:
+      ValueError: ``reduction="none"``, and everything :func:`h_softmax_loss` raises.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from blocksparse_jax import h_softmax_init, h_softmax_loss, h_softmax_sgd_step
+      >>> params = h_softmax_init(jax.random.key(0), 8, 100)
+      >>> x = jax.random.normal(jax.random.key(1), (4, 8))
+      >>> target = jnp.array([1, 42, 99, 7])
+      >>> step = jax.jit(h_softmax_sgd_step, static_argnames="n_outputs", donate_argnums=1)
+      >>> dense = jax.tree.map(lambda p, g: p - 0.1 * g, params,
+      ...                      jax.grad(h_softmax_loss, argnums=1)(x, params, target, n_outputs=100))
+      >>> loss, params, dx = step(x, params, target, 0.1, n_outputs=100)
+      >>> all(bool(jnp.allclose(a, b, atol=1e-6)) for a, b in zip(params, dense))
+      True
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"reduction must be 'mean' or 'sum' for a training step (a scalar loss); got {reduction!r}"
+        )
+    x = _as_array("x", x)
+    target, mask = _loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
+    learning_rate = _as_array("learning_rate", learning_rate)
+    if learning_rate.shape != () or not jnp.issubdtype(learning_rate.dtype, jnp.floating):
+        raise ValueError(
+            "learning_rate must be a float scalar; got "
+            f"shape {_shape(learning_rate.shape)} and dtype {learning_rate.dtype}"
+        )
+    prob = _prepare(x, params, n_outputs, class_sizes)
+    t = _checked_target(prob, target)
+    mask = mask.reshape(prob.x.shape[0])
+    loss, new, dx = _run(_sgd_step, prob._replace(batched=True), t, mask, learning_rate,
+                         reduction=reduction)  # fmt: skip
+    return loss, new, (dx if prob.batched else dx[0]).astype(x.dtype)
+
+
+def _sgd_step(prob: _Problem, t, mask, learning_rate, *, reduction):
+    batch, P = prob.x.shape[0], prob.per_class
+
+    def loss_fn(x, W1, b1, act_offset):
+        p = prob._replace(x=x, W1=W1, b1=b1)
+        return _reduce_nll(_target_log_probs(p, t, act_offset), mask, reduction)
+
+    # W2 and b2 are held fixed: their dense gradients are never built (XLA drops
+    # them); the cotangent of the second-level activations updates their blocks.
+    offset = jnp.zeros((batch, P), prob.acc)
+    loss, vjp = jax.vjp(loss_fn, prob.x, prob.W1, prob.b1, offset)
+    dx, dW1, db1, g_act = vjp(jnp.ones((), loss.dtype))
+    lr = learning_rate.astype(prob.acc)
+    sgd = lambda p, g: (p.astype(prob.acc) - lr * g.astype(prob.acc)).astype(p.dtype)
+    classes = _normalize_target(t, prob.n_outputs)[0] // P
+    zeros = jnp.zeros((batch, 1), jnp.int32)
+    W2 = sparse_block_outer(
+        prob.W2[None], prob.x[:, None, :], g_act[:, None, :], zeros, classes[:, None], alpha=-lr
+    )[0]
+    b2 = prob.b2.at[classes].add((-lr * g_act).astype(prob.b2.dtype), mode="drop")
+    return loss, HSoftmaxParams(sgd(prob.W1, dW1), sgd(prob.b1, db1), W2, b2), dx
 
 
 def _loss_target_and_mask(target, mask, reduction: str, *, batched: bool):

@@ -17,6 +17,7 @@ from blocksparse_jax import (
     h_softmax_init,
     h_softmax_loss,
     h_softmax_sample,
+    h_softmax_sgd_step,
     h_softmax_top_k,
 )
 from tests.hsoftmax_reference import (
@@ -410,6 +411,104 @@ def test_jitted_training_step_compiles_once():
         params, state, loss = step(params, state, x, t, mask)
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
+
+
+# --------------------------------------------------------------------------------------
+# The training step with the sparse W2 update
+# --------------------------------------------------------------------------------------
+
+
+def _fd_grad(f, arrays, eps=1e-6):
+    """Central finite differences of the scalar ``f(*arrays)`` (float64 NumPy) for every array."""
+    arrays = [np64(a).copy() for a in arrays]
+    grads = []
+    for a in arrays:
+        g = np.zeros_like(a)
+        for k in np.ndindex(a.shape):
+            old = a[k]
+            a[k] = old + eps
+            up = f(*arrays)
+            a[k] = old - eps
+            down = f(*arrays)
+            a[k] = old
+            g[k] = (up - down) / (2 * eps)
+        grads.append(g)
+    return grads
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("jit", [False, True], ids=["plain", "jit-donated"])
+def test_sgd_step_equals_finite_difference_step(case, reduction, jit):
+    n_outputs, C, P, sizes = CASES[case]
+    params, x = make_params(C, P), make_x()
+    t = make_target(n_outputs, class_sizes=sizes, per_class=P)
+    mask = np.array([True, True, False, True])
+    t = jnp.where(jnp.asarray(mask), t, -1)  # a padding token, masked out
+    lr = 0.3
+
+    def ref(x, W1, b1, W2, b2):
+        logp = h_log_softmax_ref(x, W1, b1, W2, b2, n_outputs, sizes)
+        nll = np.where(mask, -logp[np.arange(BATCH), np.where(mask, t, 0)], 0.0)
+        return nll.sum() if reduction == "sum" else nll.sum() / mask.sum()
+
+    grads = _fd_grad(ref, [x, *params])
+    step = h_softmax_sgd_step
+    if jit:
+        step = jax.jit(step, static_argnames=("n_outputs", "reduction"), donate_argnums=1)
+    kw = dict(n_outputs=n_outputs, mask=jnp.asarray(mask), reduction=reduction)
+    if sizes is not None:
+        kw["class_sizes"] = jnp.asarray(sizes)
+    want_loss = ref(x, *params)
+    before = [np64(a) for a in params]
+    loss, new, dx = step(x, params, t, lr, **kw)
+    np.testing.assert_allclose(np64(loss), want_loss, rtol=1e-12)
+    np.testing.assert_allclose(np64(dx), grads[0], rtol=1e-6, atol=1e-8)
+    for got, p, g in zip(new, before, grads[1:], strict=True):
+        np.testing.assert_allclose(np64(got), p - lr * g, rtol=1e-6, atol=1e-8)
+    # Classes no unmasked target falls in keep their W2 blocks bit for bit.
+    hit = np.unique(np.asarray(t)[mask] // P)
+    for c in range(C):
+        if c not in hit:
+            np.testing.assert_array_equal(np64(new.W2[c]), before[2][c])
+
+
+def test_sgd_step_one_example_low_precision_and_temp_memory():
+    n_outputs, C, P, _ = CASES["padded"]
+    params, x, t = make_params(C, P), make_x(), make_target(n_outputs)
+    loss, new, dx = h_softmax_sgd_step(x[1], params, t[1], 0.5, n_outputs=n_outputs)
+    want = h_softmax_sgd_step(x[1:2], params, t[1:2], 0.5, n_outputs=n_outputs)
+    chex.assert_trees_all_close((loss, new, dx), (want[0], want[1], want[2][0]), rtol=1e-12)
+    assert dx.shape == (N_IN,)
+    # bfloat16 parameters keep their dtype; the step is the float32 step rounded.
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    x16 = x.astype(jnp.bfloat16)
+    _, new16, dx16 = h_softmax_sgd_step(x16, p16, t, 0.5, n_outputs=n_outputs)
+    assert all(a.dtype == jnp.bfloat16 for a in new16) and dx16.dtype == jnp.bfloat16
+    # No dense W2-sized gradient: the compiled step's temporaries stay far below W2.
+    V = 256 * 256
+    big, xb, tb = make_params(256, 256, jnp.float32), make_x(dtype=jnp.float32), make_target(V)
+    step = jax.jit(h_softmax_sgd_step, static_argnames="n_outputs", donate_argnums=1)
+    temp = step.lower(xb, big, tb, 0.1, n_outputs=V).compile().memory_analysis()
+    assert temp.temp_size_in_bytes < big.W2.nbytes / 4
+    dense = jax.jit(
+        lambda p: jax.tree.map(
+            lambda a, g: a - 0.1 * g, p, jax.grad(h_softmax_loss, argnums=1)(xb, p, tb, n_outputs=V)
+        ),
+        donate_argnums=0,
+    )
+    assert dense.lower(big).compile().memory_analysis().temp_size_in_bytes >= big.W2.nbytes
+
+
+def test_sgd_step_bad_options():
+    n_outputs, C, P, _ = CASES["padded"]
+    params, x, t = make_params(C, P), make_x(), make_target(n_outputs)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'.*got 'none'"):
+        h_softmax_sgd_step(x, params, t, 0.1, n_outputs=n_outputs, reduction="none")
+    with pytest.raises(ValueError, match=r"learning_rate must be a float scalar; got shape \(2,\)"):
+        h_softmax_sgd_step(x, params, t, jnp.ones(2), n_outputs=n_outputs)
+    with pytest.raises(ValueError, match="learning_rate must be a float scalar.*int"):
+        h_softmax_sgd_step(x, params, t, 1, n_outputs=n_outputs)
 
 
 # --------------------------------------------------------------------------------------
