@@ -8,7 +8,10 @@ For each vocabulary, the gradient (all weights and the input ``x``) of
 * the exact full-softmax cross-entropy over the same vocabulary
   (``logits = x @ W + b``, ``mean(logsumexp(logits) - logits[target])``),
 
-same batch, width and dtype (float32); and, for decoding, the exact top-10 of
+same batch, width and dtype (float32); one SGD training step of each, jitted
+with the parameters donated as in a training loop (``h_softmax_sgd_step``,
+which updates ``W2`` and ``b2`` sparsely in place, against the full softmax's
+gradient and dense update); and, for decoding, the exact top-10 of
 ``h_softmax_top_k`` against ``lax.top_k`` of the full log-softmax (at
 initialisation, where the hierarchical model is least confident and its search
 visits the most classes).  All are ``jax.jit``-compiled ahead of
@@ -34,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blocksparse_jax import h_softmax_init, h_softmax_loss, h_softmax_top_k
+from blocksparse_jax import h_softmax_init, h_softmax_loss, h_softmax_sgd_step, h_softmax_top_k
 
 # name: (vocab, batch, width)
 CASES = {
@@ -71,6 +74,31 @@ def compile_fn(f, args):
     mem = compiled.memory_analysis()
     temp = int(mem.temp_size_in_bytes) if mem is not None else -1
     return compiled, secs, temp
+
+
+LR = 0.01  # the SGD step size of the training-step rows
+
+
+def time_step(step, state, rest, *, warmup, repeats):
+    """``(median seconds, times, compile seconds, temp bytes)`` of ``state = step(state, *rest)``.
+
+    ``step`` is jitted with ``state`` donated, as in a training loop: the
+    parameters are updated in their own buffers, call after call.
+    """
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, *rest).compile()
+    secs = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    temp = int(mem.temp_size_in_bytes) if mem is not None else -1
+    state = jax.tree.map(jnp.copy, state)  # the caller's arrays stay valid
+    for _ in range(warmup):
+        state = jax.block_until_ready(compiled(state, *rest))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(compiled(state, *rest))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times, secs, temp
 
 
 def time_fn(fn, args, *, warmup, repeats):
@@ -127,7 +155,29 @@ def run_case(name, vocab, batch, width, *, warmup, repeats):
         row[f"{label}_compile_s"] = csec
         row[f"{label}_temp_mb"] = temp / 2**20
         del compiled
+    # One SGD training step with the parameters donated: the h_softmax step updates
+    # W2 and b2 sparsely in place (h_softmax_sgd_step); the full softmax step is its
+    # gradient and the dense update.
+    def hs_step(params, x, target):
+        return h_softmax_sgd_step(x, params, target, LR, n_outputs=vocab)[1]
+
+    def full_step(Wb, x, target):
+        grads = jax.grad(full_softmax_loss, argnums=(0, 1))(*Wb, x, target)
+        return jax.tree.map(lambda p, g: p - LR * g, Wb, grads)
+
+    for label, step, state in (
+        ("hsoftmax_step", hs_step, params),
+        ("full_step", full_step, (W, b)),
+    ):
+        med, times, csec, temp = time_step(
+            step, state, (x, target), warmup=warmup, repeats=repeats
+        )
+        row[f"{label}_ms"] = med * 1e3
+        row[f"{label}_times_ms"] = [t * 1e3 for t in times]
+        row[f"{label}_compile_s"] = csec
+        row[f"{label}_temp_mb"] = temp / 2**20
     row["speedup"] = row["full_ms"] / row["hsoftmax_ms"]
+    row["step_speedup"] = row["full_step_ms"] / row["hsoftmax_step_ms"]
     row["topk_speedup"] = row["full_topk_ms"] / row["hsoftmax_topk_ms"]
     return row
 
@@ -148,7 +198,7 @@ def main(argv=None):
     header = (
         f"{'case':20} {'classes x slots':>15} {'h-softmax ms':>13} {'full ms':>10} "
         f"{'speedup':>8} {'compile s (hs/full)':>20} {'temp MB (hs/full)':>18} "
-        f"{'top-10 ms (hs/full)':>20} {'speedup':>8}"
+        f"{'top-10 ms (hs/full)':>20} {'speedup':>8} {'SGD step ms (hs/full)':>22} {'speedup':>8}"
     )
     print(header)
     rows = []
@@ -161,7 +211,8 @@ def main(argv=None):
         print(
             f"{name:20} {grid:>15} {r['hsoftmax_ms']:13.1f} {r['full_ms']:10.1f} "
             f"{r['speedup']:7.1f}x {comp:>20} {mem:>18} "
-            f"{r['hsoftmax_topk_ms']:9.1f}/{r['full_topk_ms']:<10.1f} {r['topk_speedup']:7.1f}x",
+            f"{r['hsoftmax_topk_ms']:9.1f}/{r['full_topk_ms']:<10.1f} {r['topk_speedup']:7.1f}x "
+            f"{r['hsoftmax_step_ms']:10.1f}/{r['full_step_ms']:<11.1f} {r['step_speedup']:7.1f}x",
             flush=True,
         )
     result = dict(
