@@ -40,7 +40,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_gemv import REGIMES, compile_fn, fwd_bwd, fwd_only, make_problem, naive_gemv  # noqa: E402
+from bench_gemv import (  # noqa: E402
+    REGIMES,
+    compile_fn,
+    fwd_bwd,
+    fwd_only,
+    make_problem,
+    naive_gemv,
+    time_fn,
+)
 
 from blocksparse_jax import _execute, sparse_block_gemv  # noqa: E402
 
@@ -305,10 +313,7 @@ def run_regime(name, shape, impls, *, repeats, warmup, bandwidth, has_torch, thr
             # The floor every implementation pays here: jax.grad returns a dense W-sized
             # dW, a fresh buffer on every call whose zero-fill (first touch) is timed alone.
             fill = jax.jit(lambda w: jnp.zeros_like(w) + w[0, 0, 0, 0] * 0)
-            w = call[1]
-            fill_s = statistics.median(
-                timed(lambda f=fill, w=w: jax.block_until_ready(f(w)), warmup, repeats)
-            )
+            fill_s = time_fn(fill, (call[1],), warmup=warmup, repeats=repeats)[0]
             out["modes"][mode]["dw_fill_s"] = fill_s
             log(f"  {mode:8} fresh W-sized zero-fill (dW floor) {fill_s * 1e3:9.2f} ms")
         for k, r in res.items():
@@ -325,18 +330,6 @@ def run_regime(name, shape, impls, *, repeats, warmup, bandwidth, has_torch, thr
                 log(f"  {mode:8} {k:8} skipped: {r['skipped']}")
     del call, o, W, h, ii, oi, g, np_call
     return out
-
-
-def timed(run, warmup, repeats):
-    """Seconds of ``repeats`` calls of ``run()`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def geomean(xs):

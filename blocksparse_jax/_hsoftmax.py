@@ -794,7 +794,9 @@ def h_softmax_sgd_step(
       layers below), shaped and typed like ``x``.
 
     Raises:
-      ValueError: ``reduction="none"``, and everything :func:`h_softmax_loss` raises.
+      ValueError: ``reduction="none"``, a ``learning_rate`` that is not a scalar,
+        and everything :func:`h_softmax_loss` raises.
+      TypeError: a ``learning_rate`` that is not a float.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -816,11 +818,12 @@ def h_softmax_sgd_step(
     x = _as_array("x", x)
     target, mask = _loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
     learning_rate = _as_array("learning_rate", learning_rate)
-    if learning_rate.shape != () or not jnp.issubdtype(learning_rate.dtype, jnp.floating):
+    if learning_rate.shape != ():
         raise ValueError(
-            "learning_rate must be a float scalar; got "
-            f"shape {_shape(learning_rate.shape)} and dtype {learning_rate.dtype}"
+            f"learning_rate must be a scalar; got shape {_shape(learning_rate.shape)}"
         )
+    if not jnp.issubdtype(learning_rate.dtype, jnp.floating):
+        raise TypeError(f"learning_rate must be a float scalar; got dtype {learning_rate.dtype}")
     prob = _prepare(x, params, n_outputs, class_sizes)
     t = _checked_target(prob, target)
     mask = mask.reshape(prob.x.shape[0])
@@ -848,7 +851,7 @@ def _sgd_step(prob: _Problem, t, mask, learning_rate, *, reduction):
     W2 = sparse_block_outer(
         prob.W2[None], prob.x[:, None, :], g_act[:, None, :], zeros, classes[:, None], alpha=-lr
     )[0]
-    b2 = prob.b2.at[classes].add((-lr * g_act).astype(prob.b2.dtype), mode="drop")
+    b2 = prob.b2.astype(prob.acc).at[classes].add(-lr * g_act, mode="drop").astype(prob.b2.dtype)
     return loss, HSoftmaxParams(sgd(prob.W1, dW1), sgd(prob.b1, db1), W2, b2), dx
 
 
