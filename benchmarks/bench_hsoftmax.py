@@ -155,6 +155,7 @@ def run_case(name, vocab, batch, width, *, warmup, repeats):
         row[f"{label}_compile_s"] = csec
         row[f"{label}_temp_mb"] = temp / 2**20
         del compiled
+
     # One SGD training step with the parameters donated: the h_softmax step updates
     # W2 and b2 sparsely in place (h_softmax_sgd_step); the full softmax step is its
     # gradient and the dense update.
@@ -169,9 +170,7 @@ def run_case(name, vocab, batch, width, *, warmup, repeats):
         ("hsoftmax_step", hs_step, params),
         ("full_step", full_step, (W, b)),
     ):
-        med, times, csec, temp = time_step(
-            step, state, (x, target), warmup=warmup, repeats=repeats
-        )
+        med, times, csec, temp = time_step(step, state, (x, target), warmup=warmup, repeats=repeats)
         row[f"{label}_ms"] = med * 1e3
         row[f"{label}_times_ms"] = [t * 1e3 for t in times]
         row[f"{label}_compile_s"] = csec

@@ -202,8 +202,14 @@ def _prepare_gemv(W, h, input_idx, output_idx):
     _checks.check_ndim("W", W, 4, _W_DESC)
     i_blocks, o_blocks, i_size, _ = W.shape
     batched, _ = _check_windowed(
-        "h", h, "input_idx", input_idx, win="i_win", size="i_size",
-        size_value=i_size, size_source="W.shape[2]",
+        "h",
+        h,
+        "input_idx",
+        input_idx,
+        win="i_win",
+        size="i_size",
+        size_value=i_size,
+        size_source="W.shape[2]",
     )
     _checks.check_int("output_idx", output_idx)
     if output_idx.ndim != h.ndim - 1 or output_idx.shape[:-1] != h.shape[:-2]:
@@ -437,12 +443,24 @@ def sparse_block_outer(
     _checks.check_ndim("o", o, 4, "(x_blocks, y_blocks, x_size, y_size)")
     x_blocks, y_blocks, x_size, y_size = o.shape
     x_batched, _ = _check_windowed(
-        "x", x, "x_idx", x_idx, win="x_win", size="x_size",
-        size_value=x_size, size_source="o.shape[2]",
+        "x",
+        x,
+        "x_idx",
+        x_idx,
+        win="x_win",
+        size="x_size",
+        size_value=x_size,
+        size_source="o.shape[2]",
     )
     y_batched, _ = _check_windowed(
-        "y", y, "y_idx", y_idx, win="y_win", size="y_size",
-        size_value=y_size, size_source="o.shape[3]",
+        "y",
+        y,
+        "y_idx",
+        y_idx,
+        win="y_win",
+        size="y_size",
+        size_value=y_size,
+        size_source="o.shape[3]",
     )
     _check_batch("x", x_batched, x.shape, "y", y_batched, y.shape)
     alpha = _as_array("alpha", alpha)

@@ -819,9 +819,7 @@ def h_softmax_sgd_step(
     target, mask = _loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
     learning_rate = _as_array("learning_rate", learning_rate)
     if learning_rate.shape != ():
-        raise ValueError(
-            f"learning_rate must be a scalar; got shape {_shape(learning_rate.shape)}"
-        )
+        raise ValueError(f"learning_rate must be a scalar; got shape {_shape(learning_rate.shape)}")
     if not jnp.issubdtype(learning_rate.dtype, jnp.floating):
         raise TypeError(f"learning_rate must be a float scalar; got dtype {learning_rate.dtype}")
     prob = _prepare(x, params, n_outputs, class_sizes)
