@@ -66,10 +66,10 @@ def make_case(vocab, batch, width, seed=0):
     return params, (W, b), x, target
 
 
-def compile_fn(f, args):
-    """``(compiled, compile_seconds, temp_bytes)`` of ``jax.jit(f)`` for ``args``."""
+def compile_fn(f, args, *, donate_argnums=()):
+    """``(compiled, compile_seconds, temp_bytes)`` of ``jax.jit(f, donate_argnums=...)`` for ``args``."""
     t0 = time.perf_counter()
-    compiled = jax.jit(f).lower(*args).compile()
+    compiled = jax.jit(f, donate_argnums=donate_argnums).lower(*args).compile()
     secs = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     temp = int(mem.temp_size_in_bytes) if mem is not None else -1
@@ -85,11 +85,7 @@ def time_step(step, state, rest, *, warmup, repeats):
     ``step`` is jitted with ``state`` donated, as in a training loop: the
     parameters are updated in their own buffers, call after call.
     """
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, *rest).compile()
-    secs = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    temp = int(mem.temp_size_in_bytes) if mem is not None else -1
+    compiled, secs, temp = compile_fn(step, (state, *rest), donate_argnums=0)
     state = jax.tree.map(jnp.copy, state)  # the caller's arrays stay valid
     for _ in range(warmup):
         state = jax.block_until_ready(compiled(state, *rest))

@@ -485,6 +485,9 @@ def test_sgd_step_one_example_low_precision_and_temp_memory():
     x16 = x.astype(jnp.bfloat16)
     _, new16, dx16 = h_softmax_sgd_step(x16, p16, t, 0.5, n_outputs=n_outputs)
     assert all(a.dtype == jnp.bfloat16 for a in new16) and dx16.dtype == jnp.bfloat16
+    up = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+    _, new32, dx32 = h_softmax_sgd_step(up(x16), up(p16), t, 0.5, n_outputs=n_outputs)
+    chex.assert_trees_all_close(up((new16, dx16)), (new32, dx32), rtol=2**-7, atol=2**-7)
     # No dense W2-sized gradient: the compiled step's temporaries stay far below W2.
     V = 256 * 256
     big, xb, tb = make_params(256, 256, jnp.float32), make_x(dtype=jnp.float32), make_target(V)
