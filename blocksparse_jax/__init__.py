@@ -1,11 +1,11 @@
 """blocksparse_jax: block-sparse dot products and the hierarchical softmax for JAX."""
 
-from blocksparse_jax._blocksparse import (
+from blocksparse_jax.blocksparse import (
     sparse_block_dot,
     sparse_block_gemv,
     sparse_block_outer,
 )
-from blocksparse_jax._hsoftmax import (
+from blocksparse_jax.hsoftmax import (
     HSoftmaxLayout,
     HSoftmaxParams,
     frequency_classes,

@@ -1,13 +1,13 @@
 """Trace-time validation of shapes, dtypes and index arrays.
 
 Static checks (ranks, shapes, dtypes) always run, before any tracing work, and
-raise ``ValueError`` / ``TypeError`` naming the argument, the shape expected in
-the seed's terms and the shape received.
+raise ``ValueError`` / ``TypeError`` naming the argument, the shape expected
+(in the shape vocabulary of the docs) and the shape received.
 
 Index values are checked only when they are concrete (an eager call): an
 out-of-range value raises ``IndexError``.  Under ``jit`` the values are unknown
 at trace time; :func:`normalize_index` then turns every out-of-range entry into
-a *masked* entry (see the module docstring of ``_blocksparse``) through a
+a *masked* entry (see the docstring of :mod:`blocksparse_jax.blocksparse`) through a
 ``lax.gather`` in ``fill`` mode, which is exactly what
 ``jax.experimental.checkify.index_checks`` instruments, so checkify reports it.
 """
@@ -22,6 +22,16 @@ import numpy as np
 from jax import lax
 
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+def as_array(name: str, x) -> jax.Array:
+    """``x`` as a JAX array (a no-op for arrays and tracers); a clear error otherwise."""
+    if isinstance(x, jax.Array):
+        return x
+    try:
+        return jnp.asarray(x)
+    except TypeError as e:
+        raise TypeError(f"{name} must be an array; got {type(x).__name__}") from e
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -88,21 +98,31 @@ def concrete_value(x) -> np.ndarray | None:
         return None
 
 
-def check_index_values(name: str, idx, n: int, what: str) -> None:
-    """Raises ``IndexError`` if a concrete ``idx`` holds a value outside ``[-n, n)``."""
+def first_position(bad: np.ndarray) -> tuple[int, ...]:
+    """The index of the first ``True`` entry of ``bad`` (row-major), as a tuple of ints."""
+    return tuple(int(p) for p in np.argwhere(bad)[0])
+
+
+def check_index_values(name: str, idx, n: int, what: str, *, from_end: bool = True) -> None:
+    """Raises ``IndexError`` if a concrete ``idx`` holds a value outside its range.
+
+    The range is ``[-n, n)`` (negative values count from the end) or, with
+    ``from_end=False``, ``[0, n)``.  A traced ``idx`` is not checked.
+    """
     value = concrete_value(idx)
     if value is None or value.size == 0:
         return
-    bad = (value < -n) | (value >= n)
+    lo = -n if from_end else 0
+    bad = (value < lo) | (value >= n)
     if bad.any():
-        pos = tuple(int(p) for p in np.argwhere(bad)[0])
+        pos = first_position(bad)
         raise IndexError(
             f"{name} holds {int(value[pos])} at position {pos}, out of range for "
-            f"{what}={n} (valid indices are -{n} <= i < {n})"
+            f"{what}={n} (valid values are {lo} <= {name} < {n})"
         )
 
 
-def _probe_gather(n: int, probe: jax.Array) -> jax.Array:
+def probe_gather(n: int, probe: jax.Array) -> jax.Array:
     """``valid[k] = 0 <= probe[k] < n`` as a ``fill``-mode gather that checkify instruments."""
     dnums = lax.GatherDimensionNumbers(
         offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
@@ -134,5 +154,5 @@ def normalize_index(idx: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     hi = min(int(info.max), int(i32.max))
     raw = jnp.clip(idx, jnp.asarray(lo, idx.dtype), jnp.asarray(hi, idx.dtype)).astype(jnp.int32)
     raw = jnp.where((raw >= 0) & (raw < n), jnp.int32(-1), raw)  # a wrapped value stays invalid
-    valid = _probe_gather(n, jnp.where(ok, safe, raw))
+    valid = probe_gather(n, jnp.where(ok, safe, raw))
     return safe, valid

@@ -1,6 +1,6 @@
 """Brute-force references for the hierarchical softmax, in float64 NumPy.
 
-Written from the seed's formulas (Theano's ``h_softmax``) with one Python loop
+Written from Theano's formulas (``h_softmax``) with one Python loop
 per example and per class; they share no code with the library.
 """
 

@@ -1,4 +1,4 @@
-"""Plain-loop references written from the seed documents' formulas, in float64 NumPy.
+"""Plain-loop references written from Theano's documented formulas, in float64 NumPy.
 
 These are deliberately naive: one Python loop per index, exactly as Theano's
 documentation writes the operations, so they share no code with the library.

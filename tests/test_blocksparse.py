@@ -410,7 +410,7 @@ def _good():
         (
             lambda a: a.update(ii=a["ii"].at[1, 0].set(5)),
             IndexError,
-            r"input_idx holds 5 at position \(1, 0\), out of range for i_blocks=5 \(valid indices are -5 <= i < 5\)",
+            r"input_idx holds 5 at position \(1, 0\), out of range for i_blocks=5 \(valid values are -5 <= input_idx < 5\)",
         ),
         (
             lambda a: a.update(oi=a["oi"].at[2, 2].set(-7)),

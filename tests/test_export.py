@@ -6,7 +6,6 @@ TPU fails here.  The exported artifact is then run on CPU and must give the
 values of the function it came from.
 """
 
-import inspect
 import re
 
 import chex
@@ -19,16 +18,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import blocksparse_jax as bsj
-from blocksparse_jax import _execute, parallel
+from blocksparse_jax import blocksparse as bs
+from blocksparse_jax import parallel
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 TOL = dict(rtol=1e-12, atol=1e-12)
 
-# The strategies of the public ops (just the default until the keyword exists).
-if "strategy" in inspect.signature(bsj.sparse_block_gemv).parameters:
-    STRATEGIES = tuple(_execute.STRATEGIES)
-else:
-    STRATEGIES = (None,)
+STRATEGIES = bs.STRATEGIES
 
 # Custom calls that are part of portable StableHLO (sharding annotations), not kernels.
 _PORTABLE_CUSTOM_CALLS = {"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"}
@@ -95,7 +91,7 @@ def test_auto_strategy_exports_a_per_platform_choice():
     branch computes what the CPU strategy computes.
     """
     batch, i_blocks, o_blocks, i_win, o_win, i_size, o_size = 64, 2, 2, 4, 4, 8, 8
-    cpu_choice = _execute.choose_strategy(
+    cpu_choice = bs.choose_strategy(
         batch=batch,
         i_blocks=i_blocks,
         o_blocks=o_blocks,

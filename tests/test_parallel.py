@@ -18,7 +18,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import blocksparse_jax as bsj
-from blocksparse_jax import _execute, parallel
+from blocksparse_jax import blocksparse as bs
+from blocksparse_jax import parallel
 
 # batch, i_blocks, o_blocks, i_win, o_win, i_size, o_size: o_blocks = 8 splits over every mesh.
 B, IB, OB, IW, OW, S, T = 8, 5, 8, 2, 3, 3, 2
@@ -319,7 +320,7 @@ def test_class_sizes():
     chex.assert_trees_all_close(full(p["x"], params), full1(p["x"], p["params"]), **TOL)
 
 
-@pytest.mark.parametrize("strategy", _execute.STRATEGIES)
+@pytest.mark.parametrize("strategy", bs.STRATEGIES)
 def test_every_strategy_runs_sharded(strategy):
     """Each shard runs the single-device strategy on its local problem; same values and grads.
 

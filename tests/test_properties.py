@@ -4,11 +4,9 @@ Hypothesis draws the problem (zero-sized batch, windows and block sizes
 included; float16 to float64, mixed; any integer index dtype; random, repeated,
 negative and all-on-one-block indices); every strategy of the library computes
 the three ops and their gradients in one jitted function, checked against the
-plain loops of ``tests/reference.py`` (the seed's formulas).  The profile is
+plain loops of ``tests/reference.py`` (Theano's formulas).  The profile is
 derandomized and small, so CI is deterministic and quick.
 """
-
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import blocksparse_jax as bsj
-from blocksparse_jax import _execute
+from blocksparse_jax import blocksparse as bs
 from tests.reference import dot_ref, gemv_grads_ref, gemv_ref, outer_ref
 
-if "strategy" in inspect.signature(bsj.sparse_block_gemv).parameters:
-    STRATEGIES = tuple(_execute.STRATEGIES)
-else:  # before the strategy keyword existed: the default only
-    STRATEGIES = (None,)
+STRATEGIES = bs.STRATEGIES
 
 FLOATS = (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16)
 INTS = (jnp.int8, jnp.int16, jnp.int32, jnp.int64, jnp.uint8)

@@ -5,6 +5,7 @@ gradients of ``W`` and ``h`` (and of ``sparse_block_outer``'s inputs), under
 ``jit`` and ``vmap``, grad-of-grad, repeated indices and low-precision dtypes.
 """
 
+import dataclasses
 import functools
 
 import chex
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blocksparse_jax import _execute, sparse_block_dot, sparse_block_gemv, sparse_block_outer
+from blocksparse_jax import sparse_block_dot, sparse_block_gemv, sparse_block_outer
+from blocksparse_jax.blocksparse import _cost, _gather
 from tests.reference import dot_ref, gemv_grads_ref, gemv_ref, outer_ref
 
 STRATEGIES = ["gather", "loop", "dense", "grouped"]
@@ -170,7 +172,7 @@ def test_low_precision(strategy, dtype):
 @pytest.mark.parametrize("cpu_choice", ["loop", "grouped"])
 def test_auto_platform_dependent_under_transforms(monkeypatch, cpu_choice):
     """``auto`` with a non-gather CPU choice (a ``platform_dependent``) under jit, vmap, grad of grad."""
-    monkeypatch.setattr(_execute, "choose_strategy", lambda **kw: cpu_choice)
+    monkeypatch.setattr(_cost, "choose_strategy", lambda **kw: cpu_choice)
     p = _problem((5, 3, 4, 2, 2, 3, 2), seed=13)
 
     @jax.jit
@@ -200,7 +202,7 @@ def test_gather_chunks_under_budget(monkeypatch):
     """A budget smaller than the batch's blocks: chunks, with a padded last chunk."""
     p = _problem((7, 3, 4, 2, 3, 2, 5), seed=9)
     per_example = 2 * 3 * 2 * 5 * 8
-    monkeypatch.setattr(_execute, "GATHER_BUDGET_BYTES", 3 * per_example)
+    monkeypatch.setattr(_gather, "GATHER_BUDGET_BYTES", 3 * per_example)
     gemv = functools.partial(sparse_block_gemv, strategy="gather")
     loss = lambda W, h: jnp.sum(gemv(p["o"], W, h, p["ii"], p["oi"]) * p["g"])
     run = jax.jit(lambda W, h: (gemv(p["o"], W, h, p["ii"], p["oi"]), jax.grad(loss, (0, 1))(W, h)))
@@ -225,40 +227,81 @@ def test_out_of_range_under_jit_masked(strategy):
     chex.assert_trees_all_close(out, want, rtol=1e-12)
 
 
-# (batch, i_blocks, o_blocks, i_win, o_win, i_size, o_size) of issue 4, and auto's CPU choice.
-REGIMES = {
-    "S1": ((512, 1, 1000, 1, 1, 256, 1000), "grouped"),
-    "S2": ((256, 32, 32, 4, 4, 128, 128), "grouped"),
-    "S3": ((64, 8, 8, 2, 2, 512, 512), "grouped"),
-    "S4": ((1024, 256, 256, 8, 8, 16, 16), "gather"),
-}
 _NAMES = ("batch", "i_blocks", "o_blocks", "i_win", "o_win", "i_size", "o_size")
+# (batch, i_blocks, o_blocks, i_win, o_win, i_size, o_size): the benchmark regimes and more.
+_SHAPES = [
+    (512, 1, 1000, 1, 1, 256, 1000),
+    (256, 32, 32, 4, 4, 128, 128),
+    (64, 8, 8, 2, 2, 512, 512),
+    (1024, 256, 256, 8, 8, 16, 16),
+    (256, 4, 4, 4, 4, 8, 8),
+    SMALL,
+]
 
 
-@pytest.mark.parametrize("regime", sorted(REGIMES))
-def test_auto_choice_on_the_regimes(regime):
-    shape, want = REGIMES[regime]
-    assert _execute.choose_strategy(**dict(zip(_NAMES, shape, strict=True))) == want
+def _costs(shape, **changes):
+    dims = dict(zip(_NAMES, shape, strict=True)) | changes
+    return _cost.estimate_costs(**dims, itemsize=4)
 
 
-def test_auto_small_problems_use_gather():
-    assert _execute.choose_strategy(**dict(zip(_NAMES, SMALL, strict=True))) == "gather"
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_cost_model_grows_with_the_work(shape):
+    """Doubling the batch or a block size never makes a strategy cheaper."""
+    base = _costs(shape)
+    for name in ("batch", "i_size", "o_size", "i_win", "o_win"):
+        bigger = _costs(shape, **{name: 2 * shape[_NAMES.index(name)]})
+        for strategy, cost in base.items():
+            assert bigger[strategy] >= cost, (name, strategy)
 
 
-def test_dense_chosen_when_blocks_are_covered():
-    # Tiny blocks, every block used by many examples: one small dense GEMM wins.
-    shape = (256, 4, 4, 4, 4, 8, 8)
-    assert _execute.choose_strategy(**dict(zip(_NAMES, shape, strict=True))) == "dense"
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_cost_model_follows_the_block_grid(shape):
+    """More blocks: ``dense`` (it multiplies the whole grid) costs more, ``gather`` and
+    ``loop`` (they read only the selected blocks) cost the same, ``grouped`` never less."""
+    base = _costs(shape)
+    more = _costs(shape, i_blocks=4 * shape[1], o_blocks=4 * shape[2])
+    assert more["dense"] > base["dense"]
+    assert more["gather"] == pytest.approx(base["gather"])
+    assert more["loop"] == pytest.approx(base["loop"])
+    assert more["grouped"] >= base["grouped"] * (1 - 1e-12)
 
 
-def test_auto_exports_for_every_platform():
-    """``auto`` lowers for CPU, GPU and TPU (the choice is a ``platform_dependent``)."""
+@pytest.mark.parametrize("shape", _SHAPES)
+def test_auto_picks_the_cheapest_estimate(shape):
+    dims = dict(zip(_NAMES, shape, strict=True))
+    est = _cost.estimate_costs(**dims, itemsize=4)
+    assert _cost.choose_strategy(**dims) == min(est, key=est.get)
+
+
+def test_cost_model_tiny_problems_stay_on_gather():
+    """Every strategy but ``gather`` must save the fixed ``setup`` time to be chosen."""
+    dims = dict(zip(_NAMES, (1, 2, 2, 1, 1, 2, 2), strict=True))
+    assert _cost.choose_strategy(**dims) == "gather"
+    slow = dataclasses.replace(_cost.COSTS, setup=0.0, loop_step=0.0)
+    est = _cost.estimate_costs(**dims, itemsize=4, costs=slow)
+    assert est["loop"] < est["gather"]  # without the set-up cost another strategy would win
+
+
+@pytest.mark.parametrize("cpu_choice", ["loop", "grouped"])
+def test_auto_exports_each_platform_its_own_branch(monkeypatch, cpu_choice):
+    """``auto`` lowers a ``platform_dependent``: the CPU artifact runs the CPU choice (a
+    loop), the CUDA and TPU artifacts the loop-free ``gather``; one multi-platform
+    artifact runs on CPU with the same values."""
+    monkeypatch.setattr(_cost, "choose_strategy", lambda **kw: cpu_choice)
     p = _problem((3, 2, 3, 2, 2, 2, 3), seed=11)
     f = jax.jit(
         jax.grad(lambda W, h: jnp.sum(sparse_block_gemv(p["o"], W, h, p["ii"], p["oi"])), (0, 1))
     )
+    loops = {
+        platform: jax.export.export(f, platforms=[platform])(p["W"], p["h"])
+        .mlir_module()
+        .count("stablehlo.while")
+        for platform in ("cpu", "cuda", "tpu")
+    }
+    assert loops["cpu"] > 0 and loops["cuda"] == 0 and loops["tpu"] == 0, loops
     exp = jax.export.export(f, platforms=["cpu", "cuda", "tpu"])(p["W"], p["h"])
     assert exp.platforms == ("cpu", "cuda", "tpu")
+    chex.assert_trees_all_close(exp.call(p["W"], p["h"]), f(p["W"], p["h"]), rtol=1e-12)
 
 
 @pytest.mark.parametrize("bad", ["fast", "Gather", None, 3])

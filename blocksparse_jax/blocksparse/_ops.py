@@ -1,141 +1,24 @@
-"""Block-sparse gemv, outer product and dot (Theano's SparseBlockGemv / SparseBlockOuter).
+"""The public block-sparse ops: validation, masking of out-of-range indices, the core call.
 
-The two primitive operations are closed under differentiation:
-
-* the VJP of ``gemv`` is an ``outer`` (the weight gradient) and a ``gemv`` over
-  the transposed weights with the index arrays swapped (the input gradient);
-* the VJP of ``outer`` is made of two ``gemv`` calls.
-
-Both are ``jax.custom_vjp`` functions whose backward passes call each other, so
-``jax.grad`` of ``jax.grad`` works to any order.  The forward passes save only
-their inputs as residuals, never the gathered ``(batch, i_win, o_win, i_size,
-o_size)`` weight blocks.
-
-Out-of-range indices
---------------------
-Eager calls with concrete index arrays raise ``IndexError``.  Under ``jit`` the
-values are unknown when tracing; an out-of-range index there selects a block of
-zeros that does not exist: in ``gemv`` / ``dot`` it contributes nothing (an
-out-of-range ``output_idx[b, j]`` leaves ``out[b, j] == o[b, j]``, and in
-``sparse_block_dot`` adds no bias), in ``outer`` its update is dropped.  Gradients
-are consistent with that (zero).  Nothing crashes and no NaN or inf appears.
-``jax.experimental.checkify`` with ``checkify.index_checks`` reports such an
-index.
-
-Execution strategies
---------------------
-Every public op takes a keyword-only ``strategy`` (static configuration, passed
-through the custom VJPs' ``nondiff_argnums`` so the backward passes use it too):
-
-* ``"gather"``: gather the selected blocks (in chunks of the batch under a
-  memory budget) and contract with one einsum;
-* ``"loop"``: a ``lax.fori_loop`` over the pairs reading each block in place;
-* ``"dense"``: scatter the activations into the full block space, one dense GEMM;
-* ``"grouped"``: sort the pairs by block and multiply each distinct block once
-  by all the activation rows that use it;
-* ``"auto"`` (default): on CPU the cheapest by a cost model over the static
-  shapes (``_execute.estimate_costs``: bytes of blocks read, distinct blocks
-  touched, gathered bytes, flops, loop steps); on GPU and TPU ``"gather"``.  The
-  backend choice is a ``jax.lax.platform_dependent``, so one exported function
-  carries both.
-
-All strategies give the same values and gradients; only speed and memory differ.
+Static checks (ranks, shapes, dtypes) run first and raise naming the argument;
+concrete index values are checked eagerly; under ``jit`` an out-of-range index
+is masked by selection (see the package docstring).  The products themselves
+are the custom-VJP core of ``_core``.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from blocksparse_jax import _checks
-from blocksparse_jax._execute import check_strategy, gemv_contract, outer_contract
-
-# --------------------------------------------------------------------------------------
-# The custom-VJP core.  Indices here are int32 and in range; masking happens outside.
-# --------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gemv(o, W, h, input_idx, output_idx, transpose_w, strategy):
-    """``o + sum_i h[b, i] @ blk(b, i, j)``; see ``gemv_contract`` for ``transpose_w``.
-
-    ``strategy`` (a name from ``_execute.STRATEGIES``) is static configuration and
-    is passed on to every gemv and outer of the backward pass.
-    """
-    acc = _checks.accumulation_dtype(o.dtype, W.dtype, h.dtype)
-    y = gemv_contract(
-        W, h, input_idx, output_idx, transpose_w=transpose_w, acc_dtype=acc, strategy=strategy
-    )
-    return (o.astype(acc) + y).astype(o.dtype)
-
-
-def _gemv_fwd(o, W, h, input_idx, output_idx, transpose_w, strategy):
-    out = _gemv(o, W, h, input_idx, output_idx, transpose_w, strategy)
-    return out, (W, h, input_idx, output_idx)
-
-
-def _gemv_bwd(transpose_w, strategy, res, g):
-    W, h, input_idx, output_idx = res
-    one = jnp.ones((), _checks.accumulation_dtype(W.dtype, h.dtype, g.dtype))
-    if transpose_w:
-        # out[b, j] += h[b, i] @ W[oi, ii].T  =>  dW[oi, ii] += outer(g[b, j], h[b, i])
-        dW = _outer(jnp.zeros_like(W), g, h, output_idx, input_idx, one, strategy)
-        dh = _gemv(jnp.zeros_like(h), W, g, output_idx, input_idx, False, strategy)
-    else:
-        # out[b, j] += h[b, i] @ W[ii, oi]    =>  dW[ii, oi] += outer(h[b, i], g[b, j])
-        dW = _outer(jnp.zeros_like(W), h, g, input_idx, output_idx, one, strategy)
-        dh = _gemv(jnp.zeros_like(h), W, g, output_idx, input_idx, True, strategy)
-    return g, dW, dh, None, None
-
-
-_gemv.defvjp(_gemv_fwd, _gemv_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _outer(o, x, y, x_idx, y_idx, alpha, strategy):
-    """``o`` with ``alpha * outer(x[b, i], y[b, j])`` added at ``(x_idx[b, i], y_idx[b, j])``."""
-    acc = _checks.accumulation_dtype(o.dtype, x.dtype, y.dtype)
-    out = outer_contract(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc, strategy=strategy)
-    return out.astype(o.dtype)
-
-
-def _outer_fwd(o, x, y, x_idx, y_idx, alpha, strategy):
-    return _outer(o, x, y, x_idx, y_idx, alpha, strategy), (x, y, x_idx, y_idx, alpha)
-
-
-def _outer_bwd(strategy, res, G):
-    x, y, x_idx, y_idx, alpha = res
-    alpha = jnp.asarray(alpha)  # a Python-float alpha may arrive as a JAX scalar wrapper
-    acc = _checks.accumulation_dtype(x.dtype, y.dtype, G.dtype)
-    # d/dy[b, j] = alpha * sum_i x[b, i] @ G[xi, yi];  d/dx[b, i] = alpha * sum_j G[xi, yi] @ y[b, j]
-    gy = _gemv(jnp.zeros(y.shape, acc), G, x, x_idx, y_idx, False, strategy)
-    gx = _gemv(jnp.zeros(x.shape, acc), G, y, y_idx, x_idx, True, strategy)
-    a = alpha.astype(acc)
-    dalpha = jnp.sum(gy * y.astype(acc)).astype(alpha.dtype)
-    return G, (a * gx).astype(x.dtype), (a * gy).astype(y.dtype), None, None, dalpha
-
-
-_outer.defvjp(_outer_fwd, _outer_bwd)
-
-
-# --------------------------------------------------------------------------------------
-# Validation shared by the public ops.
-# --------------------------------------------------------------------------------------
+from blocksparse_jax._checks import as_array as _as_array
+from blocksparse_jax._scope import named
+from blocksparse_jax.blocksparse._core import _gemv, _outer
+from blocksparse_jax.blocksparse._dispatch import check_strategy
 
 _W_DESC = "(i_blocks, o_blocks, i_size, o_size)"
-
-
-def _as_array(name: str, x) -> jax.Array:
-    """``x`` as a JAX array (a no-op for arrays and tracers); a clear error otherwise."""
-    if isinstance(x, jax.Array):
-        return x
-    try:
-        return jnp.asarray(x)
-    except TypeError as e:
-        raise TypeError(f"{name} must be an array; got {type(x).__name__}") from e
 
 
 def _check_windowed(
@@ -231,11 +114,7 @@ def _gemv_masked(o, W, h, ii, oi, valid_out, strategy):
     return jnp.where(valid_out[..., None], _gemv(o, W, h, ii, oi, False, strategy), o)
 
 
-# --------------------------------------------------------------------------------------
-# Public API.
-# --------------------------------------------------------------------------------------
-
-
+@named
 def sparse_block_gemv(
     o: ArrayLike,
     W: ArrayLike,
@@ -264,11 +143,8 @@ def sparse_block_gemv(
       For one example, pass ``o (o_win, o_size)``, ``h (i_win, i_size)`` and 1-D
       index arrays; the result is then ``(o_win, o_size)`` (convenient under
       ``jax.vmap``).
-      strategy: how the products are executed (keyword-only; the same values
-        either way): ``"auto"`` (default) picks by a cost model over the static
-        shapes on CPU and uses ``"gather"`` on GPU/TPU; or one of ``"gather"``,
-        ``"loop"``, ``"dense"``, ``"grouped"`` to force it (also in the backward
-        pass).  See "Execution strategies" in the module docstring.
+      strategy: how the products are executed, the same values either way:
+        ``"auto"`` or a name in ``STRATEGIES`` (see :mod:`blocksparse_jax.blocksparse`).
 
     Returns:
       ``(batch, o_win, o_size)`` in ``o``'s dtype.  Float16/bfloat16 inputs
@@ -311,6 +187,7 @@ def sparse_block_gemv(
     return out if batched else out[0]
 
 
+@named
 def sparse_block_dot(
     W: ArrayLike,
     h: ArrayLike,
@@ -320,7 +197,7 @@ def sparse_block_dot(
     *,
     strategy: str = "auto",
 ) -> jax.Array:
-    r"""Block-sparse dot product plus bias (Theano's ``sparse_block_dot``; the seed's argument order).
+    r"""Block-sparse dot product plus bias (Theano's ``sparse_block_dot``, in Theano's argument order).
 
     ::
 
@@ -335,11 +212,8 @@ def sparse_block_dot(
       input_idx: ``(batch, i_win)`` integer indices into ``W``'s first axis.
       b: ``(o_blocks, o_size)`` bias of each output block.
       output_idx: ``(batch, o_win)`` integer indices into ``W``'s second axis and ``b``.
-      strategy: how the products are executed (keyword-only; the same values
-        either way): ``"auto"`` (default) picks by a cost model over the static
-        shapes on CPU and uses ``"gather"`` on GPU/TPU; or one of ``"gather"``,
-        ``"loop"``, ``"dense"``, ``"grouped"`` to force it (also in the backward
-        pass).  See "Execution strategies" in the module docstring.
+      strategy: how the products are executed, the same values either way:
+        ``"auto"`` or a name in ``STRATEGIES`` (see :mod:`blocksparse_jax.blocksparse`).
 
     Returns:
       ``(batch, o_win, o_size)`` in ``b``'s dtype.
@@ -373,6 +247,7 @@ def sparse_block_dot(
     return out if batched else out[0]
 
 
+@named
 def sparse_block_outer(
     o: ArrayLike,
     x: ArrayLike,
@@ -403,11 +278,8 @@ def sparse_block_outer(
       x_idx: ``(batch, x_win)`` integer indices into ``o``'s first axis.
       y_idx: ``(batch, y_win)`` integer indices into ``o``'s second axis.
       alpha: scalar scale of the update (differentiable).
-      strategy: how the products are executed (keyword-only; the same values
-        either way): ``"auto"`` (default) picks by a cost model over the static
-        shapes on CPU and uses ``"gather"`` on GPU/TPU; or one of ``"gather"``,
-        ``"loop"``, ``"dense"``, ``"grouped"`` to force it (also in the backward
-        pass).  See "Execution strategies" in the module docstring.
+      strategy: how the products are executed, the same values either way:
+        ``"auto"`` or a name in ``STRATEGIES`` (see :mod:`blocksparse_jax.blocksparse`).
 
     Returns:
       ``(x_blocks, y_blocks, x_size, y_size)`` in ``o``'s dtype.

@@ -1,0 +1,79 @@
+"""The ``gather`` strategy: gather the selected blocks and contract with one einsum.
+
+The selected blocks are gathered into a ``(chunk, i_win, o_win, i_size,
+o_size)`` buffer, over chunks of the batch so that the buffer stays under
+:data:`GATHER_BUDGET_BYTES` (a chunk holds at least one example); the weight
+update scatter-adds each chunk's outer products.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+GATHER_BUDGET_BYTES = 2 * 2**20
+"""Largest gathered-block buffer of the ``gather`` strategy (one chunk of the batch)."""
+
+
+def chunk_size(batch: int, per_example_bytes: int) -> int:
+    """Examples per chunk: as many as fit :data:`GATHER_BUDGET_BYTES`, at least one."""
+    return max(1, min(batch, GATHER_BUDGET_BYTES // max(per_example_bytes, 1)))
+
+
+def _split(x, chunk, n):
+    """Pads axis 0 of ``x`` to ``n * chunk`` (zeros) and reshapes to ``(n, chunk, ...)``."""
+    pad = n * chunk - x.shape[0]
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+    return x.reshape(n, chunk, *x.shape[1:])
+
+
+def _gemv_all(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
+    if transpose_w:
+        blocks = W[output_idx[:, None, :], input_idx[:, :, None]]  # (b, i, j, t, s)
+        spec = "bis,bijts->bjt"
+    else:
+        blocks = W[input_idx[:, :, None], output_idx[:, None, :]]  # (b, i, j, s, t)
+        spec = "bis,bijst->bjt"
+    return jnp.einsum(spec, h, blocks, preferred_element_type=acc_dtype)
+
+
+def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
+    batch, i_win, _ = h.shape
+    o_win = output_idx.shape[1]
+    per_example = i_win * o_win * W.shape[2] * W.shape[3] * W.dtype.itemsize
+    chunk = chunk_size(batch, per_example)
+    f = lambda a: _gemv_all(W, *a, transpose_w=transpose_w, acc_dtype=acc_dtype)
+    if chunk >= batch:
+        return f((h, input_idx, output_idx))
+    n = -(-batch // chunk)
+    out = lax.map(
+        f, (_split(h, chunk, n), _split(input_idx, chunk, n), _split(output_idx, chunk, n))
+    )
+    return out.reshape(n * chunk, *out.shape[2:])[:batch]
+
+
+def _outer_all(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
+    upd = jnp.einsum("bis,bjt->bijst", x, y, preferred_element_type=acc_dtype)
+    return o.at[x_idx[:, :, None], y_idx[:, None, :]].add(upd * alpha)
+
+
+def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
+    batch, x_win, _ = x.shape
+    y_win = y.shape[1]
+    per_example = x_win * y_win * o.shape[2] * o.shape[3] * o.dtype.itemsize
+    chunk = chunk_size(batch, per_example)
+    if chunk >= batch:
+        return _outer_all(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype)
+    n = -(-batch // chunk)
+    xs = (
+        _split(x, chunk, n),
+        _split(y, chunk, n),
+        _split(x_idx, chunk, n),
+        _split(y_idx, chunk, n),
+    )
+
+    def step(o, a):
+        return _outer_all(o, *a, alpha, acc_dtype=acc_dtype), None
+
+    return lax.scan(step, o, xs)[0]

@@ -1,0 +1,100 @@
+"""The ``grouped`` strategy: sort the pairs by block, multiply each distinct block once.
+
+The ``(example, i, j)`` pairs are sorted by the block they use; a loop then
+walks the runs of pairs sharing a block: each block is read once and multiplied
+by up to ``rows`` stacked activation rows (a small GEMM); the weight update
+adds ``X_run^T @ Y_run`` into each block once, in place.  Memory traffic is the
+distinct blocks touched, which is the bandwidth bound.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from blocksparse_jax.blocksparse._carry import carry
+from blocksparse_jax.blocksparse._cost import group_rows
+from blocksparse_jax.blocksparse._pairs import block, block_product, outer_product, pair_blocks
+
+
+def _runs(rows, cols):
+    """Sorts the pairs by block; returns ``(perm, rows, cols, run_end)`` in sorted order.
+
+    ``run_end[p]`` is one past the last sorted position using the same block as ``p``.
+    """
+    n = rows.shape[0]
+    iota = jnp.arange(n, dtype=jnp.int32)
+    rs, cs, perm = lax.sort((rows, cols, iota), num_keys=2)
+    start = jnp.concatenate([jnp.ones((1,), jnp.bool_), (rs[1:] != rs[:-1]) | (cs[1:] != cs[:-1])])
+    nxt = jnp.where(start, iota, n)
+    # run_end[p] = min over q > p of nxt[q]  (a reverse cumulative minimum).
+    shifted = jnp.concatenate([nxt[1:], jnp.full((1,), n, jnp.int32)])
+    run_end = lax.cummin(shifted, reverse=True)
+    return perm, rs, cs, run_end
+
+
+def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
+    batch, i_win, in_size = h.shape
+    o_win = output_idx.shape[1]
+    out_size = W.shape[2] if transpose_w else W.shape[3]
+    n = batch * i_win * o_win
+    P = group_rows(n, W.shape[0] * W.shape[1])
+    rows, cols = pair_blocks(input_idx, output_idx, transpose_w)
+    perm, rs, cs, run_end = _runs(rows.reshape(-1), cols.reshape(-1))
+    pb = perm // (i_win * o_win)
+    pi = (perm // o_win) % i_win
+    pj = perm % o_win
+    hs = h[pb, pi]  # (n, in_size), activations in sorted order
+    hs = jnp.concatenate([hs, jnp.zeros((P, in_size), hs.dtype)])
+    lane = jnp.arange(P, dtype=jnp.int32)
+
+    def cond(state):
+        return state[0] < n
+
+    def body(state):
+        pos, ys = state
+        blk = block(W, rs[pos], cs[pos])
+        x = lax.dynamic_slice_in_dim(hs, pos, P)
+        y = block_product(x, blk, transpose_w=transpose_w, acc_dtype=acc_dtype)
+        end = jnp.minimum(pos + P, run_end[pos])
+        old = lax.dynamic_slice_in_dim(ys, pos, P)
+        new = jnp.where((lane < end - pos)[:, None], y, old)
+        return end, lax.dynamic_update_slice_in_dim(ys, new, pos, 0)
+
+    ys0 = jnp.zeros((n + P, out_size), acc_dtype)
+    _, ys = lax.while_loop(cond, body, carry((jnp.int32(0), ys0), W, hs, rs, cs, run_end))
+    out = jnp.zeros((batch * o_win, out_size), acc_dtype)
+    out = out.at[pb * o_win + pj].add(ys[:n])
+    return out.reshape(batch, o_win, out_size)
+
+
+def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
+    batch, x_win, x_size = x.shape
+    y_win, y_size = y.shape[1:]
+    n = batch * x_win * y_win
+    P = group_rows(n, o.shape[0] * o.shape[1])
+    rows, cols = pair_blocks(x_idx, y_idx, False)
+    perm, rs, cs, run_end = _runs(rows.reshape(-1), cols.reshape(-1))
+    pb = perm // (x_win * y_win)
+    pi = (perm // y_win) % x_win
+    pj = perm % y_win
+    xs = jnp.concatenate([x[pb, pi], jnp.zeros((P, x_size), x.dtype)])
+    ys = jnp.concatenate([y[pb, pj], jnp.zeros((P, y_size), y.dtype)])
+    lane = jnp.arange(P, dtype=jnp.int32)
+    z = jnp.zeros((), jnp.int32)
+
+    def cond(state):
+        return state[0] < n
+
+    def body(state):
+        pos, o = state
+        end = jnp.minimum(pos + P, run_end[pos])
+        xv = lax.dynamic_slice_in_dim(xs, pos, P)
+        xv = jnp.where((lane < end - pos)[:, None], xv, jnp.zeros((), xv.dtype))
+        yv = lax.dynamic_slice_in_dim(ys, pos, P)
+        upd = outer_product(xv, yv, acc_dtype=acc_dtype)
+        start = (rs[pos], cs[pos], z, z)
+        blk = lax.dynamic_slice(o, start, (1, 1, x_size, y_size))
+        return end, lax.dynamic_update_slice(o, blk + (alpha * upd)[None, None], start)
+
+    return lax.while_loop(cond, body, carry((jnp.int32(0), o), xs, ys, rs, cs, run_end, alpha))[1]

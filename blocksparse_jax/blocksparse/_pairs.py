@@ -1,0 +1,33 @@
+"""Addressing the blocks of ``W`` that a batch of ``(example, i, j)`` pairs selects."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def pair_blocks(input_idx, output_idx, transpose_w):
+    """``(row, col)`` block indices of ``W`` for every pair, each ``(batch, i_win, o_win)``."""
+    b, i = input_idx.shape
+    j = output_idx.shape[1]
+    ii = jnp.broadcast_to(input_idx[:, :, None], (b, i, j))
+    oi = jnp.broadcast_to(output_idx[:, None, :], (b, i, j))
+    return (oi, ii) if transpose_w else (ii, oi)
+
+
+def block(W, r, c):
+    """``W[r, c]`` as ``(s, t)`` through a dynamic slice (no gather)."""
+    z = jnp.zeros((), r.dtype)
+    return lax.dynamic_slice(W, (r, c, z, z), (1, 1, W.shape[2], W.shape[3]))[0, 0]
+
+
+def block_product(x, blk, *, transpose_w, acc_dtype):
+    """``x @ blk`` (or ``x @ blk.T`` with ``transpose_w``) for ``x`` of shape ``(rows, size)``."""
+    if transpose_w:
+        return lax.dot_general(x, blk, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype)
+    return jnp.dot(x, blk, preferred_element_type=acc_dtype)
+
+
+def outer_product(x, y, *, acc_dtype):
+    """``x.T @ y`` for ``x (rows, x_size)`` and ``y (rows, y_size)``: the summed outer products."""
+    return lax.dot_general(x, y, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
