@@ -1,26 +1,32 @@
-"""Hierarchical softmax vs the exact full softmax: one training step's gradient.
+"""Hierarchical softmax against the exact full softmax: gradient, SGD step, top-10.
 
-For each vocabulary, the gradient (all weights and the input ``x``) of
+For each vocabulary, same batch, width and dtype (float32), three pairs of
+contenders, each ``jax.jit``-ed as a user calls it and returning every output:
 
-* ``h_softmax_loss(x, params, target, n_outputs=vocab)``, the two-level
-  hierarchical softmax with ``n_classes = n_outputs_per_class ~ sqrt(vocab)``
-  (the second level through ``sparse_block_dot`` for the targets' classes), and
-* the exact full-softmax cross-entropy over the same vocabulary
-  (``logits = x @ W + b``, ``mean(logsumexp(logits) - logits[target])``),
+* gradient: ``jax.jit(jax.grad(h_softmax_loss, argnums=(0, 1)),
+  static_argnames="n_outputs")(x, params, target, n_outputs=vocab)`` -> ``(dx,
+  dparams)``, the two-level hierarchical softmax with ``n_classes =
+  n_outputs_per_class ~ sqrt(vocab)`` (its second level a ``sparse_block_dot``),
+  against ``jax.grad`` of the exact full-softmax cross-entropy
+  (``logits = x @ W + b``, ``mean(logsumexp(logits) - logits[target])``) with
+  respect to ``W``, ``b`` and ``x``;
+* SGD step, exactly as documented: ``step = jax.jit(h_softmax_sgd_step,
+  static_argnames="n_outputs", donate_argnums=1)``, ``loss, params, dx =
+  step(x, params, target, lr, n_outputs=vocab)`` with ``params`` fed back into
+  the next call (``W2`` and ``b2`` updated sparsely in their donated buffers),
+  against :func:`full_softmax_sgd_step`, the dense step with the same signature,
+  outputs and donation;
+* decoding: the exact top-10 of ``h_softmax_top_k`` against ``lax.top_k`` of the
+  full log-softmax (at initialisation, where the hierarchical model is least
+  confident and its search visits the most classes).
 
-same batch, width and dtype (float32); one SGD training step of each, jitted
-with the parameters donated as in a training loop (``h_softmax_sgd_step``,
-which updates ``W2`` and ``b2`` sparsely in place, against the full softmax's
-gradient and dense update); and, for decoding, the exact top-10 of
-``h_softmax_top_k`` against ``lax.top_k`` of the full log-softmax (at
-initialisation, where the hierarchical model is least confident and its search
-visits the most classes).  All are ``jax.jit``-compiled ahead of
-time (compile time reported apart), warmed up, then timed as the median of
-``--repeats`` calls, each ending in ``block_until_ready``; the speedup is
-full / hierarchical, measured in the same run.  Results are printed as a table
-and written to ``bench_hsoftmax.json`` next to this file.
+All six are compiled ahead of time for compile time and XLA temp memory, warmed
+up, then timed alternately (``--repeats`` rounds, each call ending in
+``block_until_ready``); medians, with speedups full / hierarchical from the
+same run.  Printed as a table and written to ``bench_hsoftmax.json`` next to
+this file.
 
-    python3 benchmarks/bench_hsoftmax.py [--quick] [--repeats N]
+    python3 -m benchmarks.bench_hsoftmax [--quick] [--repeats N]
 """
 
 from __future__ import annotations
@@ -29,14 +35,15 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks._machine import machine_info
+from benchmarks._timing import call, compile_stats, time_round_robin, training_loop
 from blocksparse_jax import h_softmax_init, h_softmax_loss, h_softmax_sgd_step, h_softmax_top_k
 
 # name: (vocab, batch, width)
@@ -46,6 +53,23 @@ CASES = {
 }
 QUICK = {"V4096_b64_w32": (4_096, 64, 32)}
 TOP_K = 10
+LR = 0.01  # the SGD step size
+
+# The call each contender makes (recorded in the JSON): label -> call form.
+CALL_FORMS = {
+    "hsoftmax": "jax.jit(jax.grad(h_softmax_loss, argnums=(0, 1)), static_argnames='n_outputs')"
+    "(x, params, target, n_outputs=V) -> (dx, dparams)",
+    "full": "jax.jit(jax.grad(full_softmax_loss, argnums=(0, 1, 2)))(W, b, x, target) "
+    "-> (dW, db, dx)",
+    "hsoftmax_step": "step = jax.jit(h_softmax_sgd_step, static_argnames='n_outputs', "
+    "donate_argnums=1); loss, params, dx = step(x, params, target, lr, n_outputs=V)",
+    "full_step": "step = jax.jit(full_softmax_sgd_step, donate_argnums=1); "
+    "loss, (W, b), dx = step(x, (W, b), target, lr)",
+    "hsoftmax_topk": "jax.jit(h_softmax_top_k, static_argnames=('k', 'n_outputs'))"
+    "(x, params, 10, n_outputs=V) -> (log_probs, ids)",
+    "full_topk": "jax.jit(full_softmax_top_k, static_argnames='k')(W, b, x, 10) "
+    "-> (log_probs, ids)",
+}
 
 
 def full_softmax_loss(W, b, x, target):
@@ -55,9 +79,20 @@ def full_softmax_loss(W, b, x, target):
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - picked)
 
 
+def full_softmax_sgd_step(x, Wb, target, learning_rate):
+    """The full softmax's SGD step, shaped like ``h_softmax_sgd_step``: ``(loss, Wb, dx)``."""
+    loss, (dW, db, dx) = jax.value_and_grad(full_softmax_loss, argnums=(0, 1, 2))(*Wb, x, target)
+    W, b = Wb
+    return loss, (W - learning_rate * dW, b - learning_rate * db), dx
+
+
+def full_softmax_top_k(W, b, x, k):
+    """The exact top-``k`` of the full log-softmax: ``(log_probs, ids)``, each ``(batch, k)``."""
+    return jax.lax.top_k(jax.nn.log_softmax(jnp.dot(x, W) + b[None, :], axis=1), k)
+
+
 def make_case(vocab, batch, width, seed=0):
-    key = jax.random.key(seed)
-    k_hs, k_w, k_x, k_t = jax.random.split(key, 4)
+    k_hs, k_w, k_x, k_t = jax.random.split(jax.random.key(seed), 4)
     params = h_softmax_init(k_hs, width, vocab)
     W = jax.random.normal(k_w, (width, vocab), jnp.float32) / math.sqrt(width)
     b = jnp.zeros((vocab,), jnp.float32)
@@ -66,115 +101,82 @@ def make_case(vocab, batch, width, seed=0):
     return params, (W, b), x, target
 
 
-def compile_fn(f, args, *, donate_argnums=()):
-    """``(compiled, compile_seconds, temp_bytes)`` of ``jax.jit(f, donate_argnums=...)`` for ``args``."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(f, donate_argnums=donate_argnums).lower(*args).compile()
-    secs = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    temp = int(mem.temp_size_in_bytes) if mem is not None else -1
-    return compiled, secs, temp
+class Contender(NamedTuple):
+    """One call of :data:`CALL_FORMS`: ``fn(*args, **kwargs)``, ``fn`` jitted as documented."""
+
+    fn: Callable
+    args: tuple
+    kwargs: dict
+    is_step: bool = False  # a training step: its output 1 (params) is fed back as argument 1
+
+    def runner(self):
+        if self.is_step:
+            return training_loop(self.fn, *self.args, state_argnum=1, state_out=1, **self.kwargs)
+        return call(self.fn, *self.args, **self.kwargs)
 
 
-LR = 0.01  # the SGD step size of the training-step rows
-
-
-def time_step(step, state, rest, *, warmup, repeats):
-    """``(median seconds, times, compile seconds, temp bytes)`` of ``state = step(state, *rest)``.
-
-    ``step`` is jitted with ``state`` donated, as in a training loop: the
-    parameters are updated in their own buffers, call after call.
-    """
-    compiled, secs, temp = compile_fn(step, (state, *rest), donate_argnums=0)
-    state = jax.tree.map(jnp.copy, state)  # the caller's arrays stay valid
-    for _ in range(warmup):
-        state = jax.block_until_ready(compiled(state, *rest))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state = jax.block_until_ready(compiled(state, *rest))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, secs, temp
-
-
-def time_fn(fn, args, *, warmup, repeats):
-    """Median seconds of ``fn(*args)`` after ``warmup`` calls (each ends in block_until_ready)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+def contenders(vocab, params, Wb, x, target) -> dict[str, Contender]:
+    """The six contenders of one case, by the labels of :data:`CALL_FORMS`."""
+    W, b = Wb
+    hs = {"n_outputs": vocab}
+    hs_grad = jax.jit(jax.grad(h_softmax_loss, argnums=(0, 1)), static_argnames="n_outputs")
+    hs_step = jax.jit(h_softmax_sgd_step, static_argnames="n_outputs", donate_argnums=1)
+    hs_top_k = jax.jit(h_softmax_top_k, static_argnames=("k", "n_outputs"))
+    return {
+        "hsoftmax": Contender(hs_grad, (x, params, target), hs),
+        "full": Contender(
+            jax.jit(jax.grad(full_softmax_loss, argnums=(0, 1, 2))), Wb + (x, target), {}
+        ),
+        "hsoftmax_step": Contender(hs_step, (x, params, target, LR), hs, is_step=True),
+        "full_step": Contender(
+            jax.jit(full_softmax_sgd_step, donate_argnums=1), (x, Wb, target, LR), {}, is_step=True
+        ),
+        "hsoftmax_topk": Contender(hs_top_k, (x, params, TOP_K), hs),
+        "full_topk": Contender(
+            jax.jit(full_softmax_top_k, static_argnames="k"), (W, b, x, TOP_K), {}
+        ),
+    }
 
 
 def run_case(name, vocab, batch, width, *, warmup, repeats):
-    params, (W, b), x, target = make_case(vocab, batch, width)
+    """One case's row: per contender median ms, timed calls, compile s and temp MB."""
+    params, Wb, x, target = make_case(vocab, batch, width)
     n_classes, _, per_class = params.W2.shape
-
-    def hs_grad(params, x, target):
-        return jax.grad(lambda p, x: h_softmax_loss(x, p, target, n_outputs=vocab), argnums=(0, 1))(
-            params, x
-        )
-
-    def full_grad(W, b, x, target):
-        return jax.grad(full_softmax_loss, argnums=(0, 1, 2))(W, b, x, target)
-
-    # Sanity: the two losses are comparable (both ~log(vocab) at initialisation).
-    hs_loss = float(
-        jax.jit(lambda p, x, t: h_softmax_loss(x, p, t, n_outputs=vocab))(params, x, target)
-    )
-    full_loss = float(jax.jit(full_softmax_loss)(W, b, x, target))
-
-    def hs_top_k(params, x):
-        return h_softmax_top_k(x, params, TOP_K, n_outputs=vocab)
-
-    def full_top_k(W, b, x):
-        return jax.lax.top_k(jax.nn.log_softmax(jnp.dot(x, W) + b[None, :], axis=1), TOP_K)
-
     row = dict(
         case=name, vocab=vocab, batch=batch, width=width, dtype="float32",
         n_classes=n_classes, n_outputs_per_class=per_class,
-        hs_loss_at_init=hs_loss, full_loss_at_init=full_loss,
+        # Sanity: the two losses are comparable (both ~log(vocab) at initialisation).
+        hs_loss_at_init=float(h_softmax_loss(x, params, target, n_outputs=vocab)),
+        full_loss_at_init=float(full_softmax_loss(*Wb, x, target)),
     )  # fmt: skip
-    for label, f, args in (
-        ("hsoftmax", hs_grad, (params, x, target)),
-        ("full", full_grad, (W, b, x, target)),
-        ("hsoftmax_topk", hs_top_k, (params, x)),
-        ("full_topk", full_top_k, (W, b, x)),
-    ):
-        compiled, csec, temp = compile_fn(f, args)
-        med, times = time_fn(compiled, args, warmup=warmup, repeats=repeats)
-        row[f"{label}_ms"] = med * 1e3
-        row[f"{label}_times_ms"] = [t * 1e3 for t in times]
-        row[f"{label}_compile_s"] = csec
-        row[f"{label}_temp_mb"] = temp / 2**20
-        del compiled
-
-    # One SGD training step with the parameters donated: the h_softmax step updates
-    # W2 and b2 sparsely in place (h_softmax_sgd_step); the full softmax step is its
-    # gradient and the dense update.
-    def hs_step(params, x, target):
-        return h_softmax_sgd_step(x, params, target, LR, n_outputs=vocab)[1]
-
-    def full_step(Wb, x, target):
-        grads = jax.grad(full_softmax_loss, argnums=(0, 1))(*Wb, x, target)
-        return jax.tree.map(lambda p, g: p - LR * g, Wb, grads)
-
-    for label, step, state in (
-        ("hsoftmax_step", hs_step, params),
-        ("full_step", full_step, (W, b)),
-    ):
-        med, times, csec, temp = time_step(step, state, (x, target), warmup=warmup, repeats=repeats)
-        row[f"{label}_ms"] = med * 1e3
-        row[f"{label}_times_ms"] = [t * 1e3 for t in times]
-        row[f"{label}_compile_s"] = csec
-        row[f"{label}_temp_mb"] = temp / 2**20
+    runners = {}
+    for label, c in contenders(vocab, params, Wb, x, target).items():
+        stats = compile_stats(c.fn, *c.args, **c.kwargs)
+        row[f"{label}_compile_s"] = stats["compile_s"]
+        row[f"{label}_temp_mb"] = stats["temp_bytes"] / 2**20
+        runners[label] = c.runner()
+    times = time_round_robin(runners, warmup=warmup, repeats=repeats)
+    for label, ts in times.items():
+        row[f"{label}_ms"] = statistics.median(ts) * 1e3
+        row[f"{label}_times_ms"] = [t * 1e3 for t in ts]
     row["speedup"] = row["full_ms"] / row["hsoftmax_ms"]
     row["step_speedup"] = row["full_step_ms"] / row["hsoftmax_step_ms"]
     row["topk_speedup"] = row["full_topk_ms"] / row["hsoftmax_topk_ms"]
     return row
+
+
+def print_row(r):
+    pairs = [("", "speedup"), ("_topk", "topk_speedup"), ("_step", "step_speedup")]
+    cells = " ".join(
+        format(f"{r[f'hsoftmax{s}_ms']:.1f}/{r[f'full{s}_ms']:.1f} ({r[k]:.1f}x)", ">27")
+        for s, k in pairs
+    )
+    print(
+        f"{r['case']:20} {r['n_classes']:>6} x {r['n_outputs_per_class']:<6} {cells} "
+        f"{r['hsoftmax_compile_s']:>6.2f}/{r['full_compile_s']:<6.2f} "
+        f"{r['hsoftmax_temp_mb']:>7.0f}/{r['full_temp_mb']:<7.0f}",
+        flush=True,
+    )
 
 
 def main(argv=None):
@@ -184,39 +186,25 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "bench_hsoftmax.json"))
     args = p.parse_args(argv)
-    cases = QUICK if args.quick else CASES
+    info = machine_info()
     print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); "
-        f"float32; gradient of one training step; medians of {args.repeats} after "
-        f"{args.warmup} warm-up calls"
+        f"{info['cpu']}, {info['cores']} cores; jax {info['jax']} ({info['backend']}); float32; "
+        f"medians of {args.repeats} alternated rounds after {args.warmup} warm-up calls; "
+        "ms h_softmax / full softmax"
     )
-    header = (
-        f"{'case':20} {'classes x slots':>15} {'h-softmax ms':>13} {'full ms':>10} "
-        f"{'speedup':>8} {'compile s (hs/full)':>20} {'temp MB (hs/full)':>18} "
-        f"{'top-10 ms (hs/full)':>20} {'speedup':>8} {'SGD step ms (hs/full)':>22} {'speedup':>8}"
+    print(
+        f"{'case':20} {'classes x slots':15} {'gradient':>27} {'top-10':>27} {'SGD step':>27} "
+        f"{'grad compile s':>13} {'grad temp MB':>15}"
     )
-    print(header)
     rows = []
-    for name, (vocab, batch, width) in cases.items():
-        r = run_case(name, vocab, batch, width, warmup=args.warmup, repeats=args.repeats)
-        rows.append(r)
-        grid = f"{r['n_classes']} x {r['n_outputs_per_class']}"
-        comp = f"{r['hsoftmax_compile_s']:.2f}/{r['full_compile_s']:.2f}"
-        mem = f"{r['hsoftmax_temp_mb']:.0f}/{r['full_temp_mb']:.0f}"
-        print(
-            f"{name:20} {grid:>15} {r['hsoftmax_ms']:13.1f} {r['full_ms']:10.1f} "
-            f"{r['speedup']:7.1f}x {comp:>20} {mem:>18} "
-            f"{r['hsoftmax_topk_ms']:9.1f}/{r['full_topk_ms']:<10.1f} {r['topk_speedup']:7.1f}x "
-            f"{r['hsoftmax_step_ms']:10.1f}/{r['full_step_ms']:<11.1f} {r['step_speedup']:7.1f}x",
-            flush=True,
-        )
+    for name, (vocab, batch, width) in (QUICK if args.quick else CASES).items():
+        rows.append(run_case(name, vocab, batch, width, warmup=args.warmup, repeats=args.repeats))
+        print_row(rows[-1])
     result = dict(
-        benchmark="hsoftmax_grad_vs_full_softmax",
-        jax=jax.__version__,
-        platform=jax.devices()[0].platform,
-        cpu_count=os.cpu_count(),
-        machine=platform.machine(),
-        numpy=np.__version__,
+        benchmark="hsoftmax_vs_full_softmax",
+        machine=info,
+        call_forms=CALL_FORMS,
+        learning_rate=LR,
         repeats=args.repeats,
         warmup=args.warmup,
         rows=rows,

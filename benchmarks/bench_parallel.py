@@ -12,16 +12,18 @@ single-device function measured in the same run:
 Reported per device count: the bytes of weights one device holds (its shard of
 ``W`` or of ``W1``/``b1``/``W2``/``b2``), XLA's per-device compiled memory
 (arguments + temporaries, from ``memory_analysis()``), compile time apart, and
-the median steady-state step time (each call ends in ``block_until_ready``) with
-its ratio to the single-device function.  Also one ``(n, 1)`` data-parallel row
-for comparison.
+the median steady-state step time with its ratio to the single-device function.
+Also one ``(n, 1)`` data-parallel row for comparison.  Each step is called as
+the README's multi-device training loop calls it, ``loss, params =
+jax.jit(step)(params, ...)`` with ``params`` fed back (no donation), every call
+ending in ``block_until_ready``; the layouts of a case are timed alternately.
 
 The devices are forced host CPU devices (``--xla_force_host_platform_device_count``,
 set below before JAX is imported), so on a machine with fewer cores than
 devices they share the cores: the memory figures are what a real mesh gets,
 the times show the overhead of the split, not a speed-up.
 
-    python3 benchmarks/bench_parallel.py [--quick] [--out benchmarks/bench_parallel.json]
+    python3 -m benchmarks.bench_parallel [--quick] [--out PATH]
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ os.environ["XLA_FLAGS"] = (
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -44,6 +45,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import blocksparse_jax as bsj  # noqa: E402
+from benchmarks._machine import machine_info  # noqa: E402
+from benchmarks._timing import compile_stats, time_round_robin, training_loop  # noqa: E402
 from blocksparse_jax import parallel  # noqa: E402
 
 LR = 0.01
@@ -129,71 +132,78 @@ def _shard_bytes(tree) -> int:
     return total
 
 
-def measure(step, args, weights, repeats: int):
-    jitted = jax.jit(step)
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return dict(
-        weight_bytes_per_device=_shard_bytes(weights),
-        compiled_bytes_per_device=int(mem.argument_size_in_bytes + mem.temp_size_in_bytes),
-        compile_s=compile_s,
-        step_ms=1e3 * statistics.median(times),
-    )
+def measure(layouts, make_step, place, *, warmup: int, repeats: int) -> list[dict]:
+    """One row per layout: weights and XLA memory per device, compile s, median step ms.
+
+    The step of every layout is ``jax.jit``-ed as in the README's training loop,
+    ``loss, params = step(params, ...)`` with ``params`` fed back; the layouts are
+    timed alternately.
+    """
+    rows, runners = {}, {}
+    for label, shape in layouts:
+        mesh = None if shape is None else jax.make_mesh(shape, ("data", "model"))
+        args, weights = place(mesh)
+        step = jax.jit(make_step(mesh))
+        stats = compile_stats(step, *args)
+        rows[label] = dict(
+            mesh=label,
+            devices=1 if shape is None else shape[0] * shape[1],
+            weight_bytes_per_device=_shard_bytes(weights),
+            compiled_bytes_per_device=stats["argument_bytes"] + stats["temp_bytes"],
+            compile_s=stats["compile_s"],
+        )
+        runners[label] = training_loop(step, *args, state_argnum=0, state_out=1)
+    times = time_round_robin(runners, warmup=warmup, repeats=repeats)
+    base_ms = 1e3 * statistics.median(times[layouts[0][0]])
+    for label, row in rows.items():
+        row["step_ms"] = 1e3 * statistics.median(times[label])
+        row["ratio_to_single"] = row["step_ms"] / base_ms
+    return list(rows.values())
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "bench_parallel.json"))
-    args = ap.parse_args()
-    repeats = args.repeats or (3 if args.quick else 10)
-    layouts = [("single", None), *[(f"1x{n}", (1, n)) for n in (1, 2, 4, 8)], ("8x1", (8, 1))]
-    results = []
+LAYOUTS = [("single", None), *[(f"1x{n}", (1, n)) for n in (1, 2, 4, 8)], ("8x1", (8, 1))]
+
+
+def print_rows(name, rows):
+    print(f"\n{name}")
     print(
-        f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, "
-        f"{os.cpu_count()} cores"
+        f"{'mesh':>7} {'devices':>7} {'weights/dev MiB':>16} {'XLA mem/dev MiB':>16} "
+        f"{'compile s':>9} {'step ms':>9} {'vs single':>9}"
     )
-    for make in (gemv_case, hsoftmax_case):
-        name, step_for, place = make(args.quick)
-        print(f"\n{name}")
+    for r in rows:
         print(
-            f"{'mesh':>7} {'devices':>7} {'weights/dev MiB':>16} {'XLA mem/dev MiB':>16} "
-            f"{'compile s':>9} {'step ms':>9} {'vs single':>9}"
+            f"{r['mesh']:>7} {r['devices']:>7} {r['weight_bytes_per_device'] / MIB:>16.2f} "
+            f"{r['compiled_bytes_per_device'] / MIB:>16.2f} {r['compile_s']:>9.2f} "
+            f"{r['step_ms']:>9.2f} {r['ratio_to_single']:>9.2f}",
+            flush=True,
         )
-        base = None
-        for label, shape in layouts:
-            mesh = None if shape is None else jax.make_mesh(shape, ("data", "model"))
-            call_args, weights = place(mesh)
-            r = measure(step_for(mesh), call_args, weights, repeats)
-            base = base or r["step_ms"]
-            r.update(
-                case=name,
-                mesh=label,
-                devices=1 if shape is None else shape[0] * shape[1],
-                ratio_to_single=r["step_ms"] / base,
-            )
-            results.append(r)
-            print(
-                f"{label:>7} {r['devices']:>7} {r['weight_bytes_per_device'] / MIB:>16.2f} "
-                f"{r['compiled_bytes_per_device'] / MIB:>16.2f} {r['compile_s']:>9.2f} "
-                f"{r['step_ms']:>9.2f} {r['ratio_to_single']:>9.2f}"
-            )
-    with open(args.out, "w") as f:
-        json.dump(
-            dict(jax=jax.__version__, cores=os.cpu_count(), quick=args.quick, results=results),
-            f,
-            indent=1,
-        )
-    print(f"\nwritten to {args.out}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, few repeats, no JSON")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=None, help="JSON path (default: bench_parallel.json here)")
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 10)
+    info = machine_info()
+    print(
+        f"{info['cpu']}, {info['cores']} cores; jax {info['jax']}, {jax.device_count()} "
+        f"{info['backend']} devices; medians of {repeats} alternated rounds"
+    )
+    results = []
+    for make in (gemv_case, hsoftmax_case):
+        name, make_step, place = make(args.quick)
+        rows = measure(LAYOUTS, make_step, place, warmup=2, repeats=repeats)
+        print_rows(name, rows)
+        results += [dict(row, case=name) for row in rows]
+    out = args.out or (
+        None if args.quick else os.path.join(os.path.dirname(__file__), "bench_parallel.json")
+    )
+    if out:
+        with open(out, "w") as f:
+            json.dump(dict(machine=info, quick=args.quick, results=results), f, indent=1)
+        print(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":
