@@ -43,7 +43,8 @@ from benchmarks import bench_hsoftmax
 from benchmarks._machine import machine_info, measure_bandwidth
 from benchmarks._timing import call, compile_stats, time_round_robin
 from benchmarks.bench_gemv import MODES, QUICK_REGIMES, REGIMES, jitted, make_problem, naive_gemv
-from blocksparse_jax import _execute, sparse_block_gemv
+from blocksparse_jax import sparse_block_gemv
+from blocksparse_jax.blocksparse import choose_strategy, estimate_costs
 
 STRATEGIES = ["gather", "loop", "dense", "grouped"]
 IMPLS = ["auto", *STRATEGIES, "naive", "torch", "numpy"]
@@ -100,8 +101,8 @@ class Regime:
             name,
             tuple(shape),
             make_problem(shape),
-            _execute.choose_strategy(**dims),
-            _execute.estimate_costs(**dims, itemsize=4),
+            choose_strategy(**dims),
+            estimate_costs(**dims, itemsize=4),
         )
 
     @functools.cached_property
