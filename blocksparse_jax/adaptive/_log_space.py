@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from blocksparse_jax import _checks
-from blocksparse_jax import _hsoftmax as _hs
-from blocksparse_jax._blocksparse import _as_array
+from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax.adaptive import _buckets
 from blocksparse_jax.adaptive._params import AdaptiveSoftmaxParams, prepare
+from blocksparse_jax.hsoftmax import _problem as _hs
 
 
 def head_log_probs(x: jax.Array, params: AdaptiveSoftmaxParams, acc) -> jax.Array:
@@ -72,7 +72,7 @@ def _target_log_probs(x, params: AdaptiveSoftmaxParams, t, mask, acc, chunk_rows
     whatever their ``x`` holds (NaN included) reaches no output and no gradient.
     """
     S = params.shortlist_size
-    t, valid = _hs._normalize_target(t, params.n_outputs)
+    t, valid = _hs.normalize_target(t, params.n_outputs)
     keep = valid & mask
     x = jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
     t = jnp.where(keep, t, jnp.zeros((), t.dtype))
@@ -97,7 +97,7 @@ def _full_jit(x, params, *, acc):
 def _target_jit(x, params, t, mask, *, acc, chunk_rows, reduction):
     with jax.named_scope("adaptive_softmax_loss" if reduction else "adaptive_log_softmax"):
         logp = _target_log_probs(x, params, t, mask, acc, chunk_rows)
-        return logp if reduction is None else _hs._reduce_nll(logp, mask, reduction)
+        return logp if reduction is None else _hs.reduce_nll(logp, mask, reduction)
 
 
 def _chunk_rows(batch: int, params: AdaptiveSoftmaxParams) -> tuple[int, ...]:
@@ -106,8 +106,8 @@ def _chunk_rows(batch: int, params: AdaptiveSoftmaxParams) -> tuple[int, ...]:
 
 def _checked_target(target, batch: int, n_outputs: int, batched: bool) -> jax.Array:
     """``target`` as ``(batch,)``; its shape and (when concrete) its values checked."""
-    t = _hs._check_target(target, batch, n_outputs, batched=batched).reshape(batch)
-    _hs._check_target_values(t, n_outputs)  # IndexError when concrete
+    t = _hs.check_target(target, batch, batched=batched).reshape(batch)
+    _hs.check_target_values(t, n_outputs, None, 1)  # IndexError when concrete
     return t
 
 
@@ -233,7 +233,7 @@ def adaptive_softmax_loss(
       [False, True]
     """
     x = _as_array("x", x)
-    target, mask = _hs._loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
+    target, mask = _hs.loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
     x, params, batched, acc = prepare(x, params)
     batch = x.shape[0]
     t = _checked_target(target, batch, params.n_outputs, batched)

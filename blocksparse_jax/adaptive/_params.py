@@ -20,7 +20,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from blocksparse_jax import _checks
-from blocksparse_jax._blocksparse import _as_array
+from blocksparse_jax._checks import as_array as _as_array
 
 _shape = _checks.shape_str
 
