@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
-from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._scope import named
 from blocksparse_jax.hsoftmax import _problem as _p
 from blocksparse_jax.hsoftmax._params import HSoftmaxParams
@@ -17,7 +16,7 @@ def h_log_softmax(
     params: HSoftmaxParams,
     target: ArrayLike | None = None,
     *,
-    n_outputs: int,
+    n_outputs: int | None = None,
     class_sizes: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Log-probabilities of the two-level hierarchical softmax, computed in log space.
@@ -74,7 +73,11 @@ def h_log_softmax(
     prob = _p.prepare(x, params, n_outputs, class_sizes)
     if target is None:
         return _p.run(_all_outputs, prob)
-    return _p.run(_p.Problem.target_log_probs, prob, _p.checked_target(prob, target))
+    return _p.run(_target_log_probs, prob, _p.checked_target(prob, target), None)
+
+
+def _target_log_probs(prob: _p.Problem, t, mask) -> jax.Array:
+    return prob.target_log_probs(t, mask=mask)
 
 
 def _all_outputs(prob: _p.Problem) -> jax.Array:
@@ -87,7 +90,7 @@ def h_softmax_loss(
     params: HSoftmaxParams,
     target: ArrayLike,
     *,
-    n_outputs: int,
+    n_outputs: int | None = None,
     mask: ArrayLike | None = None,
     reduction: str = "mean",
     class_sizes: ArrayLike | None = None,
@@ -134,7 +137,9 @@ def h_softmax_loss(
       >>> jnp.flatnonzero(jnp.any(grads.W2 != 0, axis=(1, 2)))   # classes of 1, 42 and 99
       Array([0, 4, 9], dtype=int32)
     """
-    x = _as_array("x", x)
-    target, mask = _p.loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
-    logp = h_log_softmax(x, params, target, n_outputs=n_outputs, class_sizes=class_sizes)
+    _p.check_reduction(reduction)
+    prob = _p.prepare(x, params, n_outputs, class_sizes)
+    mask = _p.check_mask(mask, prob.lead)
+    t = _p.checked_target(prob, target, mask)
+    logp = _p.run(_target_log_probs, prob, t, mask.reshape(-1))
     return _p.reduce_nll(logp, mask, reduction)

@@ -33,10 +33,16 @@ Works on any ``jax.sharding.Mesh`` - CPU, GPU, TPU, one host or many - with
 
 from __future__ import annotations
 
-from blocksparse_jax.parallel._hsoftmax import h_log_softmax, h_softmax_loss, shard_params
+from blocksparse_jax.parallel._hsoftmax import (
+    ShardedHSoftmaxParams,
+    h_log_softmax,
+    h_softmax_loss,
+    shard_params,
+)
 from blocksparse_jax.parallel._ops import sparse_block_dot, sparse_block_gemv, sparse_block_outer
 
 __all__ = [
+    "ShardedHSoftmaxParams",
     "h_log_softmax",
     "h_softmax_loss",
     "shard_params",
