@@ -55,10 +55,15 @@ def h_softmax_top_k(
     log-probabilities may be broken either way.
 
     Args:
-      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
+        one example.
       params: :class:`HSoftmaxParams`.
-      k: number of outputs to return, in ``[1, number of real outputs]``.
-      n_outputs: number of outputs.
+      k: number of outputs to return, in ``[1, number of real outputs]``; a
+        Python int (static under ``jax.jit``: ``static_argnames="k"``).
+      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``;
+        default ``n_classes * n_outputs_per_class`` from the parameters' shapes
+        (a layout's ``n_outputs``).  A Python int: under ``jax.jit`` leave it
+        out or mark it static (``static_argnames="n_outputs"``).
       class_sizes: optional ``(n_classes,)`` class sizes, as in :func:`h_log_softmax`.
       approximate: search only the best classes.
       n_best_classes: classes searched when ``approximate``.
@@ -67,8 +72,11 @@ def h_softmax_top_k(
         would exceed 4M elements).
 
     Returns:
-      ``(log_probs, indices)``, both ``(batch, k)`` (``(k,)`` for a 1-D ``x``),
-      sorted by decreasing log-probability; ``indices`` int32 output ids.
+      ``(log_probs, indices)``, both ``(..., k)`` (``...`` = ``x.shape[:-1]``),
+      sorted by decreasing log-probability; ``indices`` int32 output ids.  An
+      entry with no output behind it (fewer than ``k`` real outputs, possible
+      with a traced ``class_sizes`` or ``approximate=True``) has
+      log-probability ``-inf`` and index ``-1``.
 
     Raises:
       ValueError: ``k`` outside ``[1, n_outputs]`` (or larger than the number of
@@ -201,13 +209,18 @@ def h_softmax_sample(
 
     Args:
       key: a PRNG key.
-      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
+        one example.
       params: :class:`HSoftmaxParams`.
-      n_outputs: number of outputs.
+      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``;
+        default ``n_classes * n_outputs_per_class`` from the parameters' shapes
+        (a layout's ``n_outputs``).  A Python int: under ``jax.jit`` leave it
+        out or mark it static (``static_argnames="n_outputs"``).
       class_sizes: optional ``(n_classes,)`` class sizes, as in :func:`h_log_softmax`.
 
     Returns:
-      ``(batch,)`` int32 output ids (a scalar for a 1-D ``x``).
+      ``x.shape[:-1]`` int32 output ids; ``-1`` where there is no output to
+      draw (a traced ``class_sizes`` of all zeros).
 
     Raises:
       TypeError, ValueError: as :func:`h_log_softmax`.

@@ -62,6 +62,16 @@ class HSoftmaxLayout(NamedTuple):
 
 def _lookup(table: np.ndarray, name: str, ids) -> jax.Array:
     """``table[ids]`` with ``-1`` where ``ids`` is outside ``[0, len(table))``, selection only."""
+    if not isinstance(ids, jax.Array):
+        host = np.asarray(ids)
+        # Looked up on the host: JAX would wrap an int64 beyond int32 (x64 off).
+        if host.dtype == object and all(type(v) is int for v in host.ravel().tolist()):
+            host = np.array([v if 0 <= v < table.shape[0] else -1 for v in host.ravel()])
+            host = host.reshape(np.shape(ids))
+        if host.dtype.kind in "iu":
+            v = host.astype(np.int64)  # a uint64 beyond int64 turns negative: out of range
+            ok = (v >= 0) & (v < table.shape[0])
+            return jnp.asarray(np.where(ok, table[np.where(ok, v, 0)], -1).astype(np.int32))
     ids = _as_array(name, ids)
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(

@@ -36,27 +36,37 @@ def h_log_softmax(
     targets' classes.  Without it all ``n_outputs`` are computed.
 
     Args:
-      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
+        one example.
       params: :class:`HSoftmaxParams`.
-      target: optional ``(batch,)`` or ``(batch, 1)`` integer outputs in
-        ``[0, n_outputs)`` (a scalar for a 1-D ``x``).
-      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``.
+      target: optional integer outputs in ``[0, n_outputs)`` of shape
+        ``x.shape[:-1]`` (or that with a trailing 1; a scalar for a 1-D ``x``).
+      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``;
+        default ``n_classes * n_outputs_per_class`` from the parameters' shapes
+        (a layout's ``n_outputs``).  A Python int: under ``jax.jit`` leave it
+        out or mark it static (``static_argnames="n_outputs"``).
       class_sizes: optional ``(n_classes,)`` integer number of outputs in each
         class (slots ``0 .. class_sizes[c] - 1``); the other slots are padding,
         with log-probability ``-inf``.  See :func:`frequency_classes`.
 
     Returns:
-      ``(batch, n_outputs)`` log-probabilities without ``target``, else the
-      ``(batch,)`` log-probability of each target (the batch axis dropped for a
-      1-D ``x``).  float64 if any input is float64, else float32 (float16 and
+      ``(..., n_outputs)`` log-probabilities without ``target``, else the
+      ``(...)`` log-probability of each target (``...`` = ``x.shape[:-1]``).  float64 if any input is float64, else float32 (float16 and
       bfloat16 inputs accumulate in float32).
 
     Raises:
       TypeError: non-float weights or inputs, non-integer ``target``.
-      ValueError: shapes that do not match each other, ``n_outputs`` too large.
+      ValueError: shapes that do not match each other, ``n_outputs`` too large,
+        a concrete ``class_sizes`` with no real output.
+      TypeError: a traced ``n_outputs`` (say how to make it static).
       IndexError: a concrete ``target`` outside ``[0, n_outputs)`` or on a
         padded slot.  Under ``jit`` an out-of-range target gets ``-inf`` and
         ``checkify.index_checks`` reports it.
+
+    Differentiation is reverse mode only: ``jax.grad``, ``jax.vjp``,
+    ``jax.jacrev`` and ``jax.jacrev(jax.jacrev(f))`` work; ``jax.jvp``,
+    ``jax.jacfwd`` and ``jax.hessian`` do not (the second level is a custom-VJP
+    block-sparse op).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -107,23 +117,34 @@ def h_softmax_loss(
     ``b2`` is non-zero only in those classes' blocks.
 
     Args:
-      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
+        one example.
       params: :class:`HSoftmaxParams`.
-      target: ``(batch,)`` or ``(batch, 1)`` integer outputs in ``[0, n_outputs)``.
-      n_outputs: number of outputs.
-      mask: optional ``(batch,)`` bool, ``False`` for padding tokens; their
-        targets are ignored (they may be out of range, e.g. ``-1``).
+      target: integer outputs in ``[0, n_outputs)``, shaped ``x.shape[:-1]``
+        (or that with a trailing 1).
+      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``;
+        default ``n_classes * n_outputs_per_class`` from the parameters' shapes
+        (a layout's ``n_outputs``).  A Python int: under ``jax.jit`` leave it
+        out or mark it static (``static_argnames="n_outputs"``).
+      mask: optional bool of shape ``x.shape[:-1]``, ``False`` for padding
+        tokens.  A masked-out example is free: its target may be anything
+        (``-1``, a padded slot) and is not checked, and its ``x`` (even NaN or
+        inf) is selected out before any arithmetic, so it reaches neither the
+        loss nor any gradient.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
       class_sizes: optional ``(n_classes,)`` class sizes, as in
         :func:`h_log_softmax`.
 
     Returns:
-      A scalar, or ``(batch,)`` for ``reduction="none"``; float32 (float64 if
+      A scalar, or ``x.shape[:-1]`` for ``reduction="none"``; float32 (float64 if
       any input is float64).
 
     Raises:
       ValueError: an unknown ``reduction``, a ``mask`` of the wrong shape, and
         everything :func:`h_log_softmax` raises.
+
+    Reverse-mode differentiation only (``jax.grad``, ``jax.jacrev``, nested
+    ``jacrev``); ``jax.jvp`` / ``jacfwd`` / ``hessian`` are not supported.
 
     Examples:
       >>> import jax, jax.numpy as jnp

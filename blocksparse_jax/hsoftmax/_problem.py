@@ -145,7 +145,7 @@ def _host_target(target):
 def check_target(target, lead: tuple[int, ...], mask=None) -> tuple[jax.Array, np.ndarray | None]:
     """Validates ``target``'s dtype and shape against the leading dims ``lead`` of ``x``.
 
-    Returns ``(target as (N,), its concrete values or None)``.  A concrete
+    Returns ``(target as (N,), its concrete values shaped lead, or None)``.  A concrete
     target's values are checked by :func:`check_target_values`.
     """
     host = _host_target(target)
@@ -177,7 +177,7 @@ def check_target(target, lead: tuple[int, ...], mask=None) -> tuple[jax.Array, n
             want = f"have shape x.shape[:-1] = {_shape(lead)} (or that with a trailing 1)"
         raise ValueError(f"target must {want}; got shape {_shape(arr.shape)}")
     n = int(np.prod(lead, dtype=np.int64))
-    return arr.reshape(n), (None if exact is None else np.asarray(exact).reshape(n))
+    return arr.reshape(n), (None if exact is None else np.asarray(exact).reshape(lead))
 
 
 def check_target_values(value, n_outputs: int, class_sizes, per_class: int, keep=None) -> None:
@@ -507,7 +507,6 @@ def checked_target(prob: Problem, target, mask=None) -> jax.Array:
         keep = _checks.concrete_value(mask)
         if keep is None:
             return t
-        keep = keep.reshape(-1)
     check_target_values(value, prob.n_outputs, prob.class_sizes, prob.per_class, keep)
     return t
 

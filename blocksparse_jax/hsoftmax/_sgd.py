@@ -43,13 +43,16 @@ def h_softmax_sgd_step(
     is made in the donated buffer; without donation XLA copies ``W2`` first.
 
     Args:
-      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
+        one example.
       params: :class:`HSoftmaxParams`.
-      target: ``(batch,)`` or ``(batch, 1)`` integer outputs in ``[0, n_outputs)``.
+      target: integer outputs in ``[0, n_outputs)``, shaped ``x.shape[:-1]``.
       learning_rate: scalar step size (an array or a Python float; traced, so a
         schedule does not recompile).
       n_outputs, mask, reduction, class_sizes: as in :func:`h_softmax_loss`;
-        ``reduction`` must reduce to a scalar (``"mean"`` or ``"sum"``).
+        ``reduction`` must reduce to a scalar (``"mean"`` or ``"sum"``).  A
+        masked-out example (and, under ``jit``, an out-of-range or padded
+        target) changes no parameter, whatever its ``x`` holds.
 
     Returns:
       ``(loss, new_params, dx)``: the loss before the step (as

@@ -91,7 +91,8 @@ def h_softmax(
         ("n_classes", n_classes, W1.shape[1], "W1.shape[1]"),
         ("n_outputs_per_class", n_outputs_per_class, W2.shape[2], "W2.shape[2]"),
     ):
-        given = _p.static_int(name, given)
+        if isinstance(given, jax.core.Tracer):
+            _p.static_int(name, given)  # raises, saying how to mark it static
         if given != actual:
             raise ValueError(f"{name}={given} does not match {source}={actual}; pass {actual}")
     n_outputs = _p.check_n_outputs(n_outputs, W2.shape[0], W2.shape[2])

@@ -146,22 +146,27 @@ def h_log_softmax(
     Values and gradients equal the single-device function's.
 
     Args:
-      x: ``(batch, n_in)``.
+      x: ``(batch, n_in)`` or ``(..., n_in)`` (the leading dimensions are
+        flattened into the batch that is split over ``data_axis``).
       params: :class:`blocksparse_jax.HSoftmaxParams`, best placed with
-        :func:`shard_params` (which pads ``n_classes`` to a multiple of the
-        model axis size; padded classes get ``-inf`` logits, zero probability).
-      target: ``None``, or ``(batch,)`` / ``(batch, 1)`` integer outputs in
-        ``[0, n_outputs)``.
-      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``.
+        :func:`shard_params`, which pads ``n_classes`` to a multiple of the
+        model axis size and returns a :class:`ShardedHSoftmaxParams` recording
+        the real class count: ``n_outputs`` and ``class_sizes`` are then checked
+        against the unpadded parameters, exactly as on one device, and padded
+        classes get ``-inf`` logits (zero probability).
+      target: ``None``, or integer outputs in ``[0, n_outputs)`` of shape
+        ``x.shape[:-1]`` (or that with a trailing 1).
+      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``
+        of the unpadded parameters, which is the default.
       mesh: the ``jax.sharding.Mesh`` to run on.
-      class_sizes: optional ``(n_classes,)`` class sizes, as in the
-        single-device function (the unpadded count is fine: the classes
+      class_sizes: optional ``(n_classes,)`` class sizes of the unpadded
+        classes, as in the single-device function (the classes
         :func:`shard_params` added get size 0).
       data_axis: mesh axis the batch is split over (``None``: not split).
       model_axis: mesh axis the classes are split over (``None``: not split).
 
     Returns:
-      ``(batch, n_outputs)`` log-probabilities, or ``(batch,)`` for a target;
+      ``(..., n_outputs)`` log-probabilities, or ``(...)`` for a target;
       float64 if any input is float64, else float32.
 
     Raises:
@@ -213,12 +218,13 @@ def h_softmax_loss(
     ``loss[b] = -log p(target[b] | x[b])`` (see :func:`h_log_softmax`),
     reduced by ``"mean"`` over the unmasked examples (0 if there are none),
     ``"sum"``, or not at all (``"none"``, masked entries 0).  A ``mask`` entry
-    ``False`` marks a padding token whose target is ignored (it may be ``-1``).
+    ``False`` marks a padding token whose target is ignored (it may be ``-1``)
+    and whose ``x`` reaches no gradient, as on one device.
     The gradients of ``W1``, ``b1``, ``W2`` and ``b2`` come back sharded like the
     parameters, and a training step never gathers ``W1`` or ``W2``.
 
     Returns:
-      A scalar, or ``(batch,)`` (sharded over ``data_axis``) for ``reduction="none"``.
+      A scalar, or ``x.shape[:-1]`` for ``reduction="none"``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -255,13 +261,18 @@ def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") 
 
     ``W1`` goes to ``P(None, model_axis)``; ``b1``, ``W2`` and ``b2`` to
     ``P(model_axis)``.  An ``n_classes`` that the model axis size does not
-    divide is padded with zero classes up to the next multiple (not refused).
-    The parallel functions give every class past ``ceil(n_outputs /
-    n_outputs_per_class)`` a ``-inf`` logit, so a padded class has probability 0
-    and gets a zero gradient; values and gradients of the real classes are
-    those of the unpadded parameters.  To get the single-device parameters
-    back, slice the first ``n_classes`` classes:
-    ``HSoftmaxParams(W1[:, :n], b1[:n], W2[:n], b2[:n])``.
+    divide is padded with zero classes up to the next multiple (not refused),
+    and the result, a :class:`ShardedHSoftmaxParams`, records the real count
+    as ``n_real_classes`` (it survives ``jax.grad``, ``jax.tree.map`` and
+    optimizer updates).  The parallel functions keep every padded class empty
+    (a ``-inf`` logit: probability 0, a zero gradient) and check ``n_outputs``
+    and ``class_sizes`` against the real count, so they refuse what the
+    single-device functions refuse.  Values and gradients of the real classes
+    are those of the unpadded parameters.  To get the single-device parameters
+    back, slice the first ``n = params.n_real_classes`` classes:
+    ``HSoftmaxParams(W1[:, :n], b1[:n], W2[:n], b2[:n])``.  Rebuilding a plain
+    ``HSoftmaxParams`` from padded arrays loses the record: every class then
+    counts as real.
 
     Args:
       params: ``HSoftmaxParams(W1, b1, W2, b2)``.
@@ -269,8 +280,8 @@ def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") 
       model_axis: the mesh axis the classes are split over.
 
     Returns:
-      ``HSoftmaxParams`` with ``n_classes`` rounded up to a multiple of the model
-      axis size, sharded as above.
+      :class:`ShardedHSoftmaxParams` with ``n_classes`` rounded up to a multiple
+      of the model axis size, sharded as above.
 
     Examples:
       >>> import jax
