@@ -397,8 +397,13 @@ def test_jacrev_and_second_derivatives_match_the_reference():
     np.testing.assert_allclose(
         jax.jacrev(jax.jacrev(f))(x), jax.jacrev(jax.jacrev(ref))(x), rtol=1e-9, atol=1e-12
     )
-    with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
-        jax.jvp(f, (x,), (x,))
+    for forward in (
+        lambda: jax.jvp(f, (x,), (x,)),
+        lambda: jax.jacfwd(f)(x),
+        lambda: jax.hessian(f)(x),
+    ):
+        with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+            forward()
 
 
 # --------------------------------------------------------------------------------------
