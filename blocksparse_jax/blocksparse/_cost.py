@@ -194,6 +194,10 @@ class AcceleratorCosts:
         a grouped-matmul kernel (TPU).  Elsewhere (XLA:GPU's default) it is
         expanded to one zero-padded product per group, and ``ragged`` is costed
         as such (it is then rarely chosen).
+      ragged_max_groups: the most groups (``min(pairs, i_blocks * o_blocks)``)
+        with which ``auto`` considers ``ragged``: ``jax.export`` legalizes
+        ``chlo.ragged_dot`` into code whose size grows with the group count
+        (tens of MB and tens of seconds at 16384 groups).
       budget_fraction: fraction of the device's memory (``bytes_limit`` of
         ``jax.Device.memory_stats()``) one gathered buffer may take.
       default_budget_bytes: the budget when the device's memory is unknown (when
@@ -209,6 +213,7 @@ class AcceleratorCosts:
     sort_step: float = 2e-11
     group_tile_rows: int = 128
     grouped_matmul_platforms: tuple[str, ...] = ("tpu",)
+    ragged_max_groups: int = 1024
     budget_fraction: float = 0.25
     default_budget_bytes: int = 2 * 2**30
 
@@ -298,8 +303,9 @@ def estimate_accelerator_costs(
     * ragged: on a grouped-matmul platform, the distinct blocks gathered once
       (read, written, read), the activation rows permuted into block order and
       back, the products padded per group to ``group_tile_rows`` at ``flops``, the
-      sort.  Elsewhere one padded product per group: ``capacity`` times the
-      flops and the ``(pairs, o_size)`` output per group.
+      sort.  Elsewhere one zero-padded product per group: ``capacity`` times
+      the flops, and a masked ``(pairs, i_size)`` input and ``(pairs, o_size)``
+      output per group written and read.  Infinite beyond ``ragged_max_groups``.
     * dense: ``2 * batch * i_blocks*i_size * o_blocks*o_size`` flops at ``flops``,
       ``W`` read once, the dense activations; infinite when those activations
       exceed the budget.
@@ -337,9 +343,11 @@ def estimate_accelerator_costs(
             8 * c.launch
             + sort
             + capacity * (2.0 * pairs * i_size * o_size / c.flops)
-            + capacity * pairs * o_size * 4 / c.bandwidth
+            + 2 * capacity * pairs * (i_size * itemsize + o_size * 4) / c.bandwidth
             + (3 * capacity * blk + 4 * act) / c.bandwidth
         )
+    if capacity > c.ragged_max_groups:
+        ragged = math.inf
     dense_act = batch * (i_blocks * i_size + o_blocks * o_size) * max(itemsize, 4)
     if dense_act > budget:
         dense = math.inf
