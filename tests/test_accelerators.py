@@ -312,3 +312,10 @@ def test_cost_model_counts_its_chunks():
         tiny_budget = _cost.estimate_accelerator_costs(platform="cuda", **dims, itemsize=4)
     assert tiny_budget["gather"] > small["gather"]
     assert re.fullmatch(r"\d+", str(_cost.accelerator_budget("cuda")))
+
+
+def test_device_benchmark_stops_on_cpu(capsys):
+    from benchmarks import device
+
+    assert device.main([]) == 2
+    assert "needs a GPU or TPU" in capsys.readouterr().out
