@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 
 import jax
@@ -251,6 +252,7 @@ def accelerator_costs(costs: AcceleratorCosts | None = None, /, **changes):
         _ACCELERATOR_COSTS.pop()
 
 
+@functools.cache
 def _device_bytes_limit(platform: str) -> int | None:
     """``bytes_limit`` of the first local device of ``platform``, if this host has one."""
     try:
