@@ -319,3 +319,44 @@ def test_device_benchmark_stops_on_cpu(capsys):
 
     assert device.main([]) == 2
     assert "needs a GPU or TPU" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# The experimental Pallas kernel.
+# --------------------------------------------------------------------------------------
+
+
+def test_pallas_values_and_gradients_in_interpret_mode():
+    """On CPU ``strategy="pallas"`` runs the TPU kernel in interpret mode: reference values."""
+    p = _problem((4, 3, 5, 2, 3, 4, 8), seed=6)
+    p["ii"][1] = 2  # a repeated block
+
+    @jax.jit
+    def run(W, h):
+        gemv = lambda W, h: bsj.sparse_block_gemv(p["o"], W, h, p["ii"], p["oi"], strategy="pallas")
+        out, vjp = jax.vjp(gemv, W, h)
+        return out, vjp(p["g"])
+
+    out, (dW, dh) = run(p["W"], p["h"])
+    want = gemv_ref(p["o"], p["W"], p["h"], p["ii"], p["oi"])
+    chex.assert_trees_all_close(out, want, rtol=1e-12, atol=1e-12)
+    want_grads = gemv_grads_ref(p["W"], p["h"], p["ii"], p["oi"], p["g"])
+    chex.assert_trees_all_close((dW, dh), want_grads, rtol=1e-12, atol=1e-12)
+    assert "pallas" not in _dispatch.STRATEGIES  # experimental: never among auto's choices
+
+
+@pytest.mark.parametrize(
+    "platform, target", [("tpu", "tpu_custom_call"), ("cuda", "__gpu$xla.gpu.triton")]
+)
+def test_pallas_exports_its_kernel(platform, target):
+    a = _abstract((8, 4, 4, 2, 2, 16, 32))
+
+    def f(o, W, h, ii, oi):
+        loss = lambda W, h: jnp.sum(bsj.sparse_block_gemv(o, W, h, ii, oi, strategy="pallas"))
+        return jax.grad(loss, argnums=(0, 1))(W, h)
+
+    checks = [export.DisabledSafetyCheck.custom_call(target)]
+    exp = export.export(jax.jit(f), platforms=[platform], disabled_checks=checks)(
+        a["o"], a["W"], a["h"], a["ii"], a["oi"]
+    )
+    assert exp.mlir_module().count(target) == 1  # the transposed gemv of dh; dW is gather's

@@ -34,10 +34,13 @@ import numpy as np
 from jax import lax
 
 from blocksparse_jax._checks import common_float_dtype
-from blocksparse_jax.blocksparse import _cost, _dense, _gather, _grouped, _loop, _ragged
+from blocksparse_jax.blocksparse import _cost, _dense, _gather, _grouped, _loop, _pallas, _ragged
 
 STRATEGIES = ("auto", "gather", "loop", "dense", "grouped", "ragged")
 """Valid values of the ``strategy=`` keyword of the public ops."""
+
+EXPERIMENTAL_STRATEGIES = ("pallas",)
+"""Also accepted by ``strategy=``, never chosen by ``auto``: not yet measured on hardware."""
 
 _IMPLEMENTATIONS = {
     "gather": _gather,
@@ -45,24 +48,26 @@ _IMPLEMENTATIONS = {
     "dense": _dense,
     "grouped": _grouped,
     "ragged": _ragged,
+    "pallas": _pallas,
 }
 _ACCELERATORS = ("cuda", "rocm", "tpu")
 
 
 def check_strategy(strategy) -> str:
     """Returns ``strategy`` if it names a strategy; raises ``ValueError`` listing the valid ones."""
-    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES + EXPERIMENTAL_STRATEGIES:
         raise ValueError(
             f"strategy must be one of {', '.join(repr(s) for s in STRATEGIES)}; got {strategy!r}"
         )
     return strategy
 
 
-def plan(strategy: str, **dims) -> dict[str, tuple[str, int | None]]:
-    """``{platform: (strategy, gather budget)}`` for ``cpu``, ``cuda``, ``rocm`` and ``tpu``.
+def plan(strategy: str, **dims) -> dict[str, tuple]:
+    """``{platform: (strategy, gather budget, kernel)}`` for ``cpu``, ``cuda``, ``rocm``, ``tpu``.
 
     ``dims`` are the static shapes of :func:`~blocksparse_jax.blocksparse._cost.estimate_costs`.
-    The budget (bytes of one gathered chunk) is ``None`` for other strategies.
+    The budget (bytes of one gathered chunk) is ``None`` for strategies that
+    gather nothing; the kernel is the Pallas backend of ``"pallas"`` (else ``None``).
     """
     plans = {}
     for platform in ("cpu", *_ACCELERATORS):
@@ -76,7 +81,8 @@ def plan(strategy: str, **dims) -> dict[str, tuple[str, int | None]]:
                 else strategy
             )
             budget = _cost.accelerator_budget(platform)
-        plans[platform] = (name, budget if name == "gather" else None)
+        kernel = _pallas.BACKENDS[platform] if name == "pallas" else None
+        plans[platform] = (name, budget if name in ("gather", "pallas") else None, kernel)
     return plans
 
 
@@ -128,8 +134,9 @@ def gemv_contract(
         return jnp.zeros((batch, o_win, o_size), acc_dtype)
 
     def impl(p, W, h, input_idx, output_idx):
-        name, budget = p
-        kw = {} if budget is None else {"budget": budget}
+        name, budget, kernel = p
+        kw = {} if name != "gather" else {"budget": budget}
+        kw = kw if kernel is None else {"backend": kernel}
         return _IMPLEMENTATIONS[name].gemv(
             W, h, input_idx, output_idx, transpose_w=transpose_w, acc_dtype=acc_dtype, **kw
         )
@@ -175,7 +182,7 @@ def outer_contract(
         return o
 
     def impl(p, o, x, y, x_idx, y_idx, alpha):
-        name, budget = p
+        name, budget, _ = p
         if name == "ragged":
             return _ragged.outer(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype)
         kw = {} if budget is None else {"budget": budget}
