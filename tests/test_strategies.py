@@ -18,7 +18,7 @@ from blocksparse_jax import sparse_block_dot, sparse_block_gemv, sparse_block_ou
 from blocksparse_jax.blocksparse import _cost, _gather
 from tests.reference import dot_ref, gemv_grads_ref, gemv_ref, outer_ref
 
-STRATEGIES = ["gather", "loop", "dense", "grouped"]
+STRATEGIES = ["gather", "loop", "dense", "grouped", "ragged"]
 SMALL = (5, 3, 4, 2, 3, 2, 5)  # (batch, i_blocks, o_blocks, i_win, o_win, i_size, o_size)
 
 
@@ -307,7 +307,7 @@ def test_auto_exports_each_platform_its_own_branch(monkeypatch, cpu_choice):
 @pytest.mark.parametrize("bad", ["fast", "Gather", None, 3])
 def test_bad_strategy_name(bad):
     p = _problem(SMALL)
-    msg = r"strategy must be one of 'auto', 'gather', 'loop', 'dense', 'grouped'; got"
+    msg = r"strategy must be one of 'auto', 'gather', 'loop', 'dense', 'grouped', 'ragged'; got"
     with pytest.raises(ValueError, match=msg):
         sparse_block_gemv(p["o"], p["W"], p["h"], p["ii"], p["oi"], strategy=bad)
     with pytest.raises(ValueError, match=msg):

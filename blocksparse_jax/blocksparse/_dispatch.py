@@ -2,16 +2,25 @@
 
 Everything above this module (validation, index normalisation, masking of
 out-of-range entries, the custom VJPs) is shared; everything below it (one
-module per strategy: ``_gather``, ``_loop``, ``_dense``, ``_grouped``) only sees
-in-range ``int32`` indices and returns results in the accumulation dtype.
-Every strategy computes the same sums (repeated indices accumulate); they
-differ in how they move memory.
+module per strategy: ``_gather``, ``_loop``, ``_dense``, ``_grouped``,
+``_ragged``) only sees in-range ``int32`` indices.  Every strategy computes the
+same sums (repeated indices accumulate); they differ in how they move memory.
 
-``auto`` (the default of the public ops) picks one with
-:func:`~blocksparse_jax.blocksparse._cost.choose_strategy`, a cost model over
-the static shapes, and by backend: the choice is wrapped in
-``jax.lax.platform_dependent`` so one jitted or exported function runs the CPU
-choice on CPU and ``gather`` on GPU and TPU (where a sequential loop is slow).
+Each call is planned per backend, from the static shapes:
+
+* CPU: ``auto`` is the cheapest by the CPU cost model
+  (:func:`~blocksparse_jax.blocksparse._cost.choose_strategy`); ``gather``
+  chunks the batch under a cache-sized budget.
+* GPU (``cuda``, ``rocm``) and TPU: ``auto`` is the cheapest by the accelerator
+  cost model among ``gather``, ``ragged`` and ``dense``
+  (:func:`~blocksparse_jax.blocksparse._cost.choose_accelerator_strategy`),
+  never a sequential loop; ``gather`` takes the device budget
+  (:func:`~blocksparse_jax.blocksparse._cost.accelerator_budget`), so it runs
+  in one shot when the gathered blocks fit and in few large chunks otherwise.
+
+When the plans differ the call is a ``jax.lax.platform_dependent``, so one
+jitted or exported function runs each backend's plan (``jit`` on one backend
+lowers only that backend's branch).  Any other platform runs the GPU plan.
 
 Shape letters (the one vocabulary of the package): ``b`` batch, ``i`` i_win,
 ``j`` o_win, ``s`` i_size, ``t`` o_size.
@@ -25,37 +34,64 @@ import numpy as np
 from jax import lax
 
 from blocksparse_jax._checks import common_float_dtype
-from blocksparse_jax.blocksparse import _cost, _dense, _gather, _grouped, _loop
+from blocksparse_jax.blocksparse import _cost, _dense, _gather, _grouped, _loop, _pallas, _ragged
 
-STRATEGIES = ("auto", "gather", "loop", "dense", "grouped")
+STRATEGIES = ("auto", "gather", "loop", "dense", "grouped", "ragged")
 """Valid values of the ``strategy=`` keyword of the public ops."""
 
-_IMPLEMENTATIONS = {"gather": _gather, "loop": _loop, "dense": _dense, "grouped": _grouped}
+EXPERIMENTAL_STRATEGIES = ("pallas",)
+"""Also accepted by ``strategy=``, never chosen by ``auto``: not yet measured on hardware."""
+
+_IMPLEMENTATIONS = {
+    "gather": _gather,
+    "loop": _loop,
+    "dense": _dense,
+    "grouped": _grouped,
+    "ragged": _ragged,
+    "pallas": _pallas,
+}
+_ACCELERATORS = ("cuda", "rocm", "tpu")
 
 
 def check_strategy(strategy) -> str:
     """Returns ``strategy`` if it names a strategy; raises ``ValueError`` listing the valid ones."""
-    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES + EXPERIMENTAL_STRATEGIES:
         raise ValueError(
             f"strategy must be one of {', '.join(repr(s) for s in STRATEGIES)}; got {strategy!r}"
         )
     return strategy
 
 
-def _resolve(strategy: str, **dims) -> str:
-    """``strategy`` itself, or for ``"auto"`` the CPU choice for these static shapes."""
-    return _cost.choose_strategy(**dims) if strategy == "auto" else strategy
+def plan(strategy: str, **dims) -> dict[str, tuple]:
+    """``{platform: (strategy, gather budget, kernel)}`` for ``cpu``, ``cuda``, ``rocm``, ``tpu``.
+
+    ``dims`` are the static shapes of :func:`~blocksparse_jax.blocksparse._cost.estimate_costs`.
+    The budget (bytes of one gathered chunk) is ``None`` for strategies that
+    gather nothing; the kernel is the Pallas backend of ``"pallas"`` (else ``None``).
+    """
+    plans = {}
+    for platform in ("cpu", *_ACCELERATORS):
+        if platform == "cpu":
+            name = _cost.choose_strategy(**dims) if strategy == "auto" else strategy
+            budget = _gather.GATHER_BUDGET_BYTES
+        else:
+            name = (
+                _cost.choose_accelerator_strategy(platform=platform, **dims)
+                if strategy == "auto"
+                else strategy
+            )
+            budget = _cost.accelerator_budget(platform)
+        kernel = _pallas.BACKENDS[platform] if name == "pallas" else None
+        plans[platform] = (name, budget if name in ("gather", "pallas") else None, kernel)
+    return plans
 
 
-def _by_platform(cpu_choice: str, impl, *args):
-    """``impl(cpu_choice, *args)`` on CPU and ``impl("gather", *args)`` elsewhere."""
-    if cpu_choice == "gather":
-        return impl("gather", *args)
-    return lax.platform_dependent(
-        *args,
-        cpu=lambda *a: impl(cpu_choice, *a),
-        default=lambda *a: impl("gather", *a),
-    )
+def _by_platform(plans, impl, *args):
+    """``impl(plan, *args)`` with each platform's plan (one branch when they agree)."""
+    if len(set(plans.values())) == 1:
+        return impl(plans["cpu"], *args)
+    branches = {p: (lambda *a, q=q: impl(q, *a)) for p, q in plans.items()}
+    return lax.platform_dependent(*args, default=branches["cuda"], **branches)
 
 
 def gemv_contract(
@@ -83,7 +119,7 @@ def gemv_contract(
         i_blocks, o_blocks, i_size, o_size = cols_blocks, rows_blocks, t, s
     else:
         i_blocks, o_blocks, i_size, o_size = rows_blocks, cols_blocks, s, t
-    choice = _resolve(
+    plans = plan(
         strategy,
         batch=batch,
         i_blocks=i_blocks,
@@ -97,14 +133,15 @@ def gemv_contract(
     if batch == 0 or i_win == 0 or o_win == 0:
         return jnp.zeros((batch, o_win, o_size), acc_dtype)
 
-    def impl(name, W, h, input_idx, output_idx):
+    def impl(p, W, h, input_idx, output_idx):
+        name, budget, kernel = p
+        kw = {} if name != "gather" else {"budget": budget}
+        kw = kw if kernel is None else {"backend": kernel}
         return _IMPLEMENTATIONS[name].gemv(
-            W, h, input_idx, output_idx, transpose_w=transpose_w, acc_dtype=acc_dtype
+            W, h, input_idx, output_idx, transpose_w=transpose_w, acc_dtype=acc_dtype, **kw
         )
 
-    if strategy == "auto":
-        return _by_platform(choice, impl, W, h, input_idx, output_idx)
-    return impl(choice, W, h, input_idx, output_idx)
+    return _by_platform(plans, impl, W, h, input_idx, output_idx)
 
 
 def outer_contract(
@@ -120,15 +157,17 @@ def outer_contract(
 ) -> jax.Array:
     """``o`` with ``alpha * outer(x[b, i], y[b, j])`` added to block ``(x_idx[b, i], y_idx[b, j])``.
 
-    Returns ``o``'s shape in ``acc_dtype``; repeated blocks accumulate.
+    Returns ``o``'s shape and dtype; repeated blocks accumulate in ``acc_dtype``
+    (``ragged`` sums each distinct block's updates in ``acc_dtype`` and adds
+    them to ``o`` once; the other strategies accumulate into an ``acc_dtype``
+    copy of ``o``).
     """
     dt = common_float_dtype(x.dtype, y.dtype)
-    x, y = jnp.asarray(x, dt), jnp.asarray(y, dt)
-    o = jnp.asarray(o, acc_dtype)
+    x, y, o = jnp.asarray(x, dt), jnp.asarray(y, dt), jnp.asarray(o)
     alpha = jnp.asarray(alpha, acc_dtype)
     batch, x_win, x_size = x.shape
     y_win, y_size = y.shape[1:]
-    choice = _resolve(
+    plans = plan(
         strategy,
         batch=batch,
         i_blocks=o.shape[0],
@@ -142,9 +181,14 @@ def outer_contract(
     if batch == 0 or x_win == 0 or y_win == 0:
         return o
 
-    def impl(name, o, x, y, x_idx, y_idx, alpha):
-        return _IMPLEMENTATIONS[name].outer(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype)
+    def impl(p, o, x, y, x_idx, y_idx, alpha):
+        name, budget, _ = p
+        if name == "ragged":
+            return _ragged.outer(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype)
+        kw = {} if budget is None else {"budget": budget}
+        out = _IMPLEMENTATIONS[name].outer(
+            o.astype(acc_dtype), x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype, **kw
+        )
+        return out.astype(o.dtype)
 
-    if strategy == "auto":
-        return _by_platform(choice, impl, o, x, y, x_idx, y_idx, alpha)
-    return impl(choice, o, x, y, x_idx, y_idx, alpha)
+    return _by_platform(plans, impl, o, x, y, x_idx, y_idx, alpha)

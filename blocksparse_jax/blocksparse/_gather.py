@@ -1,9 +1,12 @@
 """The ``gather`` strategy: gather the selected blocks and contract with one einsum.
 
 The selected blocks are gathered into a ``(chunk, i_win, o_win, i_size,
-o_size)`` buffer, over chunks of the batch so that the buffer stays under
-:data:`GATHER_BUDGET_BYTES` (a chunk holds at least one example); the weight
-update scatter-adds each chunk's outer products.
+o_size)`` buffer, over chunks of the batch so that the buffer stays under a
+byte budget (a chunk holds at least one example): :data:`GATHER_BUDGET_BYTES`
+on CPU, where a small chunk stays in cache; on GPU and TPU the dispatcher
+passes a budget tied to the device's memory, so that the whole batch is
+usually one chunk (no loop).  The weight update scatter-adds each chunk's
+outer products.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ GATHER_BUDGET_BYTES = 2 * 2**20
 """Largest gathered-block buffer of the ``gather`` strategy (one chunk of the batch)."""
 
 
-def chunk_size(batch: int, per_example_bytes: int) -> int:
-    """Examples per chunk: as many as fit :data:`GATHER_BUDGET_BYTES`, at least one."""
-    return max(1, min(batch, GATHER_BUDGET_BYTES // max(per_example_bytes, 1)))
+def chunk_size(batch: int, per_example_bytes: int, budget: int = GATHER_BUDGET_BYTES) -> int:
+    """Examples per chunk: as many as fit ``budget`` bytes, at least one."""
+    return max(1, min(batch, budget // max(per_example_bytes, 1)))
 
 
 def _split(x, chunk, n):
@@ -38,11 +41,11 @@ def _gemv_all(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
     return jnp.einsum(spec, h, blocks, preferred_element_type=acc_dtype)
 
 
-def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
+def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype, budget=GATHER_BUDGET_BYTES):
     batch, i_win, _ = h.shape
     o_win = output_idx.shape[1]
     per_example = i_win * o_win * W.shape[2] * W.shape[3] * W.dtype.itemsize
-    chunk = chunk_size(batch, per_example)
+    chunk = chunk_size(batch, per_example, budget)
     f = lambda a: _gemv_all(W, *a, transpose_w=transpose_w, acc_dtype=acc_dtype)
     if chunk >= batch:
         return f((h, input_idx, output_idx))
@@ -58,11 +61,11 @@ def _outer_all(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
     return o.at[x_idx[:, :, None], y_idx[:, None, :]].add(upd * alpha)
 
 
-def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
+def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype, budget=GATHER_BUDGET_BYTES):
     batch, x_win, _ = x.shape
     y_win = y.shape[1]
     per_example = x_win * y_win * o.shape[2] * o.shape[3] * o.dtype.itemsize
-    chunk = chunk_size(batch, per_example)
+    chunk = chunk_size(batch, per_example, budget)
     if chunk >= batch:
         return _outer_all(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype)
     n = -(-batch // chunk)

@@ -14,7 +14,13 @@ from jax import lax
 
 from blocksparse_jax.blocksparse._carry import carry
 from blocksparse_jax.blocksparse._cost import group_rows
-from blocksparse_jax.blocksparse._pairs import block, block_product, outer_product, pair_blocks
+from blocksparse_jax.blocksparse._pairs import (
+    block,
+    block_product,
+    loop_operand,
+    outer_product,
+    pair_blocks,
+)
 
 
 def _runs(rows, cols):
@@ -47,13 +53,14 @@ def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
     hs = h[pb, pi]  # (n, in_size), activations in sorted order
     hs = jnp.concatenate([hs, jnp.zeros((P, in_size), hs.dtype)])
     lane = jnp.arange(P, dtype=jnp.int32)
+    Wl, w_dtype = loop_operand(W)
 
     def cond(state):
         return state[0] < n
 
     def body(state):
         pos, ys = state
-        blk = block(W, rs[pos], cs[pos])
+        blk = block(Wl, rs[pos], cs[pos], w_dtype)
         x = lax.dynamic_slice_in_dim(hs, pos, P)
         y = block_product(x, blk, transpose_w=transpose_w, acc_dtype=acc_dtype)
         end = jnp.minimum(pos + P, run_end[pos])
@@ -62,7 +69,7 @@ def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
         return end, lax.dynamic_update_slice_in_dim(ys, new, pos, 0)
 
     ys0 = jnp.zeros((n + P, out_size), acc_dtype)
-    _, ys = lax.while_loop(cond, body, carry((jnp.int32(0), ys0), W, hs, rs, cs, run_end))
+    _, ys = lax.while_loop(cond, body, carry((jnp.int32(0), ys0), Wl, hs, rs, cs, run_end))
     out = jnp.zeros((batch * o_win, out_size), acc_dtype)
     out = out.at[pb * o_win + pj].add(ys[:n])
     return out.reshape(batch, o_win, out_size)

@@ -11,7 +11,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from blocksparse_jax.blocksparse._carry import carry
-from blocksparse_jax.blocksparse._pairs import block, block_product, outer_product, pair_blocks
+from blocksparse_jax.blocksparse._pairs import (
+    block,
+    block_product,
+    loop_operand,
+    outer_product,
+    pair_blocks,
+)
 
 
 def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
@@ -22,11 +28,12 @@ def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
     rows, cols = rows.reshape(-1), cols.reshape(-1)
     hf = h.reshape(batch * i_win, h.shape[2])
     n = batch * i_win * o_win
+    Wl, w_dtype = loop_operand(W)
 
     def body(p, out):
         b, rem = p // (i_win * o_win), p % (i_win * o_win)
         i, j = rem // o_win, rem % o_win
-        blk = block(W, rows[p], cols[p])
+        blk = block(Wl, rows[p], cols[p], w_dtype)
         hv = lax.dynamic_slice_in_dim(hf, b * i_win + i, 1)  # (1, size)
         y = block_product(hv, blk, transpose_w=transpose_w, acc_dtype=acc_dtype)
         k = b * o_win + j

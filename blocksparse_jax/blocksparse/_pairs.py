@@ -15,10 +15,29 @@ def pair_blocks(input_idx, output_idx, transpose_w):
     return (oi, ii) if transpose_w else (ii, oi)
 
 
-def block(W, r, c):
-    """``W[r, c]`` as ``(s, t)`` through a dynamic slice (no gather)."""
+def loop_operand(W):
+    """``W`` as a loop of the strategies carries it: low-precision floats as their bits.
+
+    XLA:CPU has no low-precision products and converts a low-precision
+    ``W`` carried by a loop to float32 as a whole (a float32 copy of ``W``);
+    carried as unsigned integers of the same width, each block is converted
+    back (:func:`block`) and widened inside the loop, one block at a time.
+    """
+    if W.dtype.itemsize < 4:
+        return lax.bitcast_convert_type(W, jnp.dtype(f"uint{8 * W.dtype.itemsize}")), W.dtype
+    return W, W.dtype
+
+
+def block(W, r, c, dtype=None):
+    """``W[r, c]`` as ``(s, t)`` through a dynamic slice (no gather).
+
+    ``W`` may be the bits of :func:`loop_operand`; ``dtype`` is then its float dtype.
+    """
     z = jnp.zeros((), r.dtype)
-    return lax.dynamic_slice(W, (r, c, z, z), (1, 1, W.shape[2], W.shape[3]))[0, 0]
+    blk = lax.dynamic_slice(W, (r, c, z, z), (1, 1, W.shape[2], W.shape[3]))[0, 0]
+    if dtype is not None and blk.dtype != dtype:
+        blk = lax.bitcast_convert_type(blk, dtype)
+    return blk
 
 
 def block_product(x, blk, *, transpose_w, acc_dtype):

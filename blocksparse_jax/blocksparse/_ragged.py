@@ -1,0 +1,94 @@
+"""The ``ragged`` strategy: a grouped matrix product (``jax.lax.ragged_dot``) over the touched blocks.
+
+The ``(example, i, j)`` pairs are sorted by the block they use; the pairs of
+one block form a group.  The distinct blocks (at most ``capacity =
+min(pairs, i_blocks * o_blocks)``, a static bound; unused groups are empty) are
+gathered once into a ``(capacity, i_size, o_size)`` buffer and multiplied by
+the activation rows of their group in one ``ragged_dot``; the weight update is
+``ragged_dot``'s other mode (the pairs ragged along the contracted axis), one
+``(i_size, o_size)`` sum per distinct block, accumulated in the accumulation
+dtype and added to its block once, in ``o``'s dtype.
+
+How ``ragged_dot`` runs depends on the backend: a grouped-matmul kernel on TPU;
+on XLA:GPU (by default) one zero-padded product per group, ``capacity`` times
+the flops of the useful work; on CPU a correct but slow expansion.  ``auto``
+picks this strategy only where its cost model says so (see ``_cost``).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from blocksparse_jax.blocksparse._pairs import pair_blocks
+
+
+def _groups(rows, cols, n_cols, capacity):
+    """Sorts the pairs by block; the groups of equal blocks.
+
+    Returns ``(perm, sizes, g_rows, g_cols, used)``: the sorting permutation of
+    the pairs, the ``(capacity,)`` group sizes (zero for unused groups), each
+    group's block (block ``(0, 0)`` for an unused group) and whether it is used.
+    """
+    n = rows.shape[0]
+    key = rows * n_cols + cols
+    skey, perm = lax.sort((key, jnp.arange(n, dtype=jnp.int32)), num_keys=1)
+    start = jnp.concatenate([jnp.ones((1,), jnp.bool_), skey[1:] != skey[:-1]])
+    gid = jnp.cumsum(start.astype(jnp.int32)) - 1
+    sizes = jnp.zeros((capacity,), jnp.int32).at[gid].add(1)
+    gkey = jnp.zeros((capacity,), jnp.int32).at[gid].max(skey)
+    used = sizes > 0
+    return perm, sizes, gkey // n_cols, gkey % n_cols, used
+
+
+def _pair_positions(perm, i_win, o_win):
+    """``(b, i, j)`` of each sorted pair."""
+    return perm // (i_win * o_win), (perm // o_win) % i_win, perm % o_win
+
+
+def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
+    batch, i_win, _ = h.shape
+    o_win = output_idx.shape[1]
+    out_size = W.shape[2] if transpose_w else W.shape[3]
+    n = batch * i_win * o_win
+    capacity = min(n, W.shape[0] * W.shape[1])
+    rows, cols = pair_blocks(input_idx, output_idx, transpose_w)
+    perm, sizes, g_rows, g_cols, _ = _groups(
+        rows.reshape(-1), cols.reshape(-1), W.shape[1], capacity
+    )
+    pb, pi, pj = _pair_positions(perm, i_win, o_win)
+    lhs = h[pb, pi]  # (n, in_size), the activation rows in block order
+    rhs = W[g_rows, g_cols]  # (capacity, i_size, o_size), each touched block once
+    contract = 2 if transpose_w else 1  # the transposed block is contracted on its o_size
+    dims = lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (contract,)), ((), ())),
+        lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[0],
+    )
+    y = lax.ragged_dot_general(lhs, rhs, sizes, dims, preferred_element_type=acc_dtype)
+    out = jnp.zeros((batch * o_win, out_size), acc_dtype).at[pb * o_win + pj].add(y)
+    return out.reshape(batch, o_win, out_size)
+
+
+def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
+    """``o`` (in its own dtype) plus each distinct block's summed update, added once."""
+    batch, x_win, _ = x.shape
+    y_win = y.shape[1]
+    n = batch * x_win * y_win
+    capacity = min(n, o.shape[0] * o.shape[1])
+    rows, cols = pair_blocks(x_idx, y_idx, False)
+    perm, sizes, g_rows, g_cols, used = _groups(
+        rows.reshape(-1), cols.reshape(-1), o.shape[1], capacity
+    )
+    pb, pi, pj = _pair_positions(perm, x_win, y_win)
+    dims = lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((0,), (0,)), ((), ())),
+        lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[],
+    )
+    upd = lax.ragged_dot_general(
+        x[pb, pi], y[pb, pj], sizes, dims, preferred_element_type=acc_dtype
+    )  # (capacity, x_size, y_size)
+    new = (o[g_rows, g_cols].astype(acc_dtype) + alpha.astype(acc_dtype) * upd).astype(o.dtype)
+    g_rows = jnp.where(used, g_rows, o.shape[0])  # an unused group writes nothing
+    return o.at[g_rows, g_cols].set(new, mode="drop")
