@@ -30,7 +30,7 @@ def as_array(name: str, x) -> jax.Array:
         return x
     try:
         return jnp.asarray(x)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # None is a ValueError in jnp.asarray
         raise TypeError(f"{name} must be an array; got {type(x).__name__}") from e
 
 

@@ -90,3 +90,10 @@ def test_zero_d_and_bool_indices_are_refused_with_the_argument_name():
         bsj.sparse_block_gemv(OUT, W, H, [[0], [1]], np.array([[True], [False]]))
     with pytest.raises(TypeError, match="input_idx must be an array of integer block indices"):
         bsj.sparse_block_gemv(OUT, W, H, [[0.0], [1.0]], [[0], [1]])
+
+
+def test_none_for_an_array_names_the_argument():
+    with pytest.raises(TypeError, match="W must be an array; got NoneType"):
+        bsj.sparse_block_gemv(OUT, None, H, [[0], [1]], [[0], [1]])
+    with pytest.raises(TypeError, match="input_idx must be an array of integer block indices"):
+        bsj.sparse_block_gemv(OUT, W, H, None, [[0], [1]])

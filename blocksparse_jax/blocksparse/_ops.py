@@ -173,9 +173,18 @@ def sparse_block_gemv(
       TypeError: a non-float ``o``/``W``/``h`` or a non-integer index array.
       ValueError: a rank or shape that does not match the others, or an unknown
         ``strategy``.
-      IndexError: a concrete (not traced) index outside ``[-n, n)``.  Under
-        ``jit`` an out-of-range index selects a block of zeros (it adds nothing);
-        ``checkify.index_checks`` reports it.
+      IndexError: a concrete (not traced) index outside ``[-n, n)``, or one that
+        JAX's integer dtype cannot hold (a NumPy ``int64`` or Python int beyond
+        ``int32`` with ``jax_enable_x64`` off).  Under ``jit`` an out-of-range
+        index is masked: it adds nothing, whatever its block and activations
+        hold (no NaN appears); ``checkify.index_checks`` reports it.
+      TypeError: under ``jax.jvp`` / ``jax.jacfwd`` (forward mode is not
+        supported; ``jax.grad``, ``jax.vjp`` and ``jax.jacrev`` work to any order,
+        e.g. ``jax.jacrev(jax.jacrev(f))`` for second derivatives).
+
+    NaN and inf propagate exactly as in the selected products (the same in
+    every strategy); a non-finite value in a block no example selects never
+    reaches the result or the gradients.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -238,8 +247,9 @@ def sparse_block_dot(
       ``(batch, o_win, o_size)`` in ``b``'s dtype.
 
     Raises:
-      TypeError, ValueError, IndexError: as :func:`sparse_block_gemv`.  Under
-        ``jit`` an out-of-range ``output_idx`` gives zeros (no block, no bias).
+      TypeError, ValueError, IndexError: as :func:`sparse_block_gemv` (forward
+        mode included).  Under ``jit`` an out-of-range ``output_idx`` gives zeros
+        (no block, no bias).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -304,8 +314,10 @@ def sparse_block_outer(
       ``(x_blocks, y_blocks, x_size, y_size)`` in ``o``'s dtype.
 
     Raises:
-      TypeError, ValueError, IndexError: as :func:`sparse_block_gemv`.  Under
-        ``jit`` the update of an out-of-range block is dropped.
+      TypeError, ValueError, IndexError: as :func:`sparse_block_gemv` (forward
+        mode included).  Under ``jit`` the update of an out-of-range block is
+        dropped, whatever ``x``, ``y`` and ``alpha`` hold.  A non-finite
+        ``alpha`` (or ``x``, ``y``) reaches only the selected blocks.
 
     Examples:
       A sparse SGD step: the gradient of ``sum(out * g)`` for
