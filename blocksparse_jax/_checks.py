@@ -30,8 +30,50 @@ def as_array(name: str, x) -> jax.Array:
         return x
     try:
         return jnp.asarray(x)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # None is a ValueError in jnp.asarray
         raise TypeError(f"{name} must be an array; got {type(x).__name__}") from e
+
+
+def as_index_array(name: str, x) -> jax.Array:
+    """An index array as a JAX array, refusing values its JAX dtype cannot hold.
+
+    With ``jax_enable_x64`` off JAX stores integers as ``int32``/``uint32``, and
+    converting a NumPy ``int64``/``uint64`` array or a Python int wraps values
+    beyond that range (``2**32`` would become ``0``, a real block).  Such a value
+    is out of range for any block count, so it raises ``IndexError`` here.
+    JAX arrays and tracers are returned as they are.
+    """
+    if isinstance(x, jax.Array):
+        return x
+    try:
+        value = np.asarray(x)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"{name} must be an array of integer block indices; got {x!r}") from e
+    if value.dtype == object and value.size:
+        # Python ints beyond 64 bits (NumPy keeps them as objects).
+        try:
+            big = [int(v) for v in value.reshape(-1)]
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"{name} must be an array of integer block indices; got {type(x).__name__}"
+            ) from e
+        pos = next(k for k, v in enumerate(big) if abs(v) >= 2**63)
+        raise IndexError(
+            f"{name} holds {big[pos]} at flat position {pos}, beyond the 64-bit integer range "
+            f"(block indices must be below the number of blocks)"
+        )
+    if value.dtype.kind in "iu" and value.size:
+        target = np.dtype(jax.dtypes.canonicalize_dtype(value.dtype))
+        info = np.iinfo(target)
+        bad = (value < info.min) | (value > info.max)
+        if bad.any():
+            pos = first_position(bad)
+            raise IndexError(
+                f"{name} holds {int(value[pos])} at position {pos}, beyond the range of {target} "
+                f"that JAX stores it in (jax_enable_x64 is off); it is out of range for any "
+                f"number of blocks"
+            )
+    return as_array(name, value)
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -123,7 +165,13 @@ def check_index_values(name: str, idx, n: int, what: str, *, from_end: bool = Tr
 
 
 def probe_gather(n: int, probe: jax.Array) -> jax.Array:
-    """``valid[k] = 0 <= probe[k] < n`` as a ``fill``-mode gather that checkify instruments."""
+    """``valid[k] = 0 <= probe[k] < n`` as a ``fill``-mode gather that checkify instruments.
+
+    With ``n == 0`` (no blocks) every entry is invalid and there is nothing to
+    gather from: all ``False``, which checkify does not report.
+    """
+    if n == 0:
+        return jnp.zeros(probe.shape, jnp.bool_)
     dnums = lax.GatherDimensionNumbers(
         offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
     )

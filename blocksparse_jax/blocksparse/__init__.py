@@ -7,8 +7,27 @@ values are unknown when tracing; an out-of-range index there selects a block of
 zeros that does not exist: in ``gemv`` / ``dot`` it contributes nothing (an
 out-of-range ``output_idx[b, j]`` leaves ``out[b, j] == o[b, j]``, and in
 ``sparse_block_dot`` adds no bias), in ``outer`` its update is dropped.  Gradients
-are consistent with that (zero).  ``jax.experimental.checkify`` with
-``checkify.index_checks`` reports such an index.
+are consistent with that (zero).  The slot is masked by selection, never by
+multiplying with zero: no value in it (a NaN activation) and no value of any
+block (an inf in block 0) reaches a result or a gradient.
+``jax.experimental.checkify`` with ``checkify.index_checks`` reports such an index.
+
+NaN and inf
+-----------
+``gather`` is the reference: a non-finite value propagates exactly where the
+selected products ``h[b, i] * W[input_idx[b, i], output_idx[b, j]]`` (and, for
+``outer``, ``alpha * x[b, i] * y[b, j]``) put it, with IEEE rules (``0 * inf`` and
+``inf - inf`` are NaN), and nowhere else: a NaN in a block no example selects
+never appears.  Every strategy gives the same NaN and inf positions, in values
+and gradients, and so does ``parallel``.
+
+Forward mode
+------------
+The ops are ``jax.custom_vjp`` functions: reverse mode (``jax.grad``,
+``jax.vjp``, ``jax.jacrev``, and ``jax.jacrev(jax.jacrev(f))`` for second
+derivatives) works to any order; forward mode (``jax.jvp``, ``jax.jacfwd``,
+``jax.hessian``, and the function ``jax.linearize`` returns) raises JAX's
+``TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function``.
 
 Execution strategies
 --------------------
@@ -31,7 +50,11 @@ through the custom VJPs' ``nondiff_argnums`` so the backward passes use it too):
   blocks fit :func:`accelerator_budget`.  The backend choice is a
   ``jax.lax.platform_dependent``, so one exported function carries all of them.
 
-All strategies give the same values and gradients; only speed and memory differ.
+All strategies give the same values and gradients, NaN and inf included; only
+speed and memory differ.  ``dense`` multiplies every block, the unselected ones
+by zero, which is exact only for finite factors: when ``W`` (or, for the weight
+update, an activation) holds a NaN or an inf, that call computes with
+``gather`` instead (a run-time ``lax.cond``).
 
 Modules: ``_ops`` (the public ops and their validation), ``_core`` (the custom
 VJPs), ``_dispatch`` (strategy choice), ``_cost`` (the CPU and accelerator cost

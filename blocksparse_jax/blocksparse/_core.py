@@ -8,8 +8,11 @@ The two operations are closed under differentiation:
 
 Their backward passes call each other, so ``jax.grad`` of ``jax.grad`` works to
 any order.  The forward passes save only their inputs as residuals, never the
-gathered ``(batch, i_win, o_win, i_size, o_size)`` weight blocks.  Masking of
-out-of-range indices happens in the public ops, outside this module.
+gathered ``(batch, i_win, o_win, i_size, o_size)`` weight blocks.
+
+Every index array comes with a ``valid`` mask of the same shape (``False``: the
+slot is absent, see ``_dispatch``).  The masks are not differentiated; a
+masked slot gets a zero cotangent by selection, whatever values it holds.
 """
 
 from __future__ import annotations
@@ -23,64 +26,89 @@ from blocksparse_jax import _checks
 from blocksparse_jax.blocksparse._dispatch import gemv_contract, outer_contract
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gemv(o, W, h, input_idx, output_idx, transpose_w, strategy):
+def _where(valid, x):
+    return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _gemv(o, W, h, input_idx, output_idx, valid_in, valid_out, transpose_w, strategy):
     """``o + sum_i h[b, i] @ blk(b, i, j)``; see ``gemv_contract`` for ``transpose_w``.
+
+    A masked output slot keeps ``o``; a masked input slot adds nothing.
 
     ``strategy`` (a name from ``_dispatch.STRATEGIES``) is static configuration and
     is passed on to every gemv and outer of the backward pass.
     """
     acc = _checks.accumulation_dtype(o.dtype, W.dtype, h.dtype)
     y = gemv_contract(
-        W, h, input_idx, output_idx, transpose_w=transpose_w, acc_dtype=acc, strategy=strategy
+        W,
+        h,
+        input_idx,
+        output_idx,
+        valid_in,
+        valid_out,
+        transpose_w=transpose_w,
+        acc_dtype=acc,
+        strategy=strategy,
     )
+    # A masked output slot's y is exactly zero (selected), so out == o there.
     return (o.astype(acc) + y).astype(o.dtype)
 
 
-def _gemv_fwd(o, W, h, input_idx, output_idx, transpose_w, strategy):
-    out = _gemv(o, W, h, input_idx, output_idx, transpose_w, strategy)
-    return out, (W, h, input_idx, output_idx)
+def _gemv_fwd(o, W, h, input_idx, output_idx, valid_in, valid_out, transpose_w, strategy):
+    out = _gemv(o, W, h, input_idx, output_idx, valid_in, valid_out, transpose_w, strategy)
+    return out, (W, h, input_idx, output_idx, valid_in, valid_out)
 
 
 def _gemv_bwd(transpose_w, strategy, res, g):
-    W, h, input_idx, output_idx = res
+    W, h, ii, oi, vi, vo = res
     one = jnp.ones((), _checks.accumulation_dtype(W.dtype, h.dtype, g.dtype))
+    zW, zh = jnp.zeros_like(W), jnp.zeros_like(h)
     if transpose_w:
         # out[b, j] += h[b, i] @ W[oi, ii].T  =>  dW[oi, ii] += outer(g[b, j], h[b, i])
-        dW = _outer(jnp.zeros_like(W), g, h, output_idx, input_idx, one, strategy)
-        dh = _gemv(jnp.zeros_like(h), W, g, output_idx, input_idx, False, strategy)
+        dW = _outer(zW, g, h, oi, ii, vo, vi, one, strategy)
+        dh = _gemv(zh, W, g, oi, ii, vo, vi, False, strategy)
     else:
         # out[b, j] += h[b, i] @ W[ii, oi]    =>  dW[ii, oi] += outer(h[b, i], g[b, j])
-        dW = _outer(jnp.zeros_like(W), h, g, input_idx, output_idx, one, strategy)
-        dh = _gemv(jnp.zeros_like(h), W, g, output_idx, input_idx, True, strategy)
-    return g, dW, dh, None, None
+        dW = _outer(zW, h, g, ii, oi, vi, vo, one, strategy)
+        dh = _gemv(zh, W, g, oi, ii, vo, vi, True, strategy)
+    return g, dW, dh, None, None, None, None
 
 
 _gemv.defvjp(_gemv_fwd, _gemv_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _outer(o, x, y, x_idx, y_idx, alpha, strategy):
-    """``o`` with ``alpha * outer(x[b, i], y[b, j])`` added at ``(x_idx[b, i], y_idx[b, j])``."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _outer(o, x, y, x_idx, y_idx, valid_x, valid_y, alpha, strategy):
+    """``o`` with ``alpha * outer(x[b, i], y[b, j])`` added at ``(x_idx[b, i], y_idx[b, j])``.
+
+    A pair with a masked slot adds nothing.
+    """
     acc = _checks.accumulation_dtype(o.dtype, x.dtype, y.dtype)
-    out = outer_contract(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc, strategy=strategy)
+    out = outer_contract(
+        o, x, y, x_idx, y_idx, valid_x, valid_y, alpha, acc_dtype=acc, strategy=strategy
+    )
     return out.astype(o.dtype)
 
 
-def _outer_fwd(o, x, y, x_idx, y_idx, alpha, strategy):
-    return _outer(o, x, y, x_idx, y_idx, alpha, strategy), (x, y, x_idx, y_idx, alpha)
+def _outer_fwd(o, x, y, x_idx, y_idx, valid_x, valid_y, alpha, strategy):
+    out = _outer(o, x, y, x_idx, y_idx, valid_x, valid_y, alpha, strategy)
+    return out, (x, y, x_idx, y_idx, valid_x, valid_y, alpha)
 
 
 def _outer_bwd(strategy, res, G):
-    x, y, x_idx, y_idx, alpha = res
+    x, y, xi, yi, vx, vy, alpha = res
     alpha = jnp.asarray(alpha)  # a Python-float alpha may arrive as a JAX scalar wrapper
     acc = _checks.accumulation_dtype(x.dtype, y.dtype, G.dtype)
     # d/dy[b, j] = alpha * sum_i x[b, i] @ G[xi, yi];  d/dx[b, i] = alpha * sum_j G[xi, yi] @ y[b, j]
-    gy = _gemv(jnp.zeros(y.shape, acc), G, x, x_idx, y_idx, False, strategy)
-    gx = _gemv(jnp.zeros(x.shape, acc), G, y, y_idx, x_idx, True, strategy)
+    # (zero, by selection, in a masked slot: gemv zeroes masked outputs, _where the products).
+    gy = _gemv(jnp.zeros(y.shape, acc), G, x, xi, yi, vx, vy, False, strategy)
+    gx = _gemv(jnp.zeros(x.shape, acc), G, y, yi, xi, vy, vx, True, strategy)
     a = alpha.astype(acc)
-    dalpha = jnp.sum(gy * y.astype(acc)).astype(alpha.dtype)
-    return G, (a * gx).astype(x.dtype), (a * gy).astype(y.dtype), None, None, dalpha
+    dalpha = jnp.sum(_where(vy, gy * y.astype(acc))).astype(alpha.dtype)
+    dx = _where(vx, a * gx).astype(x.dtype)
+    dy = _where(vy, a * gy).astype(y.dtype)
+    return G, dx, dy, None, None, None, None, dalpha
 
 
 _outer.defvjp(_outer_fwd, _outer_bwd)

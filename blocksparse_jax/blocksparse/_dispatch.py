@@ -1,10 +1,22 @@
 """The execution seam: which strategy computes a validated block-sparse problem.
 
-Everything above this module (validation, index normalisation, masking of
-out-of-range entries, the custom VJPs) is shared; everything below it (one
-module per strategy: ``_gather``, ``_loop``, ``_dense``, ``_grouped``,
-``_ragged``) only sees in-range ``int32`` indices.  Every strategy computes the
-same sums (repeated indices accumulate); they differ in how they move memory.
+Everything above this module (validation, index normalisation, the custom
+VJPs) is shared; everything below it (one module per strategy: ``_gather``,
+``_loop``, ``_dense``, ``_grouped``, ``_ragged``, ``_pallas``) only sees
+in-range ``int32`` indices with a ``valid`` mask per slot.  Every strategy
+computes the same sums (repeated indices accumulate); they differ in how they
+move memory.
+
+Masked slots
+------------
+A slot whose ``valid`` entry is ``False`` (an out-of-range index under ``jit``,
+or in ``parallel`` a block another shard owns) is *absent*: its pairs are
+never multiplied, so no value in it, and no value in the block its parked
+index ``0`` points at, can reach a result, not even as ``0 * inf``.  This
+module zeroes (by selection, ``jnp.where``) the activation rows of masked
+slots and the outputs of masked output slots; each strategy skips or
+selects away the pairs of masked slots (it never relies on multiplying by
+zero).  Selected NaN and inf propagate exactly as in ``gather``'s products.
 
 Each call is planned per backend, from the static shapes:
 
@@ -82,7 +94,7 @@ def plan(strategy: str, **dims) -> dict[str, tuple]:
             )
             budget = _cost.accelerator_budget(platform)
         kernel = _pallas.BACKENDS[platform] if name == "pallas" else None
-        plans[platform] = (name, budget if name in ("gather", "pallas") else None, kernel)
+        plans[platform] = (name, budget if name in ("gather", "pallas", "ragged") else None, kernel)
     return plans
 
 
@@ -94,11 +106,18 @@ def _by_platform(plans, impl, *args):
     return lax.platform_dependent(*args, default=branches["cuda"], **branches)
 
 
+def _rows(valid, x):
+    """``x`` with the rows of masked slots set to zero (selection, not multiplication)."""
+    return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+
+
 def gemv_contract(
     W: jax.Array,
     h: jax.Array,
     input_idx: jax.Array,
     output_idx: jax.Array,
+    valid_in: jax.Array,
+    valid_out: jax.Array,
     *,
     transpose_w: bool,
     acc_dtype: np.dtype,
@@ -108,7 +127,9 @@ def gemv_contract(
 
     ``blk(b, i, j)`` is ``W[input_idx[b, i], output_idx[b, j]]`` or, with
     ``transpose_w``, ``W[output_idx[b, j], input_idx[b, i]].T`` - the block of
-    ``W.transpose(1, 0, 3, 2)`` without materialising that transpose.
+    ``W.transpose(1, 0, 3, 2)`` without materialising that transpose.  Masked
+    slots (``valid_in`` ``(batch, i_win)``, ``valid_out`` ``(batch, o_win)``)
+    are absent: a masked output slot is exactly zero.
     """
     dt = common_float_dtype(W.dtype, h.dtype)
     W, h = jnp.asarray(W, dt), jnp.asarray(h, dt)
@@ -130,18 +151,28 @@ def gemv_contract(
         o_size=o_size,
         itemsize=np.dtype(dt).itemsize,
     )
-    if batch == 0 or i_win == 0 or o_win == 0:
+    if 0 in (batch, i_win, o_win, i_blocks, o_blocks):
+        # Nothing to multiply (with no blocks every index is masked).
         return jnp.zeros((batch, o_win, o_size), acc_dtype)
+    h = _rows(valid_in, h)
 
-    def impl(p, W, h, input_idx, output_idx):
+    def impl(p, W, h, input_idx, output_idx, valid_in):
         name, budget, kernel = p
-        kw = {} if name != "gather" else {"budget": budget}
+        kw = {} if name not in ("gather", "ragged") else {"budget": budget}
         kw = kw if kernel is None else {"backend": kernel}
         return _IMPLEMENTATIONS[name].gemv(
-            W, h, input_idx, output_idx, transpose_w=transpose_w, acc_dtype=acc_dtype, **kw
+            W,
+            h,
+            input_idx,
+            output_idx,
+            valid_in,
+            transpose_w=transpose_w,
+            acc_dtype=acc_dtype,
+            **kw,
         )
 
-    return _by_platform(plans, impl, W, h, input_idx, output_idx)
+    out = _by_platform(plans, impl, W, h, input_idx, output_idx, valid_in)
+    return _rows(valid_out, out)
 
 
 def outer_contract(
@@ -150,21 +181,28 @@ def outer_contract(
     y: jax.Array,
     x_idx: jax.Array,
     y_idx: jax.Array,
+    valid_x: jax.Array,
+    valid_y: jax.Array,
     alpha: jax.Array,
     *,
     acc_dtype: np.dtype,
     strategy: str = "gather",
 ) -> jax.Array:
-    """``o`` with ``alpha * outer(x[b, i], y[b, j])`` added to block ``(x_idx[b, i], y_idx[b, j])``.
+    """``o`` with ``outer(alpha * x[b, i], y[b, j])`` added to block ``(x_idx[b, i], y_idx[b, j])``.
 
     Returns ``o``'s shape and dtype; repeated blocks accumulate in ``acc_dtype``
     (``ragged`` sums each distinct block's updates in ``acc_dtype`` and adds
     them to ``o`` once; the other strategies accumulate into an ``acc_dtype``
-    copy of ``o``).
+    copy of ``o``).  A pair with a masked slot (``valid_x`` ``(batch, x_win)``,
+    ``valid_y`` ``(batch, y_win)``) adds nothing.  ``alpha`` scales ``x`` (in
+    ``acc_dtype``) before the products, so every strategy scales each pair's
+    product the same way.
     """
-    dt = common_float_dtype(x.dtype, y.dtype)
-    x, y, o = jnp.asarray(x, dt), jnp.asarray(y, dt), jnp.asarray(o)
+    o = jnp.asarray(o)
     alpha = jnp.asarray(alpha, acc_dtype)
+    x = alpha * jnp.asarray(x, acc_dtype)
+    dt = common_float_dtype(x.dtype, y.dtype)
+    x, y = jnp.asarray(x, dt), jnp.asarray(y, dt)
     batch, x_win, x_size = x.shape
     y_win, y_size = y.shape[1:]
     plans = plan(
@@ -178,17 +216,17 @@ def outer_contract(
         o_size=y_size,
         itemsize=np.dtype(acc_dtype).itemsize,
     )
-    if batch == 0 or x_win == 0 or y_win == 0:
+    if 0 in (batch, x_win, y_win, *o.shape[:2]):
         return o
+    x, y = _rows(valid_x, x), _rows(valid_y, y)
 
-    def impl(p, o, x, y, x_idx, y_idx, alpha):
+    def impl(p, o, x, y, x_idx, y_idx, valid_x, valid_y):
         name, budget, _ = p
+        args = (x, y, x_idx, y_idx, valid_x, valid_y)
         if name == "ragged":
-            return _ragged.outer(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype)
+            return _ragged.outer(o, *args, acc_dtype=acc_dtype, budget=budget)
         kw = {} if budget is None else {"budget": budget}
-        out = _IMPLEMENTATIONS[name].outer(
-            o.astype(acc_dtype), x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype, **kw
-        )
+        out = _IMPLEMENTATIONS[name].outer(o.astype(acc_dtype), *args, acc_dtype=acc_dtype, **kw)
         return out.astype(o.dtype)
 
-    return _by_platform(plans, impl, o, x, y, x_idx, y_idx, alpha)
+    return _by_platform(plans, impl, o, x, y, x_idx, y_idx, valid_x, valid_y)

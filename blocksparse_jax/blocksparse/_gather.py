@@ -6,7 +6,9 @@ byte budget (a chunk holds at least one example): :data:`GATHER_BUDGET_BYTES`
 on CPU, where a small chunk stays in cache; on GPU and TPU the dispatcher
 passes a budget tied to the device's memory, so that the whole batch is
 usually one chunk (no loop).  The weight update scatter-adds each chunk's
-outer products.
+outer products.  The blocks of masked pairs are selected away (``jnp.where``)
+in the gathered buffer, and their updates in the update buffer.  This is the
+reference strategy: the others give its values, NaN and inf included.
 """
 
 from __future__ import annotations
@@ -31,52 +33,52 @@ def _split(x, chunk, n):
     return x.reshape(n, chunk, *x.shape[1:])
 
 
-def _gemv_all(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
+def _gemv_all(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype):
     if transpose_w:
         blocks = W[output_idx[:, None, :], input_idx[:, :, None]]  # (b, i, j, t, s)
         spec = "bis,bijts->bjt"
     else:
         blocks = W[input_idx[:, :, None], output_idx[:, None, :]]  # (b, i, j, s, t)
         spec = "bis,bijst->bjt"
+    blocks = jnp.where(valid_in[:, :, None, None, None], blocks, jnp.zeros((), blocks.dtype))
     return jnp.einsum(spec, h, blocks, preferred_element_type=acc_dtype)
 
 
-def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype, budget=GATHER_BUDGET_BYTES):
+def gemv(
+    W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype, budget=GATHER_BUDGET_BYTES
+):
     batch, i_win, _ = h.shape
     o_win = output_idx.shape[1]
     per_example = i_win * o_win * W.shape[2] * W.shape[3] * W.dtype.itemsize
     chunk = chunk_size(batch, per_example, budget)
     f = lambda a: _gemv_all(W, *a, transpose_w=transpose_w, acc_dtype=acc_dtype)
+    args = (h, input_idx, output_idx, valid_in)
     if chunk >= batch:
-        return f((h, input_idx, output_idx))
+        return f(args)
     n = -(-batch // chunk)
-    out = lax.map(
-        f, (_split(h, chunk, n), _split(input_idx, chunk, n), _split(output_idx, chunk, n))
-    )
+    out = lax.map(f, tuple(_split(a, chunk, n) for a in args))
     return out.reshape(n * chunk, *out.shape[2:])[:batch]
 
 
-def _outer_all(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
+def _outer_all(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype):
     upd = jnp.einsum("bis,bjt->bijst", x, y, preferred_element_type=acc_dtype)
-    return o.at[x_idx[:, :, None], y_idx[:, None, :]].add(upd * alpha)
+    pair = valid_x[:, :, None] & valid_y[:, None, :]
+    upd = jnp.where(pair[..., None, None], upd, jnp.zeros((), upd.dtype))
+    return o.at[x_idx[:, :, None], y_idx[:, None, :]].add(upd)
 
 
-def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype, budget=GATHER_BUDGET_BYTES):
+def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, budget=GATHER_BUDGET_BYTES):
     batch, x_win, _ = x.shape
     y_win = y.shape[1]
     per_example = x_win * y_win * o.shape[2] * o.shape[3] * o.dtype.itemsize
     chunk = chunk_size(batch, per_example, budget)
+    args = (x, y, x_idx, y_idx, valid_x, valid_y)
     if chunk >= batch:
-        return _outer_all(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype)
+        return _outer_all(o, *args, acc_dtype=acc_dtype)
     n = -(-batch // chunk)
-    xs = (
-        _split(x, chunk, n),
-        _split(y, chunk, n),
-        _split(x_idx, chunk, n),
-        _split(y_idx, chunk, n),
-    )
+    xs = tuple(_split(a, chunk, n) for a in args)
 
     def step(o, a):
-        return _outer_all(o, *a, alpha, acc_dtype=acc_dtype), None
+        return _outer_all(o, *a, acc_dtype=acc_dtype), None
 
     return lax.scan(step, o, xs)[0]

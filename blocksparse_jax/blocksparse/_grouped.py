@@ -4,7 +4,10 @@ The ``(example, i, j)`` pairs are sorted by the block they use; a loop then
 walks the runs of pairs sharing a block: each block is read once and multiplied
 by up to ``rows`` stacked activation rows (a small GEMM); the weight update
 adds ``X_run^T @ Y_run`` into each block once, in place.  Memory traffic is the
-distinct blocks touched, which is the bandwidth bound.
+distinct blocks touched, which is the bandwidth bound.  Masked pairs sort
+after every real one (their block key is one past the last block) and the
+loop stops before them; the lanes of a step beyond its run are selected away
+(``jnp.where``) on both factors, never multiplied by zero.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from blocksparse_jax.blocksparse._pairs import (
 )
 
 
-def _runs(rows, cols):
-    """Sorts the pairs by block; returns ``(perm, rows, cols, run_end)`` in sorted order.
+def _runs(rows, cols, valid, n_rows):
+    """Sorts the pairs by block; returns ``(perm, rows, cols, run_end, n_valid)`` in sorted order.
 
-    ``run_end[p]`` is one past the last sorted position using the same block as ``p``.
+    ``run_end[p]`` is one past the last sorted position using the same block as
+    ``p``; the ``n_valid`` pairs with ``valid`` come first (a masked pair's row
+    key is ``n_rows``, past every block).
     """
     n = rows.shape[0]
+    rows = jnp.where(valid, rows, jnp.int32(n_rows))
     iota = jnp.arange(n, dtype=jnp.int32)
     rs, cs, perm = lax.sort((rows, cols, iota), num_keys=2)
     start = jnp.concatenate([jnp.ones((1,), jnp.bool_), (rs[1:] != rs[:-1]) | (cs[1:] != cs[:-1])])
@@ -36,17 +42,18 @@ def _runs(rows, cols):
     # run_end[p] = min over q > p of nxt[q]  (a reverse cumulative minimum).
     shifted = jnp.concatenate([nxt[1:], jnp.full((1,), n, jnp.int32)])
     run_end = lax.cummin(shifted, reverse=True)
-    return perm, rs, cs, run_end
+    return perm, rs, cs, run_end, jnp.sum(valid, dtype=jnp.int32)
 
 
-def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
+def gemv(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype):
     batch, i_win, in_size = h.shape
     o_win = output_idx.shape[1]
     out_size = W.shape[2] if transpose_w else W.shape[3]
     n = batch * i_win * o_win
     P = group_rows(n, W.shape[0] * W.shape[1])
     rows, cols = pair_blocks(input_idx, output_idx, transpose_w)
-    perm, rs, cs, run_end = _runs(rows.reshape(-1), cols.reshape(-1))
+    valid = jnp.broadcast_to(valid_in[:, :, None], rows.shape).reshape(-1)
+    perm, rs, cs, run_end, n_valid = _runs(rows.reshape(-1), cols.reshape(-1), valid, W.shape[0])
     pb = perm // (i_win * o_win)
     pi = (perm // o_win) % i_win
     pj = perm % o_win
@@ -56,7 +63,7 @@ def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
     Wl, w_dtype = loop_operand(W)
 
     def cond(state):
-        return state[0] < n
+        return state[0] < n_valid
 
     def body(state):
         pos, ys = state
@@ -69,19 +76,21 @@ def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
         return end, lax.dynamic_update_slice_in_dim(ys, new, pos, 0)
 
     ys0 = jnp.zeros((n + P, out_size), acc_dtype)
-    _, ys = lax.while_loop(cond, body, carry((jnp.int32(0), ys0), Wl, hs, rs, cs, run_end))
+    refs = (Wl, hs, rs, cs, run_end, n_valid)
+    _, ys = lax.while_loop(cond, body, carry((jnp.int32(0), ys0), *refs))
     out = jnp.zeros((batch * o_win, out_size), acc_dtype)
     out = out.at[pb * o_win + pj].add(ys[:n])
     return out.reshape(batch, o_win, out_size)
 
 
-def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
+def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype):
     batch, x_win, x_size = x.shape
     y_win, y_size = y.shape[1:]
     n = batch * x_win * y_win
     P = group_rows(n, o.shape[0] * o.shape[1])
     rows, cols = pair_blocks(x_idx, y_idx, False)
-    perm, rs, cs, run_end = _runs(rows.reshape(-1), cols.reshape(-1))
+    valid = (valid_x[:, :, None] & valid_y[:, None, :]).reshape(-1)
+    perm, rs, cs, run_end, n_valid = _runs(rows.reshape(-1), cols.reshape(-1), valid, o.shape[0])
     pb = perm // (x_win * y_win)
     pi = (perm // y_win) % x_win
     pj = perm % y_win
@@ -91,17 +100,17 @@ def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
     z = jnp.zeros((), jnp.int32)
 
     def cond(state):
-        return state[0] < n
+        return state[0] < n_valid
 
     def body(state):
         pos, o = state
         end = jnp.minimum(pos + P, run_end[pos])
-        xv = lax.dynamic_slice_in_dim(xs, pos, P)
-        xv = jnp.where((lane < end - pos)[:, None], xv, jnp.zeros((), xv.dtype))
-        yv = lax.dynamic_slice_in_dim(ys, pos, P)
+        mine = (lane < end - pos)[:, None]  # lanes of this run; the rest belong to others
+        xv = jnp.where(mine, lax.dynamic_slice_in_dim(xs, pos, P), jnp.zeros((), xs.dtype))
+        yv = jnp.where(mine, lax.dynamic_slice_in_dim(ys, pos, P), jnp.zeros((), ys.dtype))
         upd = outer_product(xv, yv, acc_dtype=acc_dtype)
         start = (rs[pos], cs[pos], z, z)
         blk = lax.dynamic_slice(o, start, (1, 1, x_size, y_size))
-        return end, lax.dynamic_update_slice(o, blk + (alpha * upd)[None, None], start)
+        return end, lax.dynamic_update_slice(o, blk + upd[None, None], start)
 
-    return lax.while_loop(cond, body, carry((jnp.int32(0), o), xs, ys, rs, cs, run_end, alpha))[1]
+    return lax.while_loop(cond, body, carry((jnp.int32(0), o), xs, ys, rs, cs, run_end, n_valid))[1]

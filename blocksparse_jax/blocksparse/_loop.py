@@ -2,7 +2,8 @@
 
 Each iteration reads its block of ``W`` in place with ``lax.dynamic_slice`` (no
 gathered copy); the weight update adds each outer product into its block in
-place with ``lax.dynamic_update_slice``.
+place with ``lax.dynamic_update_slice``.  The block of a masked pair is
+selected away (``jnp.where``) before its product, and so is its update.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from blocksparse_jax.blocksparse._pairs import (
 )
 
 
-def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
+def gemv(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype):
     batch, i_win, _ = h.shape
     o_win = output_idx.shape[1]
     out_size = W.shape[2] if transpose_w else W.shape[3]
     rows, cols = pair_blocks(input_idx, output_idx, transpose_w)
     rows, cols = rows.reshape(-1), cols.reshape(-1)
     hf = h.reshape(batch * i_win, h.shape[2])
+    vf = valid_in.reshape(-1)
     n = batch * i_win * o_win
     Wl, w_dtype = loop_operand(W)
 
@@ -34,6 +36,7 @@ def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
         b, rem = p // (i_win * o_win), p % (i_win * o_win)
         i, j = rem // o_win, rem % o_win
         blk = block(Wl, rows[p], cols[p], w_dtype)
+        blk = jnp.where(vf[b * i_win + i], blk, jnp.zeros((), blk.dtype))
         hv = lax.dynamic_slice_in_dim(hf, b * i_win + i, 1)  # (1, size)
         y = block_product(hv, blk, transpose_w=transpose_w, acc_dtype=acc_dtype)
         k = b * o_win + j
@@ -45,12 +48,13 @@ def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
     return out.reshape(batch, o_win, out_size)
 
 
-def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
+def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype):
     batch, x_win, _ = x.shape
     y_win = y.shape[1]
     xf = x.reshape(batch * x_win, x.shape[2])
     yf = y.reshape(batch * y_win, y.shape[2])
     xi, yi = x_idx.reshape(-1), y_idx.reshape(-1)
+    vx, vy = valid_x.reshape(-1), valid_y.reshape(-1)
     z = jnp.zeros((), jnp.int32)
 
     def body(p, o):
@@ -59,9 +63,10 @@ def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype):
         xv = lax.dynamic_slice_in_dim(xf, kx, 1)
         yv = lax.dynamic_slice_in_dim(yf, ky, 1)
         upd = outer_product(xv, yv, acc_dtype=acc_dtype)
+        upd = jnp.where(vx[kx] & vy[ky], upd, jnp.zeros((), upd.dtype))
         start = (xi[kx], yi[ky], z, z)
         blk = lax.dynamic_slice(o, start, (1, 1, *o.shape[2:]))
-        return lax.dynamic_update_slice(o, blk + (alpha * upd)[None, None], start)
+        return lax.dynamic_update_slice(o, blk + upd[None, None], start)
 
-    (o,) = carry((o,), x, y, xi, yi, alpha)
+    (o,) = carry((o,), x, y, xi, yi)
     return lax.fori_loop(0, batch * x_win * y_win, body, o)

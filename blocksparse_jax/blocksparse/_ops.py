@@ -3,7 +3,9 @@
 Static checks (ranks, shapes, dtypes) run first and raise naming the argument;
 concrete index values are checked eagerly; under ``jit`` an out-of-range index
 is masked by selection (see the package docstring).  The products themselves
-are the custom-VJP core of ``_core``.
+are the custom-VJP core of ``_core``; :func:`gemv_masked` and
+:func:`outer_masked` are its interface for ``parallel`` (normalised indices
+with their masks, no checks).
 """
 
 from __future__ import annotations
@@ -70,17 +72,40 @@ def _batched(*xs):
     return tuple(x[None] for x in xs)
 
 
+def gemv_masked(o, W, h, ii, vi, oi, vo, strategy: str) -> jax.Array:
+    """The batched core gemv on normalised indices: a masked slot (``vi``/``vo`` False) is absent.
+
+    ``out[b, j] = o[b, j]`` for a masked output slot; a masked input slot adds
+    nothing; neither ever sees a value of its parked block or its activations.
+    """
+    return _gemv(o, W, h, ii, oi, vi, vo, False, strategy)
+
+
+def outer_masked(o, x, y, xi, vx, yi, vy, alpha, strategy: str) -> jax.Array:
+    """The batched core outer update on normalised indices: a pair with a masked slot adds nothing."""
+    acc = _checks.accumulation_dtype(o.dtype, x.dtype, y.dtype)
+    if not jnp.issubdtype(alpha.dtype, jnp.floating):
+        alpha = alpha.astype(acc)
+    return _outer(o, x, y, xi, yi, vx, vy, alpha, strategy)
+
+
+def bias_masked(b, oi, vo) -> jax.Array:
+    """``b[oi]`` ``(batch, o_win, o_size)``, zero (by selection) in masked slots."""
+    if b.shape[0] == 0:  # no blocks: every slot is masked
+        return jnp.zeros((*oi.shape, b.shape[1]), b.dtype)
+    return jnp.where(vo[..., None], b[oi], jnp.zeros((), b.dtype))
+
+
 def _prepare_gemv(W, h, input_idx, output_idx):
     """Validates ``W``, ``h`` and the index arrays; returns the normalised problem.
 
-    Returns ``(W, h, ii, oi, valid_out, batched)`` with ``h`` and the indices
-    given a leading batch axis if they had none, and the activations of
-    out-of-range input blocks zeroed (they contribute nothing).
+    Returns ``(W, h, ii, vi, oi, vo, batched)`` with ``h``, the indices and their
+    masks given a leading batch axis if they had none.
     """
     W = _as_array("W", W)
     h = _as_array("h", h)
-    input_idx = _as_array("input_idx", input_idx)
-    output_idx = _as_array("output_idx", output_idx)
+    input_idx = _checks.as_index_array("input_idx", input_idx)
+    output_idx = _checks.as_index_array("output_idx", output_idx)
     _checks.check_float("W", W)
     _checks.check_ndim("W", W, 4, _W_DESC)
     i_blocks, o_blocks, i_size, _ = W.shape
@@ -105,13 +130,7 @@ def _prepare_gemv(W, h, input_idx, output_idx):
     oi, vo = _normalize("output_idx", output_idx, o_blocks, "o_blocks")
     if not batched:
         h, ii, vi, oi, vo = _batched(h, ii, vi, oi, vo)
-    h = jnp.where(vi[..., None], h, jnp.zeros((), h.dtype))
-    return W, h, ii, oi, vo, batched
-
-
-def _gemv_masked(o, W, h, ii, oi, valid_out, strategy):
-    """The core gemv; an out-of-range output block contributes nothing (keeps ``o``)."""
-    return jnp.where(valid_out[..., None], _gemv(o, W, h, ii, oi, False, strategy), o)
+    return W, h, ii, vi, oi, vo, batched
 
 
 @named
@@ -154,9 +173,18 @@ def sparse_block_gemv(
       TypeError: a non-float ``o``/``W``/``h`` or a non-integer index array.
       ValueError: a rank or shape that does not match the others, or an unknown
         ``strategy``.
-      IndexError: a concrete (not traced) index outside ``[-n, n)``.  Under
-        ``jit`` an out-of-range index selects a block of zeros (it adds nothing);
-        ``checkify.index_checks`` reports it.
+      IndexError: a concrete (not traced) index outside ``[-n, n)``, or one that
+        JAX's integer dtype cannot hold (a NumPy ``int64`` or Python int beyond
+        ``int32`` with ``jax_enable_x64`` off).  Under ``jit`` an out-of-range
+        index is masked: it adds nothing, whatever its block and activations
+        hold (no NaN appears); ``checkify.index_checks`` reports it.
+      TypeError: under ``jax.jvp`` / ``jax.jacfwd`` (forward mode is not
+        supported; ``jax.grad``, ``jax.vjp`` and ``jax.jacrev`` work to any order,
+        e.g. ``jax.jacrev(jax.jacrev(f))`` for second derivatives).
+
+    NaN and inf propagate exactly as in the selected products (the same in
+    every strategy); a non-finite value in a block no example selects never
+    reaches the result or the gradients.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -172,7 +200,7 @@ def sparse_block_gemv(
       Theano/Aesara ``aesara.tensor.nnet.blocksparse.SparseBlockGemv``.
     """
     strategy = check_strategy(strategy)
-    W, h, ii, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
+    W, h, ii, vi, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
     o = _as_array("o", o)
     _checks.check_float("o", o)
     expected = (*oi.shape, W.shape[3])
@@ -183,7 +211,7 @@ def sparse_block_gemv(
             f"o must have shape {want} = {_checks.shape_str(got)} from output_idx and W; "
             f"got shape {_checks.shape_str(o.shape)}"
         )
-    out = _gemv_masked(o if batched else o[None], W, h, ii, oi, vo, strategy)
+    out = gemv_masked(o if batched else o[None], W, h, ii, vi, oi, vo, strategy)
     return out if batched else out[0]
 
 
@@ -219,8 +247,9 @@ def sparse_block_dot(
       ``(batch, o_win, o_size)`` in ``b``'s dtype.
 
     Raises:
-      TypeError, ValueError, IndexError: as :func:`sparse_block_gemv`.  Under
-        ``jit`` an out-of-range ``output_idx`` gives zeros (no block, no bias).
+      TypeError, ValueError, IndexError: as :func:`sparse_block_gemv` (forward
+        mode included).  Under ``jit`` an out-of-range ``output_idx`` gives zeros
+        (no block, no bias).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -233,7 +262,7 @@ def sparse_block_dot(
       Array([[[19., 20., 21., 22., 23.]]], dtype=float32)
     """
     strategy = check_strategy(strategy)
-    W, h, ii, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
+    W, h, ii, vi, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
     b = _as_array("b", b)
     _checks.check_float("b", b)
     if b.shape != (W.shape[1], W.shape[3]):
@@ -242,8 +271,8 @@ def sparse_block_dot(
             f"from W of shape {_checks.shape_str(W.shape)}; got shape {_checks.shape_str(b.shape)}"
         )
     # No block and no bias for an out-of-range output index.
-    bias = jnp.where(vo[..., None], b[oi], jnp.zeros((), b.dtype))
-    out = _gemv_masked(bias, W, h, ii, oi, vo, strategy)
+    bias = bias_masked(b, oi, vo)
+    out = gemv_masked(bias, W, h, ii, vi, oi, vo, strategy)
     return out if batched else out[0]
 
 
@@ -285,8 +314,10 @@ def sparse_block_outer(
       ``(x_blocks, y_blocks, x_size, y_size)`` in ``o``'s dtype.
 
     Raises:
-      TypeError, ValueError, IndexError: as :func:`sparse_block_gemv`.  Under
-        ``jit`` the update of an out-of-range block is dropped.
+      TypeError, ValueError, IndexError: as :func:`sparse_block_gemv` (forward
+        mode included).  Under ``jit`` the update of an out-of-range block is
+        dropped, whatever ``x``, ``y`` and ``alpha`` hold.  A non-finite
+        ``alpha`` (or ``x``, ``y``) reaches only the selected blocks.
 
     Examples:
       A sparse SGD step: the gradient of ``sum(out * g)`` for
@@ -309,8 +340,8 @@ def sparse_block_outer(
     o = _as_array("o", o)
     x = _as_array("x", x)
     y = _as_array("y", y)
-    x_idx = _as_array("x_idx", x_idx)
-    y_idx = _as_array("y_idx", y_idx)
+    x_idx = _checks.as_index_array("x_idx", x_idx)
+    y_idx = _checks.as_index_array("y_idx", y_idx)
     _checks.check_float("o", o)
     _checks.check_ndim("o", o, 4, "(x_blocks, y_blocks, x_size, y_size)")
     x_blocks, y_blocks, x_size, y_size = o.shape
@@ -346,10 +377,5 @@ def sparse_block_outer(
     yi, vy = _normalize("y_idx", y_idx, y_blocks, "y_blocks")
     if not x_batched:
         x, y, xi, vx, yi, vy = _batched(x, y, xi, vx, yi, vy)
-    # An out-of-range block's update is dropped: zero its factor (the update goes to block 0).
-    x = jnp.where(vx[..., None], x, jnp.zeros((), x.dtype))
-    y = jnp.where(vy[..., None], y, jnp.zeros((), y.dtype))
-    acc = _checks.accumulation_dtype(o.dtype, x.dtype, y.dtype)
-    if not jnp.issubdtype(alpha.dtype, jnp.floating):
-        alpha = alpha.astype(acc)
-    return _outer(o, x, y, xi, yi, alpha, strategy)
+    # An out-of-range block's update is dropped (its pairs are masked).
+    return outer_masked(o, x, y, xi, vx, yi, vy, alpha, strategy)

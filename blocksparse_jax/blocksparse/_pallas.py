@@ -38,15 +38,19 @@ def _product(hv, blk, *, transpose_w, acc_dtype):
     return lax.dot_general(hv, blk, dims, preferred_element_type=acc_dtype)
 
 
-def _grid_kernel(ii_ref, oi_ref, h_ref, w_ref, o_ref, *, transpose_w, acc_dtype):
-    @pl.when(pl.program_id(2) == 0)
+def _grid_kernel(ii_ref, oi_ref, vi_ref, h_ref, w_ref, o_ref, *, transpose_w, acc_dtype):
+    b, i = pl.program_id(0), pl.program_id(2)
+
+    @pl.when(i == 0)
     def _():
         o_ref[...] = jnp.zeros_like(o_ref)
 
-    o_ref[0] += _product(h_ref[0], w_ref[0, 0], transpose_w=transpose_w, acc_dtype=acc_dtype)
+    @pl.when(vi_ref[b, i] != 0)  # a masked input slot is skipped, never multiplied by zero
+    def _():
+        o_ref[0] += _product(h_ref[0], w_ref[0, 0], transpose_w=transpose_w, acc_dtype=acc_dtype)
 
 
-def _gemv_grid(W, h, input_idx, output_idx, *, transpose_w, acc_dtype, interpret):
+def _gemv_grid(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype, interpret):
     from jax.experimental.pallas import tpu as pltpu
 
     batch, i_win, in_size = h.shape
@@ -55,17 +59,17 @@ def _gemv_grid(W, h, input_idx, output_idx, *, transpose_w, acc_dtype, interpret
     out_size = s if transpose_w else t
     hf = h.reshape(batch * i_win, 1, in_size)
 
-    def w_index(b, j, i, ii, oi):
+    def w_index(b, j, i, ii, oi, vi):
         return (oi[b, j], ii[b, i], 0, 0) if transpose_w else (ii[b, i], oi[b, j], 0, 0)
 
     spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
+        num_scalar_prefetch=3,
         grid=(batch, o_win, i_win),
         in_specs=[
-            pl.BlockSpec((1, 1, in_size), lambda b, j, i, ii, oi: (b * i_win + i, 0, 0)),
+            pl.BlockSpec((1, 1, in_size), lambda b, j, i, ii, oi, vi: (b * i_win + i, 0, 0)),
             pl.BlockSpec((1, 1, s, t), w_index),
         ],
-        out_specs=pl.BlockSpec((1, 1, out_size), lambda b, j, i, ii, oi: (b * o_win + j, 0, 0)),
+        out_specs=pl.BlockSpec((1, 1, out_size), lambda b, j, i, ii, oi, vi: (b * o_win + j, 0, 0)),
     )
     kernel = functools.partial(_grid_kernel, transpose_w=transpose_w, acc_dtype=acc_dtype)
     out = pl.pallas_call(
@@ -76,25 +80,27 @@ def _gemv_grid(W, h, input_idx, output_idx, *, transpose_w, acc_dtype, interpret
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
-    )(input_idx, output_idx, hf, W)
+    )(input_idx, output_idx, valid_in.astype(jnp.int32), hf, W)
     return out.reshape(batch, o_win, out_size)
 
 
-def _triton_kernel(ii_ref, oi_ref, h_ref, w_ref, o_ref, *, i_win, transpose_w, acc_dtype):
+def _triton_kernel(ii_ref, oi_ref, vi_ref, h_ref, w_ref, o_ref, *, i_win, transpose_w, acc_dtype):
     b, j = pl.program_id(0), pl.program_id(1)
     out_size = o_ref.shape[-1]
     acc = jnp.zeros((out_size,), acc_dtype)
     for i in range(i_win):
         if transpose_w:
             blk = w_ref[oi_ref[b, j], ii_ref[b, i]].astype(acc_dtype)  # (out_size, in_size)
-            acc += jnp.sum(blk * h_ref[b, i].astype(acc_dtype)[None, :], axis=1)
+            part = jnp.sum(blk * h_ref[b, i].astype(acc_dtype)[None, :], axis=1)
         else:
             blk = w_ref[ii_ref[b, i], oi_ref[b, j]].astype(acc_dtype)  # (in_size, out_size)
-            acc += jnp.sum(h_ref[b, i].astype(acc_dtype)[:, None] * blk, axis=0)
+            part = jnp.sum(h_ref[b, i].astype(acc_dtype)[:, None] * blk, axis=0)
+        # A masked input slot is selected away, never multiplied by zero.
+        acc += jnp.where(vi_ref[b, i] != 0, part, jnp.zeros((), acc_dtype))
     o_ref[0, 0] = acc
 
 
-def _gemv_triton(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
+def _gemv_triton(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype):
     from jax.experimental.pallas import triton as pltriton
 
     s, t = W.shape[2:]
@@ -115,24 +121,29 @@ def _gemv_triton(W, h, input_idx, output_idx, *, transpose_w, acc_dtype):
         grid=(batch, o_win),
         out_specs=pl.BlockSpec((1, 1, out_size), lambda b, j: (b, j, 0)),
         compiler_params=pltriton.CompilerParams(num_warps=4),
-    )(input_idx, output_idx, h, W)
+    )(input_idx, output_idx, valid_in.astype(jnp.int32), h, W)
 
 
-def gemv(W, h, input_idx, output_idx, *, transpose_w, acc_dtype, backend="interpret"):
+def gemv(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype, backend="interpret"):
     if backend == "triton":
         return _gemv_triton(
-            W, h, input_idx, output_idx, transpose_w=transpose_w, acc_dtype=acc_dtype
+            W, h, input_idx, output_idx, valid_in, transpose_w=transpose_w, acc_dtype=acc_dtype
         )
     return _gemv_grid(
         W,
         h,
         input_idx,
         output_idx,
+        valid_in,
         transpose_w=transpose_w,
         acc_dtype=acc_dtype,
         interpret=backend == "interpret",
     )
 
 
-def outer(o, x, y, x_idx, y_idx, alpha, *, acc_dtype, budget=_gather.GATHER_BUDGET_BYTES):
-    return _gather.outer(o, x, y, x_idx, y_idx, alpha, acc_dtype=acc_dtype, budget=budget)
+def outer(
+    o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, budget=_gather.GATHER_BUDGET_BYTES
+):
+    return _gather.outer(
+        o, x, y, x_idx, y_idx, valid_x, valid_y, acc_dtype=acc_dtype, budget=budget
+    )

@@ -15,6 +15,7 @@ import blocksparse_jax.blocksparse as _bs
 from blocksparse_jax import _checks
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._scope import named
+from blocksparse_jax.blocksparse._ops import bias_masked, gemv_masked, outer_masked
 from blocksparse_jax.parallel._mesh import (
     check_divisible,
     check_mesh,
@@ -35,7 +36,10 @@ def _gemv_like(single, args: dict, *, mesh, data_axis, model_axis, strategy):
     its order; its own checks run first, with the same messages.
     """
     check_mesh(mesh, data_axis, model_axis)
-    args = {k: _as_array(k, v) for k, v in args.items()}
+    args = {
+        k: (_checks.as_index_array if k.endswith("_idx") else _as_array)(k, v)
+        for k, v in args.items()
+    }
     W, h, input_idx, output_idx = (args[k] for k in ("W", "h", "input_idx", "output_idx"))
     o, bias = args.get("o"), args.get("b")
     validate_op(
@@ -59,21 +63,24 @@ def _gemv_like(single, args: dict, *, mesh, data_axis, model_axis, strategy):
     check_divisible(
         "batch", h.shape[0], mesh, data_axis, "choose a batch size that is a multiple of it"
     )
+    i_blocks = W.shape[0]
     ob_local = o_blocks // size(mesh, model_axis)
     acc = _checks.accumulation_dtype(W.dtype, h.dtype, (o if bias is None else bias).dtype)
     axes = tuple(a for a in (data_axis, model_axis) if a is not None)
 
     def body(W, h, ii, oi, *bias):
+        ii, vi = _checks.normalize_index(ii, i_blocks)
         loc, mine = local_index(oi, o_blocks, ob_local, model_axis)
         W, h = vary(axes, W, h)
         if bias:
             (b,) = bias
-            part = _bs.sparse_block_dot(W, h, ii, vary(axes, b.astype(acc)), loc, strategy=strategy)
+            b = vary(axes, b.astype(acc))
+            start = bias_masked(b, loc, mine)
         else:
-            zeros = vary(axes, jnp.zeros((*loc.shape, o_size), acc))
-            part = _bs.sparse_block_gemv(zeros, W, h, ii, loc, strategy=strategy)
-        # Slots this shard does not own contribute nothing (and get a zero cotangent).
-        part = jnp.where(mine[..., None], part, jnp.zeros((), part.dtype))
+            start = vary(axes, jnp.zeros((*loc.shape, o_size), acc))
+        # Slots this shard does not own are masked: they add nothing, never read
+        # their parked block, and get a zero cotangent (selection, not arithmetic).
+        part = gemv_masked(start, W, h, ii, vi, loc, mine, strategy)
         return part if model_axis is None else lax.psum(part, model_axis)
 
     d, m = data_axis, model_axis
@@ -254,7 +261,8 @@ def sparse_block_outer(
     check_mesh(mesh, data_axis, model_axis)
     names = ("o", "x", "y", "x_idx", "y_idx", "alpha")
     o, x, y, x_idx, y_idx, alpha = (
-        _as_array(n, a) for n, a in zip(names, (o, x, y, x_idx, y_idx, alpha), strict=True)
+        (_checks.as_index_array if n.endswith("_idx") else _as_array)(n, a)
+        for n, a in zip(names, (o, x, y, x_idx, y_idx, alpha), strict=True)
     )
     validate_op(
         functools.partial(_bs.sparse_block_outer, strategy=strategy),
@@ -279,12 +287,15 @@ def sparse_block_outer(
         alpha = alpha.astype(acc)
     axes = tuple(a for a in (data_axis, model_axis) if a is not None)
 
+    x_blocks = o.shape[0]
+
     def body(o, x, y, xi, yi, alpha):
+        xi, vx = _checks.normalize_index(xi, x_blocks)
         loc, mine = local_index(yi, y_blocks, yb_local, model_axis)
-        y = jnp.where(mine[..., None], y, jnp.zeros((), y.dtype))  # others' slots: no update
         zeros = jnp.zeros(o.shape, acc)
         zeros, x, y, alpha = vary(axes, zeros, x, y, alpha)
-        upd = _bs.sparse_block_outer(zeros, x, y, xi, loc, alpha, strategy=strategy)
+        # Others' slots are masked: no update, whatever their values.
+        upd = outer_masked(zeros, x, y, xi, vx, loc, mine, alpha, strategy)
         if data_axis is not None:
             upd = lax.psum(upd, data_axis)
         return (o.astype(acc) + upd).astype(o.dtype)
