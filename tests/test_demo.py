@@ -230,3 +230,22 @@ def test_model_maps_words_and_outputs_consistently():
     np.testing.assert_allclose(-np.asarray(nll), np.asarray(logp).reshape(-1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.exp(np.asarray(logp)).sum(axis=1), 1.0, rtol=1e-5)
     assert drawn.shape == (6,) and bool(jnp.all((drawn >= 0) & (drawn < V)))
+
+
+def test_paths_are_shown_without_the_home_directory(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/alice")
+    assert _corpus.display_path("/home/alice/data/x.txt") == os.path.join("~", "data", "x.txt")
+    assert _corpus.display_path("/home/alice") == "~"
+    assert _corpus.display_path("/home/alicex/a.txt") == "/home/alicex/a.txt"
+    assert _corpus.display_path("data/x.txt") == "data/x.txt"  # relative: as typed
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    monkeypatch.setattr(sys, "base_prefix", "/home/alice/py")
+    monkeypatch.setattr(sys, "prefix", "/home/alice/py")
+    assert _corpus.stdlib_description("/home/alice/py/lib/python3.x") == (
+        f"the Python {version} standard library (sys.prefix/lib/python3.x, without test suites)"
+    )
+    monkeypatch.setattr(sys, "prefix", "/home/alice/venv")
+    assert "(sys.base_prefix/lib/python3.x," in _corpus.stdlib_description(
+        "/home/alice/py/lib/python3.x"
+    )
+    assert "(~/other/lib," in _corpus.stdlib_description("/home/alice/other/lib")

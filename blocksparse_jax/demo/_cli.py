@@ -6,7 +6,7 @@ import argparse
 
 SUMMARY = "train a large-vocabulary language model with h_softmax (and a full-softmax baseline)"
 
-#: Default sizes of the run: about three minutes on a 2-core CPU, compilation included.
+#: Default sizes of the run: a few minutes on a CPU, compilation included.
 DEFAULTS = {
     "steps": 600,
     "batch_size": 128,

@@ -1,8 +1,8 @@
 """The demo's corpus: discovery, a regex tokenizer, the vocabulary and the splits.
 
 The default corpus is the Python standard library's own source (found through
-``sysconfig``), without its test suites: every machine with Python has it, and
-it is a real large-vocabulary text (about 2.8 million tokens, more than 50,000
+``sysconfig``), without its test suites: every Python installation has it,
+and it is a real large-vocabulary text (about 2.8 million tokens, more than 50,000
 distinct identifiers, numbers and symbols).
 """
 
@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import os
 import re
+import sys
 import sysconfig
 
 import numpy as np
@@ -65,6 +66,31 @@ def stdlib_files() -> tuple[str, list[str]]:
         )
         files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
     return root, files
+
+
+def display_path(path: str) -> str:
+    """An absolute ``path`` under the home directory as ``~/...``; others as given."""
+    home = os.path.expanduser("~")
+    if not os.path.isabs(path) or home in ("~", os.sep):
+        return path
+    full = os.path.normpath(path)
+    if os.path.commonpath([full, home]) != home:
+        return path
+    rel = os.path.relpath(full, home)
+    return "~" if rel == "." else os.path.join("~", rel)
+
+
+def stdlib_description(root: str) -> str:
+    """``the Python 3.11 standard library (sys.prefix/lib/python3.11, ...)``: no home path."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    prefix_name = "sys.prefix" if sys.prefix == sys.base_prefix else "sys.base_prefix"
+    prefix = os.path.abspath(sys.base_prefix)
+    full = os.path.abspath(root)
+    if os.path.commonpath([full, prefix]) == prefix:
+        where = "/".join([prefix_name, *os.path.relpath(full, prefix).split(os.sep)])
+    else:
+        where = display_path(root)
+    return f"the Python {version} standard library ({where}, without test suites)"
 
 
 def text_files(path: str) -> list[str]:
@@ -158,11 +184,11 @@ def load_corpus(text: str | None, *, vocab_size: int | None = None, min_count: i
     """
     if text is None:
         root, files = stdlib_files()
-        source = f"the Python standard library ({root}, without test suites)"
+        source = stdlib_description(root)
         strict = True
     else:
         files = text_files(text)
-        source = text
+        source = display_path(text)
         strict = False
     docs, skipped = [], 0
     for f in files:
