@@ -94,15 +94,40 @@ def stdlib_description(root: str) -> str:
 
 
 def text_files(path: str) -> list[str]:
-    """``[path]`` for a file, or every non-hidden file under a folder, sorted."""
+    """``[path]`` for a file, or every non-hidden regular file under a folder, sorted.
+
+    Devices, pipes, sockets and broken links inside a folder are skipped.
+
+    Raises:
+      CorpusError: ``path`` is missing, a broken link, not a regular file or a
+        folder, or a folder that cannot be listed.
+    """
+    where = f"--text {display_path(path)!r}"
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise CorpusError(f"--text {path!r}: no such file or folder")
+        if os.path.lexists(path) and not os.path.exists(path):
+            raise CorpusError(f"{where} is a symbolic link to a missing file")
+        if os.path.exists(path):
+            raise CorpusError(
+                f"{where} is not a regular file or a folder (a device, pipe or socket); "
+                "give a text file or a folder of them"
+            )
+        raise CorpusError(f"{where}: no such file or folder")
+
+    def unreadable(e: OSError):
+        raise CorpusError(
+            f"{where}: cannot list the folder {display_path(e.filename or path)!r} ({e.strerror})"
+        )
+
     files = []
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, dirnames, filenames in os.walk(path, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+        files.extend(
+            f
+            for f in (os.path.join(dirpath, n) for n in sorted(filenames) if not n.startswith("."))
+            if os.path.isfile(f)
+        )
     return files
 
 
@@ -112,7 +137,8 @@ def _read_text(path: str, *, strict: bool) -> str | None:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as e:
-        raise CorpusError(f"cannot read {path!r}: {e.strerror}") from None
+        option = "" if strict else "--text: "
+        raise CorpusError(f"{option}cannot read {display_path(path)!r} ({e.strerror})") from None
     if strict:
         return data.decode("utf-8", errors="replace")
     if b"\0" in data:
@@ -206,7 +232,12 @@ def load_corpus(text: str | None, *, vocab_size: int | None = None, min_count: i
                 "without its .py files?); give a text with --text PATH"
             )
         what = "UTF-8 text" if skipped else "tokens"
-        raise CorpusError(f"--text {text!r}: the corpus is empty (no {what} found)")
+        where = f"--text {display_path(text)!r}"
+        if not files:
+            raise CorpusError(f"{where}: the corpus is empty (a folder without files)")
+        if len(files) == 1 and os.path.getsize(files[0]) == 0:
+            raise CorpusError(f"{where}: the corpus is empty (an empty file)")
+        raise CorpusError(f"{where}: the corpus is empty (no {what} found)")
 
     if len(docs) >= VAL_EVERY:
         split = "by file"
