@@ -9,10 +9,13 @@ model's predictions, and the report.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import math
 import os
+import signal
 import sys
+import tempfile
 import time
 from typing import NamedTuple
 
@@ -48,23 +51,68 @@ KIND_NAMES = {"hsoftmax": "h_softmax", "full": "full softmax"}
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs the demo with parsed options; returns the exit code (2 for a bad option or corpus)."""
+    """Runs the demo with parsed options; returns the exit code.
+
+    A problem the user can fix (an option, the corpus, a checkpoint, a folder
+    that cannot be written, memory) is one line on stderr and exit code 2.
+    SIGINT and SIGTERM stop the run with the checkpoint saved (exit code 130
+    and 143).
+    """
+    from blocksparse_jax.demo import _interrupts
+
     prog = "python -m blocksparse_jax demo"
+    progress: dict = {}  # what the checkpoint holds, for the interrupt message
     try:
-        _run(args)
-    except (DemoError, _corpus.CorpusError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        with _interrupts.Interrupts() as interrupts:
+            _run(args, progress, interrupts)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\n{prog}: {_interrupted(args, progress, signum)}", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:
+        message = _user_error(e)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        where = (
-            f"; run again with --checkpoint {args.checkpoint} to resume" if args.checkpoint else ""
-        )
-        print(f"\n{prog}: interrupted{where}", file=sys.stderr)
-        return 130
     return 0
 
 
-def _run(args: argparse.Namespace) -> None:
+def _user_error(e: Exception) -> str | None:
+    """The one-line message of an error the user can fix, or None for a bug."""
+    from blocksparse_jax.demo import _checkpoint, _train
+
+    if isinstance(
+        e, (DemoError, _corpus.CorpusError, _checkpoint.CheckpointError, _train.ResourceError)
+    ):
+        return str(e)
+    if isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
+    ):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (
+            f"out of memory ({first}); use a smaller --batch-size, or a smaller "
+            "--vocab-size or --text"
+        )
+    return None
+
+
+def _interrupted(args: argparse.Namespace, progress: dict, signum: int) -> str:
+    name = signal.Signals(signum).name
+    if not args.checkpoint:
+        return f"interrupted ({name}); nothing saved (give --checkpoint PATH to be able to resume)"
+    if not progress:
+        return f"interrupted ({name}); nothing was saved to --checkpoint {args.checkpoint} yet"
+    at = ", ".join(f"{KIND_NAMES[k]} at step {step}" for k, step in progress.items())
+    return (
+        f"interrupted ({name}); --checkpoint {args.checkpoint} holds {at}: "
+        "run the same command again to resume"
+    )
+
+
+def _run(args: argparse.Namespace, progress: dict, interrupts) -> None:
+    """The run, phase by phase; ``interrupts.check()`` between phases raises a signal that
+    arrived where it could not be raised (see ``_interrupts.Interrupts``)."""
     t_start = time.perf_counter()
     optax = _import_optax()
     import jax.numpy as jnp
@@ -72,21 +120,27 @@ def _run(args: argparse.Namespace) -> None:
     out_dir = _prepare_out(args.out)
     _check_checkpoint_path(args.checkpoint)
     corpus, t_corpus = _load_corpus(args)
+    interrupts.check()
     rng = np.random.default_rng(EVAL_SEED)
     val = _validation_sample(corpus, rng)
     models = _build_models(args, corpus, optax)
-    checkpoint = _Checkpoint(args.checkpoint, _run_config(args, corpus, models))
+    checkpoint = _Checkpoint(args.checkpoint, _run_config(args, corpus, models), progress)
+    interrupts.check()
 
     tokens = jnp.asarray(corpus.train)
     states, results = {}, {}
     for kind in models.kinds:
-        states[kind] = _train_model(kind, args, models, checkpoint, states, tokens)
+        states[kind] = _train_model(kind, args, models, checkpoint, states, tokens, interrupts)
         results[kind] = _evaluate(states[kind], models.outputs[kind], val)
+        interrupts.check()
     predictions, samples = _predictions(corpus, states["hsoftmax"], models, rng)
     metrics = _metrics(
         args, corpus, t_corpus, models, val, states, results, predictions, samples, t_start
     )
-    _write_report(out_dir, metrics)
+    interrupts.check()
+    with interrupts.deferred():  # whole files: a signal waits until they are written
+        _write_report(out_dir, metrics)
+    interrupts.check()
 
 
 # ---- set-up ---------------------------------------------------------------------------
@@ -110,7 +164,20 @@ def _prepare_out(path: str) -> str:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise DemoError(f"--out {path!r}: cannot create the folder ({e.strerror})") from None
+    _check_writable(path, f"--out {path!r}")
     return path
+
+
+def _check_writable(folder: str, where: str) -> None:
+    """Creates and removes a file in ``folder``, so that a folder we cannot write fails now."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".blocksparse-demo-", suffix=".tmp")
+    except OSError as e:
+        raise DemoError(f"{where}: cannot write in {folder!r} ({e.strerror})") from None
+    try:
+        os.close(fd)
+    finally:
+        os.unlink(probe)
 
 
 def _check_checkpoint_path(path: str | None) -> None:
@@ -120,9 +187,20 @@ def _check_checkpoint_path(path: str | None) -> None:
         raise DemoError(
             f"--checkpoint {path!r} is a folder; give a file path such as {path}/demo.npz"
         )
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise DemoError(
+            f"--checkpoint {path!r} exists and is not a regular file; give another path"
+        )
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise DemoError(f"--checkpoint {path!r}: {parent!r} is not a folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise DemoError(
+            f"--checkpoint {path!r}: cannot create the folder {parent!r} ({e.strerror})"
+        ) from None
+    _check_writable(parent, f"--checkpoint {path!r}")
 
 
 def _load_corpus(args: argparse.Namespace) -> tuple[_corpus.Corpus, float]:
@@ -198,7 +276,7 @@ def _build_models(args: argparse.Namespace, corpus: _corpus.Corpus, optax) -> _M
     import jax
 
     from blocksparse_jax import frequency_classes
-    from blocksparse_jax.demo import _model
+    from blocksparse_jax.demo import _model, _train
 
     V = corpus.vocab_size
     # Classes of at most ceil(V / n_classes) tokens: frequency binning with a bounded
@@ -207,7 +285,7 @@ def _build_models(args: argparse.Namespace, corpus: _corpus.Corpus, optax) -> _M
     layout = frequency_classes(
         corpus.counts, n_classes, max_class_size=-(-V // n_classes) * _cli.CLASS_SIZE_FACTOR
     )
-    key_data, key_init, key_sample = jax.random.split(jax.random.key(args.seed), 3)
+    key_data, key_init, key_sample = jax.random.split(_train.seed_key(args.seed), 3)
     return _Models(
         cfg=_model.ModelConfig(V, _cli.CONTEXT, _cli.EMBED, _cli.HIDDEN),
         layout=layout,
@@ -241,48 +319,52 @@ def _run_config(args: argparse.Namespace, corpus: _corpus.Corpus, models: _Model
 
 
 class _Checkpoint:
-    """The ``--checkpoint`` file: what it held when the run started, and saving."""
+    """The ``--checkpoint`` file: what it held when the run started, and saving.
 
-    def __init__(self, path: str | None, config: dict):
-        from blocksparse_jax.demo import _train
+    ``progress`` (kind -> step) says what the file holds, for the interrupt message.
+    """
 
-        self.path, self.config = path, config
+    def __init__(self, path: str | None, config: dict, progress: dict):
+        from blocksparse_jax.demo import _checkpoint
+
+        self.path, self.config, self.progress = path, config, progress
         self.header, self.leaves = {"models": {}}, {}
         if path and os.path.exists(path):
-            try:
-                self.header, self.leaves = _train.load_checkpoint(path, config)
-            except _train.CheckpointError as e:
-                raise DemoError(str(e)) from None
+            self.header, self.leaves = _checkpoint.load_checkpoint(path, config)
+            self.progress.update((k, m["step"]) for k, m in self.header["models"].items())
             at = ", ".join(f"{k} at step {m['step']}" for k, m in self.header["models"].items())
             print(f"resuming from {path}: {at}", flush=True)
 
     def restore(self, kind: str, fresh):
         """``fresh`` (a ``ModelState``) with the saved state of ``kind``, when there is one."""
-        from blocksparse_jax.demo import _train
+        from blocksparse_jax.demo import _checkpoint
 
         if kind not in self.leaves:
             return fresh
         try:
-            return _train.restore(fresh, self.leaves[kind], self.header["models"][kind])
-        except _train.CheckpointError as e:
+            return _checkpoint.restore(fresh, self.leaves[kind], self.header["models"][kind])
+        except _checkpoint.CheckpointError as e:
             raise DemoError(f"--checkpoint {self.path!r}: {e}") from None
 
     def save(self, states: dict) -> None:
         """Writes ``states``; the loaded models not in ``states`` are kept as they were."""
-        from blocksparse_jax.demo import _train
+        from blocksparse_jax.demo import _checkpoint
 
         kept = {
             kind: (leaves, self.header["models"][kind])
             for kind, leaves in self.leaves.items()
             if kind not in states
         }
-        _train.save_checkpoint(self.path, self.config, states, kept)
+        _checkpoint.save_checkpoint(self.path, self.config, states, kept)
+        self.progress.update((k, st.step) for k, st in states.items())
 
 
 # ---- training and evaluation ----------------------------------------------------------
 
 
-def _train_model(kind, args, models: _Models, checkpoint: _Checkpoint, states: dict, tokens):
+def _train_model(
+    kind, args, models: _Models, checkpoint: _Checkpoint, states: dict, tokens, interrupts
+):
     """Builds (or restores) one model and trains it to ``--steps``; adds it to ``states``."""
     from blocksparse_jax.demo import _model, _train
 
@@ -291,21 +373,22 @@ def _train_model(kind, args, models: _Models, checkpoint: _Checkpoint, states: d
     states[kind] = state
     if state.step >= args.steps:
         print(f"{kind}: already at step {state.step} (from the checkpoint)", flush=True)
-    step_fn = _train.make_train_step(
+    make_step = functools.partial(
+        _train.make_train_step,
         models.optimizer,
         models.outputs[kind],
         context=_cli.CONTEXT,
-        batch_size=args.batch_size,
         key=models.key_data,
     )
     _train.train(
         state,
-        step_fn,
+        lambda batch_size: make_step(batch_size=batch_size),
         tokens,
         steps=args.steps,
         batch_size=args.batch_size,
         desc=KIND_NAMES[kind],
         save=(lambda: checkpoint.save(states)) if args.checkpoint else None,
+        interrupts=interrupts,
     )
     return state
 
@@ -453,5 +536,11 @@ def _write_report(out_dir: str, metrics: dict) -> None:
     from blocksparse_jax.demo import _report
 
     print(_report.summary(metrics), flush=True)
-    plot = _report.write_outputs(out_dir, metrics)
+    try:
+        plot = _report.write_outputs(out_dir, metrics)
+    except OSError as e:
+        raise DemoError(
+            f"--out {out_dir!r}: cannot write {os.path.basename(e.filename or '') or 'the results'}"
+            f" ({e.strerror or e})"
+        ) from None
     print(f"wrote {os.path.join(out_dir, 'metrics.json')}" + (f" and {plot}" if plot else ""))
