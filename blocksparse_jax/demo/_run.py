@@ -189,7 +189,8 @@ def _check_checkpoint_path(path: str | None) -> None:
         )
     if os.path.lexists(path) and not os.path.isfile(path):
         raise DemoError(
-            f"--checkpoint {path!r} exists and is not a regular file; give another path"
+            f"--checkpoint {path!r} is not a regular file (a device, pipe, socket or broken "
+            "link); give another path"
         )
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.exists(parent) and not os.path.isdir(parent):
