@@ -11,10 +11,17 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (with a pointer to ``--help``) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from blocksparse_jax import demo
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m blocksparse_jax",
         description="Block-sparse dot products and the hierarchical softmax for JAX.",
     )
@@ -26,18 +33,20 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_arguments(sub)
-    sub.set_defaults(run=demo.run)
+    sub.set_defaults(run=demo.run, command_parser=sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
-    Usage errors exit with code 2, as argparse's own do.
+    Usage errors are one line on stderr and exit code 2, as argparse's are.
     """
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command's parser, which names the command
+            args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as e:  # --help (0) or a usage error (2), already printed
         return e.code if isinstance(e.code, int) else 2
     return args.run(args)

@@ -1,7 +1,8 @@
 """``python -m blocksparse_jax demo``: tiny in-process runs, resuming, and bad arguments.
 
 The runs call ``blocksparse_jax.__main__.main(argv)`` in this process (no JAX
-start-up per run) on a small generated text, a few steps each.
+start-up per run) on a small generated text, a few steps each.  Bad input is
+covered by ``test_demo_errors.py``, interrupts by ``test_demo_faults.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ pytest.importorskip("optax")
 
 from blocksparse_jax.__main__ import main  # noqa: E402
 from blocksparse_jax.demo import _corpus  # noqa: E402
+from tests.demo_support import bad, compilation_cache_for_demo_runs, write_text  # noqa: E402, F401
 
 METRIC_KEYS = {
     "vocab_size",
@@ -32,20 +34,11 @@ METRIC_KEYS = {
 }
 
 
-def _write_text(path, n_lines=500):
-    """A small, very regular program: a model learns it within a few steps."""
-    lines = []
-    for i in range(n_lines):
-        lines.append(f"def f{i % 20}(x, y):\n    return x + y * {i % 7}\n")
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One run with the baseline and a checkpoint: (text, out, checkpoint, metrics)."""
     d = tmp_path_factory.mktemp("demo")
-    text = _write_text(d / "prog.py")
+    text = write_text(d / "prog.py")
     out, ckpt = d / "out", d / "ckpt.npz"
     argv = ["demo", "--text", str(text), "--steps", "12", "--batch-size", "32"]
     code = main([*argv, "--out", str(out), "--checkpoint", str(ckpt), "--seed", "3"])
@@ -103,15 +96,6 @@ def test_resume_continues_the_step_count(tiny_run, tmp_path, capsys):
     assert header["models"]["full"]["step"] == 12
 
 
-def _bad(argv, capsys, *needles):
-    code = main(["demo", *argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in err, err
-
-
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -125,43 +109,43 @@ def _bad(argv, capsys, *needles):
     ],
 )
 def test_bad_options(argv, needle, capsys, tmp_path):
-    _bad([*argv, "--out", str(tmp_path / "out")], capsys, needle)
+    bad([*argv, "--out", str(tmp_path / "out")], capsys, needle)
 
 
 def test_missing_text(capsys, tmp_path):
     missing = str(tmp_path / "nowhere.txt")
-    _bad(["--text", missing, "--out", str(tmp_path / "o")], capsys, "no such file or folder")
+    bad(["--text", missing, "--out", str(tmp_path / "o")], capsys, "no such file or folder")
 
 
 def test_empty_corpus(capsys, tmp_path):
     (tmp_path / "empty.txt").write_text("   \n\n", encoding="utf-8")
-    _bad(["--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")], capsys, "empty")
+    bad(["--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")], capsys, "empty")
     folder = tmp_path / "binary"
     folder.mkdir()
     (folder / "blob.bin").write_bytes(b"\x00\xff\xfe" * 10)
-    _bad(["--text", str(folder), "--out", str(tmp_path / "o")], capsys, "no UTF-8 text")
+    bad(["--text", str(folder), "--out", str(tmp_path / "o")], capsys, "no UTF-8 text")
 
 
 def test_vocabulary_too_small(capsys, tmp_path):
     text = tmp_path / "tiny.txt"
     text.write_text("a b a b a b a b a b a b\n", encoding="utf-8")
-    _bad(["--text", str(text), "--out", str(tmp_path / "o")], capsys, "two classes")
+    bad(["--text", str(text), "--out", str(tmp_path / "o")], capsys, "two classes")
 
 
 def test_bad_out_and_checkpoint_paths(tiny_run, capsys, tmp_path):
     text = str(tiny_run[0])
     afile = tmp_path / "file"
     afile.write_text("x", encoding="utf-8")
-    _bad(["--text", text, "--out", str(afile)], capsys, "not a folder")
+    bad(["--text", text, "--out", str(afile)], capsys, "not a folder")
     out = str(tmp_path / "o")
-    _bad(["--text", text, "--out", out, "--checkpoint", str(tmp_path)], capsys, "is a folder")
-    _bad(["--text", text, "--out", out, "--checkpoint", str(afile)], capsys, "not a checkpoint")
+    bad(["--text", text, "--out", out, "--checkpoint", str(tmp_path)], capsys, "is a folder")
+    bad(["--text", text, "--out", out, "--checkpoint", str(afile)], capsys, "not a checkpoint")
 
 
 def test_checkpoint_of_another_run(tiny_run, capsys, tmp_path):
     text, _, ckpt, _ = tiny_run
     argv = ["--text", str(text), "--out", str(tmp_path / "o"), "--checkpoint", str(ckpt)]
-    _bad([*argv, "--batch-size", "16", "--seed", "3"], capsys, "batch_size 32 there, 16 now")
+    bad([*argv, "--batch-size", "16", "--seed", "3"], capsys, "batch_size 32 there, 16 now")
 
 
 def test_command_line_exit_code(tmp_path):
@@ -230,3 +214,22 @@ def test_model_maps_words_and_outputs_consistently():
     np.testing.assert_allclose(-np.asarray(nll), np.asarray(logp).reshape(-1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.exp(np.asarray(logp)).sum(axis=1), 1.0, rtol=1e-5)
     assert drawn.shape == (6,) and bool(jnp.all((drawn >= 0) & (drawn < V)))
+
+
+def test_paths_are_shown_without_the_home_directory(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/alice")
+    assert _corpus.display_path("/home/alice/data/x.txt") == os.path.join("~", "data", "x.txt")
+    assert _corpus.display_path("/home/alice") == "~"
+    assert _corpus.display_path("/home/alicex/a.txt") == "/home/alicex/a.txt"
+    assert _corpus.display_path("data/x.txt") == "data/x.txt"  # relative: as typed
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    monkeypatch.setattr(sys, "base_prefix", "/home/alice/py")
+    monkeypatch.setattr(sys, "prefix", "/home/alice/py")
+    assert _corpus.stdlib_description("/home/alice/py/lib/python3.x") == (
+        f"the Python {version} standard library (sys.prefix/lib/python3.x, without test suites)"
+    )
+    monkeypatch.setattr(sys, "prefix", "/home/alice/venv")
+    assert "(sys.base_prefix/lib/python3.x," in _corpus.stdlib_description(
+        "/home/alice/py/lib/python3.x"
+    )
+    assert "(~/other/lib," in _corpus.stdlib_description("/home/alice/other/lib")

@@ -1,8 +1,8 @@
 """The demo's corpus: discovery, a regex tokenizer, the vocabulary and the splits.
 
 The default corpus is the Python standard library's own source (found through
-``sysconfig``), without its test suites: every machine with Python has it, and
-it is a real large-vocabulary text (about 2.8 million tokens, more than 50,000
+``sysconfig``), without its test suites: every Python installation has it,
+and it is a real large-vocabulary text (about 2.8 million tokens, more than 50,000
 distinct identifiers, numbers and symbols).
 """
 
@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import os
 import re
+import sys
 import sysconfig
 
 import numpy as np
@@ -67,16 +68,66 @@ def stdlib_files() -> tuple[str, list[str]]:
     return root, files
 
 
+def display_path(path: str) -> str:
+    """An absolute ``path`` under the home directory as ``~/...``; others as given."""
+    home = os.path.expanduser("~")
+    if not os.path.isabs(path) or home in ("~", os.sep):
+        return path
+    full = os.path.normpath(path)
+    if os.path.commonpath([full, home]) != home:
+        return path
+    rel = os.path.relpath(full, home)
+    return "~" if rel == "." else os.path.join("~", rel)
+
+
+def stdlib_description(root: str) -> str:
+    """``the Python 3.11 standard library (sys.prefix/lib/python3.11, ...)``: no home path."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    prefix_name = "sys.prefix" if sys.prefix == sys.base_prefix else "sys.base_prefix"
+    prefix = os.path.abspath(sys.base_prefix)
+    full = os.path.abspath(root)
+    if os.path.commonpath([full, prefix]) == prefix:
+        where = "/".join([prefix_name, *os.path.relpath(full, prefix).split(os.sep)])
+    else:
+        where = display_path(root)
+    return f"the Python {version} standard library ({where}, without test suites)"
+
+
 def text_files(path: str) -> list[str]:
-    """``[path]`` for a file, or every non-hidden file under a folder, sorted."""
+    """``[path]`` for a file, or every non-hidden regular file under a folder, sorted.
+
+    Devices, pipes, sockets and broken links inside a folder are skipped.
+
+    Raises:
+      CorpusError: ``path`` is missing, a broken link, not a regular file or a
+        folder, or a folder that cannot be listed.
+    """
+    where = f"--text {display_path(path)!r}"
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise CorpusError(f"--text {path!r}: no such file or folder")
+        if os.path.lexists(path) and not os.path.exists(path):
+            raise CorpusError(f"{where} is a symbolic link to a missing file")
+        if os.path.exists(path):
+            raise CorpusError(
+                f"{where} is not a regular file or a folder (a device, pipe or socket); "
+                "give a text file or a folder of them"
+            )
+        raise CorpusError(f"{where}: no such file or folder")
+
+    def unreadable(e: OSError):
+        raise CorpusError(
+            f"{where}: cannot list the folder {display_path(e.filename or path)!r} ({e.strerror})"
+        )
+
     files = []
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, dirnames, filenames in os.walk(path, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+        files.extend(
+            f
+            for f in (os.path.join(dirpath, n) for n in sorted(filenames) if not n.startswith("."))
+            if os.path.isfile(f)
+        )
     return files
 
 
@@ -86,7 +137,8 @@ def _read_text(path: str, *, strict: bool) -> str | None:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as e:
-        raise CorpusError(f"cannot read {path!r}: {e.strerror}") from None
+        option = "" if strict else "--text: "
+        raise CorpusError(f"{option}cannot read {display_path(path)!r} ({e.strerror})") from None
     if strict:
         return data.decode("utf-8", errors="replace")
     if b"\0" in data:
@@ -158,11 +210,11 @@ def load_corpus(text: str | None, *, vocab_size: int | None = None, min_count: i
     """
     if text is None:
         root, files = stdlib_files()
-        source = f"the Python standard library ({root}, without test suites)"
+        source = stdlib_description(root)
         strict = True
     else:
         files = text_files(text)
-        source = text
+        source = display_path(text)
         strict = False
     docs, skipped = [], 0
     for f in files:
@@ -180,7 +232,12 @@ def load_corpus(text: str | None, *, vocab_size: int | None = None, min_count: i
                 "without its .py files?); give a text with --text PATH"
             )
         what = "UTF-8 text" if skipped else "tokens"
-        raise CorpusError(f"--text {text!r}: the corpus is empty (no {what} found)")
+        where = f"--text {display_path(text)!r}"
+        if not files:
+            raise CorpusError(f"{where}: the corpus is empty (a folder without files)")
+        if len(files) == 1 and os.path.getsize(files[0]) == 0:
+            raise CorpusError(f"{where}: the corpus is empty (an empty file)")
+        raise CorpusError(f"{where}: the corpus is empty (no {what} found)")
 
     if len(docs) >= VAL_EVERY:
         split = "by file"

@@ -107,7 +107,12 @@ def plot_losses(path: str, m: dict) -> bool:
     by_step.set_ylabel("cross-entropy (nats/token)")
     by_step.legend(fontsize=8)
     by_time.set_xlabel("training time (s, at the measured tokens/s)")
-    by_time.legend(fontsize=8)
+    if any(not line.get_label().startswith("_") for line in by_time.get_lines()):
+        by_time.legend(fontsize=8)
+    else:  # one step per session: the only step compiled, none was timed
+        by_time.text(
+            0.5, 0.5, "no timed steps", ha="center", va="center", transform=by_time.transAxes
+        )
     speed = f"; h_softmax trains {m['speedup']:.1f}x faster" if m["speedup"] else ""
     fig.suptitle(
         f"next-token model on {m['vocab_size']:,} tokens: validation perplexity "

@@ -3,12 +3,19 @@
 Batches are drawn on the device inside the jitted step: the positions of step
 ``i`` come from ``fold_in(key(seed), i)``, so a run resumed from a checkpoint
 sees exactly the batches the uninterrupted run would have seen.
+
+A training step donates its input arrays (the parameters and the optimizer
+state are updated in place), so an exception raised between the step's call
+and the update of the state would leave the state pointing at deleted arrays:
+while :func:`train` runs the steps, SIGINT (Ctrl-C) and SIGTERM only ask it to
+stop (see :mod:`._interrupts`), and it finishes the step, saves and raises
+``Interrupted``.  A second signal raises at once and skips the final save (the
+file keeps the last complete save: saves are atomic, see :mod:`._checkpoint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -19,12 +26,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from blocksparse_jax.demo import _model
+from blocksparse_jax.demo._interrupts import Interrupts
 
-CHECKPOINT_VERSION = 1
+#: Seconds between two saves of the checkpoint during training.
+SAVE_EVERY_S = 60.0
+
+#: The share of the available memory a training step may plan to use.
+MEMORY_FRACTION = 0.8
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for this run (a user error)."""
+class ResourceError(ValueError):
+    """A run too large for the memory of this machine (a user error)."""
+
+
+def seed_key(seed: int) -> jax.Array:
+    """A PRNG key for any ``seed`` in ``[0, 2**64)``, the same with or without 64-bit mode.
+
+    ``jax.random.key(seed)`` for seeds below ``2**32``; above, the high 32 bits
+    are folded into the key of the low ones (``jax.random.key`` alone keeps
+    only the low 32 bits when 64-bit mode is off).
+    """
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"expected a seed in [0, 2**64), got {seed}")
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    return key if seed < 2**32 else jax.random.fold_in(key, seed >> 32)
 
 
 @dataclasses.dataclass
@@ -42,6 +67,13 @@ class ModelState:
     @property
     def tokens_per_s(self) -> float | None:
         return self.timed_tokens / self.timed_seconds if self.timed_seconds > 0 else None
+
+    def is_live(self) -> bool:
+        """False when an array of the state was donated to a step that did not complete."""
+        return not any(
+            isinstance(a, jax.Array) and a.is_deleted()
+            for a in jax.tree_util.tree_leaves((self.params, self.opt_state))
+        )
 
 
 def make_train_step(optimizer, output: _model.Output, *, context: int, batch_size: int, key):
@@ -93,60 +125,180 @@ class _Progress:
             self.bar.close()
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this process can still allocate (cgroup limit included), if known."""
+    found = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
+            limit = fh.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current", encoding="ascii") as fh:
+                found.append(int(limit) - int(fh.read().strip()))
+    except (OSError, ValueError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            return None
+    return max(min(found), 0)
+
+
+def check_step_memory(
+    make_step: Callable[[int], Callable],
+    step_fn,
+    state: ModelState,
+    tokens: jax.Array,
+    *,
+    batch_size: int,
+    desc: str,
+):
+    """Compiles ``step_fn`` for ``state`` and checks that a step fits in the available memory.
+
+    ``make_step(n)`` makes the same step for batches of ``n`` tokens (used to
+    say which batch size fits).
+
+    The need is XLA's compiled memory analysis of the step: its temporaries and
+    outputs, less the outputs written over donated inputs.
+
+    Raises:
+      ResourceError: the step needs more than ``MEMORY_FRACTION`` of the
+        available memory; the message says which batch size fits.
+    """
+    need = _step_memory(step_fn, state, tokens)
+    available = available_memory()
+    if need is None or available is None:
+        return
+    budget = MEMORY_FRACTION * available
+    if need <= budget:
+        return
+    # The need grows about linearly with the batch: measure the part that does not,
+    # estimate the batch that fits, and check the estimate (halving it until it fits).
+    fixed = _step_memory(make_step(1), state, tokens) if batch_size > 1 else need
+    per_token = (need - fixed) / max(batch_size - 1, 1)
+    fits = int((budget - fixed) // per_token) + 1 if per_token > 0 and budget > fixed else 0
+    for _ in range(8):
+        if fits <= 1 or _step_memory(make_step(fits), state, tokens) <= budget:
+            break
+        fits //= 2
+    advice = (
+        f"use --batch-size {fits:,} or less"
+        if fits >= 1
+        else "even --batch-size 1 does not fit: use a smaller --vocab-size or --text"
+    )
+    raise ResourceError(
+        f"--batch-size {batch_size}: a training step of the {desc} model needs about "
+        f"{_size(need)} of memory and {_size(available)} is available; {advice}"
+    )
+
+
+def _step_memory(step_fn, state: ModelState, tokens: jax.Array) -> int | None:
+    compiled = step_fn.lower(state.params, state.opt_state, tokens, jnp.int32(state.step)).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
 def train(
     state: ModelState,
-    step_fn: Callable,
+    make_step: Callable[[int], Callable],
     tokens: jax.Array,
     *,
     steps: int,
     batch_size: int,
     desc: str,
     save: Callable[[], None] | None = None,
-    save_every_s: float = 60.0,
+    save_every_s: float | None = None,
+    interrupts: Interrupts | None = None,
 ) -> ModelState:
     """Trains ``state`` in place up to ``steps`` steps; ``save()`` now and then and at the end.
 
-    The first step of the session compiles and is not timed.  On
-    ``KeyboardInterrupt`` the state is saved (when ``save`` is given) and the
-    exception propagates.
+    ``make_step(batch_size)`` makes the training step (:func:`make_train_step`
+    with its other arguments bound).  The step is compiled first and checked
+    against the available memory (:func:`check_step_memory`); the first step of
+    the session is not timed.  SIGINT and SIGTERM (through ``interrupts``, the
+    run's :class:`Interrupts`; default: one installed for this call) stop the
+    training after the current step.  ``save`` runs every ``save_every_s``
+    seconds (default ``SAVE_EVERY_S``) and, when the session trained at least
+    one step, at the end, also after an exception while the state is intact.
+
+    Raises:
+      ResourceError: a step does not fit in memory (nothing is trained).
+      Interrupted: after a signal, once the state is saved.
     """
     if state.step >= steps:
         return state
-    bar = _Progress(desc, steps, state.step)
-    session_tokens, t_first, last_save = 0, None, time.perf_counter()
-    pending = None
-    try:
-        while state.step < steps:
-            t0 = time.perf_counter()
-            params, opt_state, loss = step_fn(
-                state.params, state.opt_state, tokens, jnp.int32(state.step)
+    if interrupts is None:
+        with Interrupts() as interrupts:
+            return train(
+                state,
+                make_step,
+                tokens,
+                steps=steps,
+                batch_size=batch_size,
+                desc=desc,
+                save=save,
+                save_every_s=save_every_s,
+                interrupts=interrupts,
             )
-            # The old arrays were donated: keep the new ones before anything can interrupt.
-            state.params, state.opt_state = params, opt_state
-            state.step += 1
-            pending = loss
-            loss = float(loss)  # waits for the step
-            state.losses.append(loss)
-            pending = None
-            now = time.perf_counter()
-            if t_first is None:
-                t_first = now
-                state.compile_seconds += now - t0
-                base_tokens, base_seconds = state.timed_tokens, state.timed_seconds
-            else:
-                session_tokens += batch_size
-                state.timed_tokens = base_tokens + session_tokens
-                state.timed_seconds = base_seconds + (now - t_first)
-            bar.update(state.step, loss, state.tokens_per_s)
-            if save is not None and now - last_save >= save_every_s:
+    save_every_s = SAVE_EVERY_S if save_every_s is None else save_every_s
+    t_session = time.perf_counter()
+    step_fn = make_step(batch_size)
+    check_step_memory(make_step, step_fn, state, tokens, batch_size=batch_size, desc=desc)
+    saved_step = state.step  # the step the checkpoint on disk holds (or the fresh state)
+    bar = _Progress(desc, steps, state.step)
+    try:
+        with interrupts.deferred():
+            try:
+                session_tokens, t_first, last_save = 0, None, time.perf_counter()
+                while state.step < steps and interrupts.signum is None:
+                    params, opt_state, loss = step_fn(
+                        state.params, state.opt_state, tokens, jnp.int32(state.step)
+                    )
+                    state.params, state.opt_state = params, opt_state
+                    state.step += 1
+                    loss = float(loss)  # waits for the step
+                    state.losses.append(loss)
+                    now = time.perf_counter()
+                    if t_first is None:
+                        t_first = now
+                        state.compile_seconds += now - t_session
+                        base_tokens, base_seconds = state.timed_tokens, state.timed_seconds
+                    else:
+                        session_tokens += batch_size
+                        state.timed_tokens = base_tokens + session_tokens
+                        state.timed_seconds = base_seconds + (now - t_first)
+                    bar.update(state.step, loss, state.tokens_per_s)
+                    if save is not None and now - last_save >= save_every_s:
+                        save()
+                        saved_step, last_save = state.step, time.perf_counter()
+            except BaseException:
+                # Keep what the session learned unless a second signal forced the exit
+                # (the state may then be half-updated) or a step lost its donated arrays.
+                if save is not None and state.step > saved_step and not interrupts.forced:
+                    if state.is_live():
+                        try:
+                            save()
+                        except BaseException:  # the first error is the one to report
+                            pass
+                raise
+            if save is not None and state.step > saved_step:
                 save()
-                last_save = time.perf_counter()
     finally:
         bar.close()
-        if pending is not None:  # interrupted while waiting for a step's loss
-            state.losses.append(float(pending))
-        if save is not None:
-            save()
+    interrupts.check()
     return state
 
 
@@ -165,97 +317,3 @@ def make_evaluator(output: _model.Output, contexts: np.ndarray, targets: np.ndar
         return acc
 
     return lambda params: float(total_nll(params)) / n
-
-
-# --------------------------------------------------------------------------------------
-# Checkpoints: one .npz with the leaves of every model's (params, opt_state) and a JSON
-# header; written to a temporary file and renamed, so an interrupted save leaves the
-# previous checkpoint intact.
-# --------------------------------------------------------------------------------------
-
-
-def save_checkpoint(
-    path: str,
-    config: dict,
-    states: dict[str, ModelState],
-    kept: dict[str, tuple[list[np.ndarray], dict]] | None = None,
-) -> None:
-    """Writes ``states`` and, unchanged, the ``kept`` models of a loaded checkpoint."""
-    arrays, header = {}, {"version": CHECKPOINT_VERSION, "config": config, "models": {}}
-    models = dict(kept or {})
-    for kind, st in states.items():
-        leaves = jax.tree_util.tree_leaves((st.params, st.opt_state))
-        models[kind] = (
-            leaves,
-            {
-                "step": st.step,
-                "losses": st.losses,
-                "timed_tokens": st.timed_tokens,
-                "timed_seconds": st.timed_seconds,
-                "compile_seconds": st.compile_seconds,
-            },
-        )
-    for kind, (leaves, meta) in models.items():
-        for i, leaf in enumerate(leaves):
-            arrays[f"{kind}/{i:04d}"] = np.asarray(leaf)
-        header["models"][kind] = {**meta, "n_leaves": len(leaves)}
-    arrays["header"] = np.array(json.dumps(header))
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, config: dict) -> tuple[dict, dict[str, list[np.ndarray]]]:
-    """``(header, {kind: leaves})`` of a checkpoint written for the same ``config``.
-
-    Raises:
-      CheckpointError: not a demo checkpoint, or written with other options.
-    """
-    if os.path.isdir(path):
-        raise CheckpointError(f"--checkpoint {path!r} is a folder; give a file path")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            header = json.loads(str(z["header"]))
-            leaves = {
-                kind: [z[f"{kind}/{i:04d}"] for i in range(m["n_leaves"])]
-                for kind, m in header["models"].items()
-            }
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"--checkpoint {path!r} is not a checkpoint of this demo ({type(e).__name__}: {e}); "
-            "delete it or give another path"
-        ) from None
-    if header.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"--checkpoint {path!r}: unsupported version {header.get('version')}")
-    saved = header["config"]
-    diff = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
-    if diff:
-        what = ", ".join(f"{k} {saved.get(k)!r} there, {config.get(k)!r} now" for k in diff)
-        raise CheckpointError(
-            f"--checkpoint {path!r} was written for a different run ({what}); "
-            "use the same options to resume, or another --checkpoint path"
-        )
-    return header, leaves
-
-
-def restore(fresh: ModelState, leaves: list[np.ndarray], meta: dict) -> ModelState:
-    """``fresh`` with the saved leaves (checked against its shapes and dtypes) and history."""
-    ref, treedef = jax.tree_util.tree_flatten((fresh.params, fresh.opt_state))
-    if len(ref) != len(leaves) or any(
-        np.shape(a) != np.shape(b) or np.asarray(a).dtype != b.dtype
-        for a, b in zip(ref, leaves, strict=True)
-    ):
-        raise CheckpointError("the checkpoint's arrays do not match this model; use another path")
-    params, opt_state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in leaves])
-    return ModelState(
-        params,
-        opt_state,
-        step=int(meta["step"]),
-        losses=list(meta["losses"]),
-        timed_tokens=int(meta["timed_tokens"]),
-        timed_seconds=float(meta["timed_seconds"]),
-        compile_seconds=float(meta["compile_seconds"]),
-    )
