@@ -48,8 +48,11 @@ def h_softmax_sgd_step(
       target: ``(batch,)`` or ``(batch, 1)`` integer outputs in ``[0, n_outputs)``.
       learning_rate: scalar step size (an array or a Python float; traced, so a
         schedule does not recompile).
-      n_outputs, mask, reduction, class_sizes: as in :func:`h_softmax_loss`;
-        ``reduction`` must reduce to a scalar (``"mean"`` or ``"sum"``).
+      n_outputs: as in :func:`h_softmax_loss`.
+      mask: as in :func:`h_softmax_loss`.
+      reduction: as in :func:`h_softmax_loss`, but it must reduce to a scalar
+        (``"mean"`` or ``"sum"``).
+      class_sizes: as in :func:`h_softmax_loss`.
 
     Returns:
       ``(loss, new_params, dx)``: the loss before the step (as
