@@ -22,7 +22,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from blocksparse_jax import _layers
 from blocksparse_jax._layers import SoftmaxOutput
@@ -56,8 +56,14 @@ class HSoftmax(eqx.Module):
       key: the PRNG key the weights are drawn from.
 
     Attributes:
-      W1, b1, W2, b2: the weights, as in :class:`~blocksparse_jax.HSoftmaxParams`.
-      word_to_output, output_to_word, class_sizes: the layout (int32), or ``None``.
+      W1: ``(n_in, n_classes)``, as in :class:`~blocksparse_jax.HSoftmaxParams`.
+      b1: ``(n_classes,)``.
+      W2: ``(n_classes, n_in, n_outputs_per_class)``.
+      b2: ``(n_classes, n_outputs_per_class)``.
+      word_to_output: ``(n_words,)`` int32, the output of every word, or ``None``.
+      output_to_word: ``(n_classes * n_outputs_per_class,)`` int32, the word of
+        every output, ``-1`` for padding, or ``None``.
+      class_sizes: ``(n_classes,)`` int32, or ``None``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -90,8 +96,8 @@ class HSoftmax(eqx.Module):
         *,
         layout: HSoftmaxLayout | None = None,
         n_classes: int | None = None,
-        dtype=None,
-        param_dtype=jnp.float32,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
         key: jax.Array,
     ):
         config = _layers.hsoftmax_config(n_in, n_outputs, layout, n_classes)
@@ -219,8 +225,8 @@ class BlockSparseLinear(eqx.Module):
         o_size: int,
         *,
         use_bias: bool = True,
-        dtype=None,
-        param_dtype=jnp.float32,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
         key: jax.Array,
     ):
         sizes = _layers.block_sparse_sizes(i_blocks, o_blocks, i_size, o_size)

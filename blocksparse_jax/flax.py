@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from blocksparse_jax import _layers
 from blocksparse_jax._layers import SoftmaxOutput
@@ -56,10 +56,14 @@ class HSoftmax(nnx.Module):
       rngs: the ``nnx.Rngs`` the weights are drawn from (``rngs.params()``).
 
     Attributes:
-      W1, b1, W2, b2: the weights (``nnx.Param``), as in
-        :class:`~blocksparse_jax.HSoftmaxParams`.
-      word_to_output, output_to_word, class_sizes: the layout
-        (:class:`LayoutState`), or ``None``.
+      W1: ``(n_in, n_classes)`` (``nnx.Param``), as in :class:`~blocksparse_jax.HSoftmaxParams`.
+      b1: ``(n_classes,)`` (``nnx.Param``).
+      W2: ``(n_classes, n_in, n_outputs_per_class)`` (``nnx.Param``).
+      b2: ``(n_classes, n_outputs_per_class)`` (``nnx.Param``).
+      word_to_output: ``(n_words,)`` the output of every word (:class:`LayoutState`), or ``None``.
+      output_to_word: ``(n_classes * n_outputs_per_class,)`` the word of every
+        output, ``-1`` for padding (:class:`LayoutState`), or ``None``.
+      class_sizes: ``(n_classes,)`` (:class:`LayoutState`), or ``None``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -83,8 +87,8 @@ class HSoftmax(nnx.Module):
         *,
         layout: HSoftmaxLayout | None = None,
         n_classes: int | None = None,
-        dtype=None,
-        param_dtype=jnp.float32,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
         config = _layers.hsoftmax_config(n_in, n_outputs, layout, n_classes)
@@ -200,8 +204,8 @@ class BlockSparseLinear(nnx.Module):
         o_size: int,
         *,
         use_bias: bool = True,
-        dtype=None,
-        param_dtype=jnp.float32,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
         sizes = _layers.block_sparse_sizes(i_blocks, o_blocks, i_size, o_size)
