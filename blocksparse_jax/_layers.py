@@ -163,7 +163,7 @@ def hsoftmax_call(s: HSoftmaxState, x, target) -> SoftmaxOutput:
         target = _checks.as_array("target", target)
         _checks.check_int("target", target)
         _checks.check_index_values(
-            "target", target, s.config.n_outputs, "the layout's number of words", from_end=False
+            "target", target, s.config.n_outputs, "n_words", from_end=False
         )
         # Under jit an out-of-range word becomes output -1: log-probability -inf.
         target = s.word_to_output.at[target].get(mode="fill", fill_value=-1)

@@ -36,3 +36,27 @@ def run_block(page: str, title: str, report: str) -> dict:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+_DOCTEST = """
+import doctest, importlib, json
+runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+failures, attempted = [], 0
+for test in doctest.DocTestFinder().find(importlib.import_module({module!r})):
+    attempted += runner.run(test, out=failures.append).attempted
+print(json.dumps({{"attempted": attempted, "failures": "".join(failures)}}))
+"""
+
+
+def run_doctests(module: str) -> int:
+    """Runs ``module``'s docstring examples in a fresh interpreter; returns how many ran."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    run = subprocess.run(
+        [sys.executable, "-c", _DOCTEST.format(module=module)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["failures"] == "", report["failures"]
+    return report["attempted"]

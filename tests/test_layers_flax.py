@@ -12,7 +12,7 @@ from flax import nnx
 
 import blocksparse_jax as bsj
 from blocksparse_jax.flax import BlockSparseLinear, HSoftmax, LayoutState, SoftmaxOutput
-from tests.doc_blocks import run_block
+from tests.doc_blocks import run_block, run_doctests
 
 N_IN = 12
 COUNTS = np.array([3.0**-i + 1.0 / (i + 1) for i in range(40)])  # 40 words, skewed
@@ -155,6 +155,10 @@ def test_documented_training_loop_runs_and_learns():
     losses, predicted_shape, batch = out
     assert losses[-1] < 0.5 * losses[0], losses
     assert predicted_shape == [batch]
+
+
+def test_docstring_examples():
+    assert run_doctests("blocksparse_jax.flax") >= 10
 
 
 def test_named_scopes():
