@@ -17,12 +17,34 @@ from blocksparse_jax.hsoftmax import (
     h_softmax_sgd_step,
     h_softmax_top_k,
 )
+from blocksparse_jax.adaptive import (
+    AdaptiveSoftmaxLayout,
+    AdaptiveSoftmaxParams,
+    adaptive_log_softmax,
+    adaptive_softmax_cutoffs,
+    adaptive_softmax_from_torch,
+    adaptive_softmax_init,
+    adaptive_softmax_loss,
+    adaptive_softmax_predict,
+    adaptive_softmax_to_torch,
+    adaptive_softmax_top_k,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveSoftmaxLayout",
+    "AdaptiveSoftmaxParams",
     "HSoftmaxLayout",
     "HSoftmaxParams",
+    "adaptive_log_softmax",
+    "adaptive_softmax_cutoffs",
+    "adaptive_softmax_from_torch",
+    "adaptive_softmax_init",
+    "adaptive_softmax_loss",
+    "adaptive_softmax_predict",
+    "adaptive_softmax_to_torch",
+    "adaptive_softmax_top_k",
     "frequency_classes",
     "h_log_softmax",
     "h_softmax",
