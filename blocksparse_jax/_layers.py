@@ -16,6 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from blocksparse_jax import _checks
+from blocksparse_jax.adaptive import (
+    adaptive_log_softmax,
+    adaptive_softmax_predict,
+    adaptive_softmax_top_k,
+)
 from blocksparse_jax.blocksparse import sparse_block_dot, sparse_block_gemv
 from blocksparse_jax.hsoftmax import (
     HSoftmaxLayout,
@@ -162,9 +167,7 @@ def hsoftmax_call(s: HSoftmaxState, x, target) -> SoftmaxOutput:
     if s.word_to_output is not None:
         target = _checks.as_array("target", target)
         _checks.check_int("target", target)
-        _checks.check_index_values(
-            "target", target, s.config.n_outputs, "n_words", from_end=False
-        )
+        _checks.check_index_values("target", target, s.config.n_outputs, "n_words", from_end=False)
         # Under jit an out-of-range word becomes output -1: log-probability -inf.
         target = s.word_to_output.at[target].get(mode="fill", fill_value=-1)
     output = h_log_softmax(x, params, target, **s.kwargs())
@@ -220,3 +223,42 @@ def block_sparse_linear(W, b, h, input_idx, output_idx, dtype) -> jax.Array:
         return sparse_block_dot(W, h, input_idx, b, output_idx)
     o = jnp.zeros((*jnp.shape(output_idx), W.shape[3]), W.dtype)
     return sparse_block_gemv(o, W, h, input_idx, output_idx)
+
+
+# ---------------------------------------------------------------------------
+# Adaptive softmax
+
+
+def adaptive_prepared(params, x, dtype):
+    """``x`` and the parameters cast to the computation dtype."""
+    if dtype is None:
+        return x, params
+    return jnp.asarray(x).astype(dtype), jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+def adaptive_call(params, x, target, dtype) -> SoftmaxOutput:
+    """The targets' log-probabilities and their negative mean."""
+    x, params = adaptive_prepared(params, x, dtype)
+    output = adaptive_log_softmax(x, params, target)
+    return SoftmaxOutput(output, -jnp.mean(output))
+
+
+def adaptive_log_prob(params, x, dtype) -> jax.Array:
+    x, params = adaptive_prepared(params, x, dtype)
+    return adaptive_log_softmax(x, params)
+
+
+def adaptive_top_k(params, x, k, dtype) -> tuple[jax.Array, jax.Array]:
+    x, params = adaptive_prepared(params, x, dtype)
+    return adaptive_softmax_top_k(x, params, k)
+
+
+def adaptive_predict(params, x, dtype) -> jax.Array:
+    x, params = adaptive_prepared(params, x, dtype)
+    return adaptive_softmax_predict(x, params)
+
+
+def adaptive_sample(params, x, key, dtype) -> jax.Array:
+    """One exact sample per example, drawn from all ``n_outputs`` log-probabilities."""
+    x, params = adaptive_prepared(params, x, dtype)
+    return jax.random.categorical(key, adaptive_log_softmax(x, params), axis=-1).astype(jnp.int32)

@@ -17,6 +17,7 @@ hierarchical softmax's work is shared across a batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -26,9 +27,10 @@ from jax.typing import ArrayLike, DTypeLike
 
 from blocksparse_jax import _layers
 from blocksparse_jax._layers import SoftmaxOutput
+from blocksparse_jax.adaptive import AdaptiveSoftmaxParams, adaptive_softmax_init
 from blocksparse_jax.hsoftmax import HSoftmaxLayout, HSoftmaxParams, h_softmax_init
 
-__all__ = ["BlockSparseLinear", "HSoftmax", "SoftmaxOutput"]
+__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "HSoftmax", "SoftmaxOutput"]
 
 
 class HSoftmax(eqx.Module):
@@ -176,6 +178,121 @@ class HSoftmax(eqx.Module):
     def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
         """One exact sample per example from the layer's distribution, ``(batch,)`` int32."""
         return _layers.hsoftmax_sample(self._state(), x, key)
+
+
+class AdaptiveSoftmax(eqx.Module):
+    """The adaptive softmax (PyTorch's ``AdaptiveLogSoftmaxWithLoss``) as a layer.
+
+    A head over the ``cutoffs[0]`` most frequent outputs plus one entry per
+    tail cluster, and per cluster a projection to a narrower width
+    (``n_in // div_value**(i + 1)``) and its outputs; see
+    :func:`~blocksparse_jax.adaptive_log_softmax`.  Output ids must be sorted
+    by decreasing frequency (:func:`~blocksparse_jax.adaptive_softmax_cutoffs`
+    proposes cutoffs from counts).  ``x`` is ``(batch, n_in)`` (or ``(n_in,)``).
+
+    Args:
+      n_in: input width.
+      n_outputs: number of outputs.
+      cutoffs: strictly increasing ints in ``[1, n_outputs - 1]``: the
+        shortlist size, then the first output of each further cluster.
+      div_value: the width divisor between successive clusters.
+      head_bias: whether the head has a bias.
+      dtype: the computation dtype (``x`` and the weights are cast to it), or
+        ``None`` to compute in the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      key: the PRNG key the weights are drawn from.
+
+    Attributes:
+      head_W: ``(n_in, cutoffs[0] + n_clusters)``.
+      head_b: ``(cutoffs[0] + n_clusters,)``, or ``None``.
+      tail_proj: a tuple of ``(n_in, d_i)`` projections.
+      tail_out: a tuple of ``(d_i, cluster_size_i)`` output weights.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from blocksparse_jax.equinox import AdaptiveSoftmax
+      >>> layer = AdaptiveSoftmax(16, 100, [10, 40], key=jax.random.key(0))
+      >>> x = jnp.ones((4, 16))
+      >>> out, loss = layer(x, jnp.array([0, 5, 42, 99]))
+      >>> out.shape, loss.shape, layer.log_prob(x).shape
+      ((4,), (), (4, 100))
+      >>> bool(jnp.all(layer.predict(x) == jnp.argmax(layer.log_prob(x), axis=-1)))
+      True
+    """
+
+    head_W: jax.Array
+    head_b: jax.Array | None
+    tail_proj: tuple[jax.Array, ...]
+    tail_out: tuple[jax.Array, ...]
+    dtype: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        n_in: int,
+        n_outputs: int,
+        cutoffs: Sequence[int],
+        *,
+        div_value: float = 4.0,
+        head_bias: bool = False,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        key: jax.Array,
+    ):
+        params = adaptive_softmax_init(
+            key, n_in, n_outputs, cutoffs, div_value=div_value, head_bias=head_bias,
+            dtype=param_dtype,
+        )  # fmt: skip
+        self.head_W, self.head_b, self.tail_proj, self.tail_out = params
+        self.dtype = dtype
+
+    @property
+    def params(self) -> AdaptiveSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.AdaptiveSoftmaxParams`, for the functional API."""
+        return AdaptiveSoftmaxParams(self.head_W, self.head_b, self.tail_proj, self.tail_out)
+
+    @property
+    def n_outputs(self) -> int:
+        """Number of outputs."""
+        return self.params.n_outputs
+
+    @property
+    def cutoffs(self) -> tuple[int, ...]:
+        """The cutoffs."""
+        return self.params.cutoffs
+
+    @_layers.scoped
+    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
+        """The targets' log-probabilities and the loss.
+
+        Args:
+          x: ``(batch, n_in)`` inputs.
+          target: ``(batch,)`` integer targets in ``[0, n_outputs)``.
+
+        Returns:
+          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
+          log-probability of each target, ``loss`` its negative mean.
+        """
+        return _layers.adaptive_call(self.params, x, target, self.dtype)
+
+    @_layers.scoped
+    def log_prob(self, x: ArrayLike) -> jax.Array:
+        """Log-probabilities of all outputs, ``(batch, n_outputs)``."""
+        return _layers.adaptive_log_prob(self.params, x, self.dtype)
+
+    @_layers.scoped
+    def predict(self, x: ArrayLike) -> jax.Array:
+        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
+        return _layers.adaptive_predict(self.params, x, self.dtype)
+
+    @_layers.scoped
+    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
+        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
+        return _layers.adaptive_top_k(self.params, x, k, self.dtype)
+
+    @_layers.scoped
+    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
+        """One exact sample per example, ``(batch,)`` int32 (from all log-probabilities, as :meth:`log_prob`)."""
+        return _layers.adaptive_sample(self.params, x, key, self.dtype)
 
 
 class BlockSparseLinear(eqx.Module):

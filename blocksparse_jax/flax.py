@@ -11,6 +11,8 @@ wrt=nnx.Param)``.  Their values are those of the functional API
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,9 +20,10 @@ from jax.typing import ArrayLike, DTypeLike
 
 from blocksparse_jax import _layers
 from blocksparse_jax._layers import SoftmaxOutput
+from blocksparse_jax.adaptive import AdaptiveSoftmaxParams, adaptive_softmax_init
 from blocksparse_jax.hsoftmax import HSoftmaxLayout, HSoftmaxParams, h_softmax_init
 
-__all__ = ["BlockSparseLinear", "HSoftmax", "LayoutState", "SoftmaxOutput"]
+__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "HSoftmax", "LayoutState", "SoftmaxOutput"]
 
 
 class LayoutState(nnx.Variable):
@@ -163,6 +166,124 @@ class HSoftmax(nnx.Module):
     def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
         """One exact sample per example from the layer's distribution, ``(batch,)`` int32."""
         return _layers.hsoftmax_sample(self._state(), x, key)
+
+
+class AdaptiveSoftmax(nnx.Module):
+    """The adaptive softmax (PyTorch's ``AdaptiveLogSoftmaxWithLoss``) as a layer.
+
+    A head over the ``cutoffs[0]`` most frequent outputs plus one entry per
+    tail cluster, and per cluster a projection to a narrower width
+    (``n_in // div_value**(i + 1)``) and its outputs; see
+    :func:`~blocksparse_jax.adaptive_log_softmax`.  Output ids must be sorted
+    by decreasing frequency (:func:`~blocksparse_jax.adaptive_softmax_cutoffs`
+    proposes cutoffs from counts).  ``x`` is ``(batch, n_in)`` (or ``(n_in,)``).
+
+    Args:
+      n_in: input width.
+      n_outputs: number of outputs.
+      cutoffs: strictly increasing ints in ``[1, n_outputs - 1]``: the
+        shortlist size, then the first output of each further cluster.
+      div_value: the width divisor between successive clusters.
+      head_bias: whether the head has a bias.
+      dtype: the computation dtype (``x`` and the weights are cast to it), or
+        ``None`` to compute in the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      rngs: the ``nnx.Rngs`` the weights are drawn from (``rngs.params()``).
+
+    Attributes:
+      head_W: ``(n_in, cutoffs[0] + n_clusters)`` (``nnx.Param``).
+      head_b: ``(cutoffs[0] + n_clusters,)`` (``nnx.Param``), or ``None``.
+      tail_proj: an ``nnx.List`` of ``(n_in, d_i)`` projections (``nnx.Param``).
+      tail_out: an ``nnx.List`` of ``(d_i, cluster_size_i)`` output weights (``nnx.Param``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from blocksparse_jax.flax import AdaptiveSoftmax
+      >>> layer = AdaptiveSoftmax(16, 100, [10, 40], rngs=nnx.Rngs(0))
+      >>> x = jnp.ones((4, 16))
+      >>> out, loss = layer(x, jnp.array([0, 5, 42, 99]))
+      >>> out.shape, loss.shape, layer.log_prob(x).shape
+      ((4,), (), (4, 100))
+      >>> bool(jnp.all(layer.predict(x) == jnp.argmax(layer.log_prob(x), axis=-1)))
+      True
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_outputs: int,
+        cutoffs: Sequence[int],
+        *,
+        div_value: float = 4.0,
+        head_bias: bool = False,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        params = adaptive_softmax_init(
+            rngs.params(),
+            n_in,
+            n_outputs,
+            cutoffs,
+            div_value=div_value,
+            head_bias=head_bias,
+            dtype=param_dtype,
+        )
+        self.head_W = nnx.Param(params.head_W)
+        self.head_b = nnx.data(None) if params.head_b is None else nnx.Param(params.head_b)
+        self.tail_proj = nnx.List([nnx.Param(w) for w in params.tail_proj])
+        self.tail_out = nnx.List([nnx.Param(w) for w in params.tail_out])
+        self.n_in = params.n_in
+        self.n_outputs = params.n_outputs
+        self.cutoffs = params.cutoffs
+        self.div_value = div_value
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    @property
+    def params(self) -> AdaptiveSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.AdaptiveSoftmaxParams`, for the functional API."""
+        return AdaptiveSoftmaxParams(
+            self.head_W[...],
+            None if self.head_b is None else self.head_b[...],
+            tuple(w[...] for w in self.tail_proj),
+            tuple(w[...] for w in self.tail_out),
+        )
+
+    @_layers.scoped
+    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
+        """The targets' log-probabilities and the loss.
+
+        Args:
+          x: ``(batch, n_in)`` inputs.
+          target: ``(batch,)`` integer targets in ``[0, n_outputs)``.
+
+        Returns:
+          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
+          log-probability of each target, ``loss`` its negative mean.
+        """
+        return _layers.adaptive_call(self.params, x, target, self.dtype)
+
+    @_layers.scoped
+    def log_prob(self, x: ArrayLike) -> jax.Array:
+        """Log-probabilities of all outputs, ``(batch, n_outputs)``."""
+        return _layers.adaptive_log_prob(self.params, x, self.dtype)
+
+    @_layers.scoped
+    def predict(self, x: ArrayLike) -> jax.Array:
+        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
+        return _layers.adaptive_predict(self.params, x, self.dtype)
+
+    @_layers.scoped
+    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
+        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
+        return _layers.adaptive_top_k(self.params, x, k, self.dtype)
+
+    @_layers.scoped
+    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
+        """One exact sample per example, ``(batch,)`` int32 (from all log-probabilities, as :meth:`log_prob`)."""
+        return _layers.adaptive_sample(self.params, x, key, self.dtype)
 
 
 class BlockSparseLinear(nnx.Module):
