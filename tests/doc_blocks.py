@@ -21,14 +21,19 @@ def code_block(page: str, title: str) -> str:
     return found[0]
 
 
-def run_block(page: str, title: str, report: str) -> dict:
+def run_block(page: str, title: str, report: str, replace: dict[str, str] | None = None):
     """Runs the block as a script in a fresh interpreter, as a user would; returns ``report``'s value.
 
     JAX runs with its default settings (not this suite's strict ones), and
     ``report`` is a Python expression over the script's names whose value
-    (JSON-serialisable) is returned.
+    (JSON-serialisable) is returned.  ``replace`` maps strings of the block to
+    what they are replaced with (each must occur).
     """
-    code = code_block(page, title) + f"\nimport json as _json\nprint(_json.dumps({report}))\n"
+    code = code_block(page, title)
+    for old, new in (replace or {}).items():
+        assert old in code, f"{old!r} not in the block {title!r} of docs/{page}"
+        code = code.replace(old, new)
+    code += f"\nimport json as _json\nprint(_json.dumps({report}))\n"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     run = subprocess.run(

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import blocksparse_jax as bsj
-from blocksparse_jax.equinox import BlockSparseLinear, HSoftmax, SoftmaxOutput
+from blocksparse_jax.equinox import AdaptiveSoftmax, BlockSparseLinear, HSoftmax, SoftmaxOutput
 from tests.doc_blocks import run_block, run_doctests
 
 N_IN = 12
@@ -187,3 +187,85 @@ def test_bad_arguments():
         layer(x, jnp.array([0, 40]))
     out = eqx.filter_jit(lambda m, x, t: m(x, t))(layer, x, jnp.array([0, 40]))
     assert np.isfinite(out.output[0]) and out.output[1] == -np.inf
+
+
+# ---------------------------------------------------------------------------
+# AdaptiveSoftmax
+
+
+def _adaptive_reference(params, x):
+    """log p of every output from the formula, in float64 NumPy."""
+    x = np.asarray(x, np.float64)
+    head = x @ np.asarray(params.head_W, np.float64)
+    if params.head_b is not None:
+        head = head + np.asarray(params.head_b, np.float64)
+
+    def log_softmax(a):
+        a = a - a.max(-1, keepdims=True)
+        return a - np.log(np.exp(a).sum(-1, keepdims=True))
+
+    head = log_softmax(head)
+    S = params.head_W.shape[1] - len(params.tail_out)
+    parts = [head[:, :S]]
+    for i, (proj, out) in enumerate(zip(params.tail_proj, params.tail_out, strict=True)):
+        tail = log_softmax(x @ np.asarray(proj, np.float64) @ np.asarray(out, np.float64))
+        parts.append(head[:, S + i : S + i + 1] + tail)
+    return np.concatenate(parts, axis=1)
+
+
+def _check_adaptive(layer, x, targets):
+    params = layer.params
+    ref = _adaptive_reference(params, x)  # (batch, n_outputs)
+    np.testing.assert_allclose(np.exp(ref).sum(-1), 1.0, rtol=1e-9)
+    out = layer(x, targets)
+    assert isinstance(out, SoftmaxOutput)
+    expected = ref[np.arange(len(targets)), np.asarray(targets)]
+    np.testing.assert_allclose(out.output, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.loss, -expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(out.output, bsj.adaptive_log_softmax(x, params, targets), rtol=1e-6)
+    np.testing.assert_allclose(layer.log_prob(x), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(layer.predict(x), np.argmax(ref, axis=-1))
+    vals, ids = layer.top_k(x, 4)
+    np.testing.assert_array_equal(ids, np.argsort(-ref, axis=-1, kind="stable")[:, :4])
+    np.testing.assert_allclose(vals, np.sort(ref, axis=-1)[:, ::-1][:, :4], rtol=1e-5, atol=1e-5)
+    # Sampling: the empirical frequencies of one example's draws match its distribution.
+    n = 20000
+    draws = np.asarray(layer.sample(jnp.broadcast_to(x[0], (n, x.shape[1])), jax.random.key(5)))
+    freq = np.bincount(draws, minlength=ref.shape[1]) / n
+    p = np.exp(ref[0])
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-3)
+
+
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_adaptive_softmax_matches_the_formula_and_functional_api(head_bias):
+    layer = AdaptiveSoftmax(
+        N_IN, 40, [8, 20], div_value=2.0, head_bias=head_bias, key=jax.random.key(4)
+    )
+    x, words = _data(16)
+    _check_adaptive(layer, x, words)
+
+
+def test_adaptive_softmax_trains():
+    layer = AdaptiveSoftmax(N_IN, 40, [8, 20], div_value=2.0, key=jax.random.key(1))
+    x, words = _data(64)
+    _, losses = _train(layer, lambda m, x, t: m(x, t).loss, [(x, words)] * 60, lr=1.0)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_adaptive_softmax_named_scope():
+    layer = AdaptiveSoftmax(N_IN, 40, [8, 20], key=jax.random.key(0))
+    x, words = _data(4)
+    assert "blocksparse_jax.equinox.AdaptiveSoftmax" in jax.jit(
+        lambda: layer(x, words)
+    ).lower().as_text(debug_info=True)
+
+
+def test_documented_training_loop_with_the_adaptive_softmax():
+    # docs/layers.md: AdaptiveSoftmax "drops into the training loops above in place of HSoftmax".
+    replace = {
+        "from blocksparse_jax.equinox import HSoftmax": "from blocksparse_jax.equinox import AdaptiveSoftmax",
+        "softmax: HSoftmax": "softmax: AdaptiveSoftmax",
+        "HSoftmax(n_in, n_words, layout=layout, key=k_softmax)": "AdaptiveSoftmax(n_in, n_words, [200, 800], key=k_softmax)",
+    }
+    losses = run_block("layers.md", "train_equinox.py", "losses", replace=replace)
+    assert losses[-1] < 0.5 * losses[0], losses
