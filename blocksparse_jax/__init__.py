@@ -1,5 +1,17 @@
 """blocksparse_jax: block-sparse dot products and the hierarchical softmax for JAX."""
 
+from blocksparse_jax.adaptive import (
+    AdaptiveSoftmaxLayout,
+    AdaptiveSoftmaxParams,
+    adaptive_log_softmax,
+    adaptive_softmax_cutoffs,
+    adaptive_softmax_from_torch,
+    adaptive_softmax_init,
+    adaptive_softmax_loss,
+    adaptive_softmax_predict,
+    adaptive_softmax_to_torch,
+    adaptive_softmax_top_k,
+)
 from blocksparse_jax.blocksparse import (
     sparse_block_dot,
     sparse_block_gemv,
@@ -16,18 +28,6 @@ from blocksparse_jax.hsoftmax import (
     h_softmax_sample,
     h_softmax_sgd_step,
     h_softmax_top_k,
-)
-from blocksparse_jax.adaptive import (
-    AdaptiveSoftmaxLayout,
-    AdaptiveSoftmaxParams,
-    adaptive_log_softmax,
-    adaptive_softmax_cutoffs,
-    adaptive_softmax_from_torch,
-    adaptive_softmax_init,
-    adaptive_softmax_loss,
-    adaptive_softmax_predict,
-    adaptive_softmax_to_torch,
-    adaptive_softmax_top_k,
 )
 
 __version__ = "0.1.0"

@@ -106,9 +106,19 @@ def _chunk_rows(batch: int, params: AdaptiveSoftmaxParams) -> tuple[int, ...]:
 
 def _checked_target(target, batch: int, n_outputs: int, batched: bool) -> jax.Array:
     """``target`` as ``(batch,)``; its shape and (when concrete) its values checked."""
-    t = _hs.check_target(target, batch, batched=batched).reshape(batch)
-    _hs.check_target_values(t, n_outputs, None, 1)  # IndexError when concrete
-    return t
+    t, exact = _hs.check_target(target, (batch,) if batched else ())
+    _hs.check_target_values(exact, n_outputs, None, 1)  # IndexError when concrete
+    return t.reshape(batch)
+
+
+def _loss_target_and_mask(target, mask, reduction: str, *, batched: bool):
+    """Validates ``reduction`` and ``mask``; returns ``(target, mask)``, masked targets 0."""
+    _hs.check_reduction(reduction)
+    target = _as_array("target", target)
+    _checks.check_int("target", target)
+    mask = _hs.check_mask(mask, target.shape[:1] if batched else ())
+    keep = mask.reshape(mask.shape + (1,) * (target.ndim - mask.ndim))
+    return jnp.where(keep, target, jnp.zeros((), target.dtype)), mask
 
 
 def adaptive_log_softmax(
@@ -233,7 +243,7 @@ def adaptive_softmax_loss(
       [False, True]
     """
     x = _as_array("x", x)
-    target, mask = _hs.loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
+    target, mask = _loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
     x, params, batched, acc = prepare(x, params)
     batch = x.shape[0]
     t = _checked_target(target, batch, params.n_outputs, batched)

@@ -27,6 +27,14 @@ Two families live here:
   and accumulate float16/bfloat16 inputs in float32.  ``class_sizes=``
   describes classes of uneven size, as built by :func:`frequency_classes`.
 
+The log-space functions take ``x`` of shape ``(..., n_in)`` (any leading batch
+dimensions; targets and masks shaped ``x.shape[:-1]``), and ``n_outputs``
+defaults to ``n_classes * n_outputs_per_class`` from the parameters' shapes.
+Masked-out examples are selected out before any arithmetic, so a NaN there
+reaches no gradient.  Differentiation is reverse mode (``jax.grad``,
+``jax.jacrev``, nested ``jacrev``); forward mode (``jax.jvp``, ``jacfwd``,
+``hessian``) is not supported.
+
 Every public function validates shapes, dtypes and (when they are concrete)
 target values eagerly, then runs its computation as one ``jax.jit`` cached per
 configuration, so an eager call is not dispatched op by op.

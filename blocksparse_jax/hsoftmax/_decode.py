@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -25,7 +24,7 @@ def h_softmax_top_k(
     params: HSoftmaxParams,
     k: int,
     *,
-    n_outputs: int,
+    n_outputs: int | None = None,
     class_sizes: ArrayLike | None = None,
     approximate: bool = False,
     n_best_classes: int | None = None,
@@ -56,10 +55,15 @@ def h_softmax_top_k(
     log-probabilities may be broken either way.
 
     Args:
-      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
+        one example.
       params: :class:`HSoftmaxParams`.
-      k: number of outputs to return, in ``[1, number of real outputs]``.
-      n_outputs: number of outputs.
+      k: number of outputs to return, in ``[1, number of real outputs]``; a
+        Python int (static under ``jax.jit``: ``static_argnames="k"``).
+      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``;
+        default ``n_classes * n_outputs_per_class`` from the parameters' shapes
+        (a layout's ``n_outputs``).  A Python int: under ``jax.jit`` leave it
+        out or mark it static (``static_argnames="n_outputs"``).
       class_sizes: optional ``(n_classes,)`` class sizes, as in :func:`h_log_softmax`.
       approximate: search only the best classes.
       n_best_classes: classes searched when ``approximate``.
@@ -68,8 +72,11 @@ def h_softmax_top_k(
         would exceed 4M elements).
 
     Returns:
-      ``(log_probs, indices)``, both ``(batch, k)`` (``(k,)`` for a 1-D ``x``),
-      sorted by decreasing log-probability; ``indices`` int32 output ids.
+      ``(log_probs, indices)``, both ``(..., k)`` (``...`` = ``x.shape[:-1]``),
+      sorted by decreasing log-probability; ``indices`` int32 output ids.  An
+      entry with no output behind it (fewer than ``k`` real outputs, possible
+      with a traced ``class_sizes`` or ``approximate=True``) has
+      log-probability ``-inf`` and index ``-1``.
 
     Raises:
       ValueError: ``k`` outside ``[1, n_outputs]`` (or larger than the number of
@@ -88,25 +95,26 @@ def h_softmax_top_k(
     """
     prob = _p.prepare(x, params, n_outputs, class_sizes)
     C, P = prob.W2.shape[0], prob.per_class
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be a Python int; got {type(k).__name__}")
-    k = int(k)
+    k = _p.static_int("k", k)
     n_real = _p.n_valid_outputs(prob)
     limit = prob.n_outputs if n_real is None else n_real
     if not 1 <= k <= limit:
         what = "n_outputs" if n_real is None or n_real == prob.n_outputs else "real outputs"
         raise ValueError(f"k must be in [1, {limit}] ({what}={limit}); got k={k}")
+    if prob.x.shape[0] == 0:  # no example: nothing to search
+        empty = prob.lead + (k,)
+        return jnp.zeros(empty, prob.acc), jnp.zeros(empty, jnp.int32)
     if n_best_classes is not None and not approximate:
         raise ValueError("n_best_classes is used only with approximate=True")
     if approximate:
-        m = min(k, C) if n_best_classes is None else int(n_best_classes)
+        m = min(k, C) if n_best_classes is None else _p.static_int("n_best_classes", n_best_classes)
         if not 1 <= m <= C:
             raise ValueError(f"n_best_classes must be in [1, n_classes] = [1, {C}]; got {m}")
         return _p.run(_top_k_approximate, prob, k=k, m=m)
     if classes_per_step is None:
         cc = min(_TOP_K_CLASSES_PER_STEP, _TOP_K_CHUNK_ELEMENTS // max(1, prob.x.shape[0] * P))
     else:
-        cc = int(classes_per_step)
+        cc = _p.static_int("classes_per_step", classes_per_step)
         if cc < 1:
             raise ValueError(f"classes_per_step must be >= 1; got {classes_per_step}")
     return _p.run(_top_k_exact, prob, k=k, cc=max(1, min(C, cc)))
@@ -158,7 +166,12 @@ def _top_k_exact(prob: _p.Problem, *, k: int, cc: int):
         jnp.zeros((batch, k), jnp.int32),
     )
     _, vals, idx = lax.while_loop(search_more, step, init)
-    return vals, idx
+    return vals, _no_output(vals, idx)
+
+
+def _no_output(vals, idx):
+    """``-1`` for an entry with no output behind it (log-probability ``-inf``)."""
+    return jnp.where(jnp.isneginf(vals), jnp.int32(-1), idx)
 
 
 def _top_k_approximate(prob: _p.Problem, *, k: int, m: int):
@@ -174,7 +187,7 @@ def _top_k_approximate(prob: _p.Problem, *, k: int, m: int):
     if k_eff < k:
         vals = jnp.pad(vals, ((0, 0), (0, k - k_eff)), constant_values=-jnp.inf)
         idx = jnp.pad(idx, ((0, 0), (0, k - k_eff)))
-    return lax.stop_gradient(vals), idx
+    return lax.stop_gradient(vals), _no_output(vals, idx)
 
 
 @named
@@ -183,7 +196,7 @@ def h_softmax_sample(
     x: ArrayLike,
     params: HSoftmaxParams,
     *,
-    n_outputs: int,
+    n_outputs: int | None = None,
     class_sizes: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Exact samples from the hierarchical distribution, one per example.
@@ -196,13 +209,18 @@ def h_softmax_sample(
 
     Args:
       key: a PRNG key.
-      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
+        one example.
       params: :class:`HSoftmaxParams`.
-      n_outputs: number of outputs.
+      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``;
+        default ``n_classes * n_outputs_per_class`` from the parameters' shapes
+        (a layout's ``n_outputs``).  A Python int: under ``jax.jit`` leave it
+        out or mark it static (``static_argnames="n_outputs"``).
       class_sizes: optional ``(n_classes,)`` class sizes, as in :func:`h_log_softmax`.
 
     Returns:
-      ``(batch,)`` int32 output ids (a scalar for a 1-D ``x``).
+      ``x.shape[:-1]`` int32 output ids; ``-1`` where there is no output to
+      draw (a traced ``class_sizes`` of all zeros).
 
     Raises:
       TypeError, ValueError: as :func:`h_log_softmax`.
@@ -226,4 +244,6 @@ def _sample(prob: _p.Problem, key) -> jax.Array:
     act = _p.target_activations(prob.x, prob.W2, prob.b2, classes, prob.acc)
     act = jnp.where(prob.slot_valid(classes), act, -jnp.inf)
     slots = jax.random.categorical(k_slot, act, axis=-1).astype(jnp.int32)
-    return classes * prob.per_class + slots
+    # With every class empty (a traced all-zero class_sizes) there is no output to draw.
+    drawn = _p._take(prob.slot_valid(classes), slots) & prob.class_valid[classes]
+    return jnp.where(drawn, classes * prob.per_class + slots, jnp.int32(-1))

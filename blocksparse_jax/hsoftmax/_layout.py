@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
-from blocksparse_jax.hsoftmax._params import default_n_classes
+from blocksparse_jax.hsoftmax._params import check_count, default_n_classes
 
 
 class HSoftmaxLayout(NamedTuple):
@@ -39,6 +42,49 @@ class HSoftmaxLayout(NamedTuple):
         """``n_classes * n_outputs_per_class``: the ``n_outputs=`` of the log-space API."""
         return self.n_classes * self.n_outputs_per_class
 
+    def to_output(self, word_ids: ArrayLike) -> jax.Array:
+        """The output id of every word id (any shape), ``-1`` for an id outside ``[0, n_words)``.
+
+        Works eagerly and under ``jax.jit`` (the table is a constant).  A ``-1``
+        output is out of range for the log-space functions: mask it
+        (``mask=word_ids >= 0``) when ``-1`` is a padding id.
+        """
+        return _lookup(self.word_to_output, "word_ids", word_ids)
+
+    def to_word(self, output_ids: ArrayLike) -> jax.Array:
+        """The word id of every output id (any shape), ``-1`` for a padded slot or an id out of range.
+
+        Works eagerly and under ``jax.jit``; ``layout.to_word(h_softmax_sample(...))``
+        gives words.
+        """
+        return _lookup(self.output_to_word, "output_ids", output_ids)
+
+
+def _lookup(table: np.ndarray, name: str, ids) -> jax.Array:
+    """``table[ids]`` with ``-1`` where ``ids`` is outside ``[0, len(table))``, selection only."""
+    if not isinstance(ids, jax.Array):
+        host = np.asarray(ids)
+        # Looked up on the host: JAX would wrap an int64 beyond int32 (x64 off).
+        if host.dtype == object and all(type(v) is int for v in host.ravel().tolist()):
+            host = np.array([v if 0 <= v < table.shape[0] else -1 for v in host.ravel()])
+            host = host.reshape(np.shape(ids))
+        if host.dtype.kind in "iu":
+            v = host.astype(np.int64)  # a uint64 beyond int64 turns negative: out of range
+            ok = (v >= 0) & (v < table.shape[0])
+            return jnp.asarray(np.where(ok, table[np.where(ok, v, 0)], -1).astype(np.int32))
+    ids = _as_array(name, ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must be an integer array; got dtype {ids.dtype}. "
+            f"Cast it with {name}.astype(jnp.int32)."
+        )
+    n = table.shape[0]
+    ok = (ids >= 0) & (ids < jnp.asarray(min(n, int(jnp.iinfo(ids.dtype).max)), ids.dtype))
+    if n > jnp.iinfo(ids.dtype).max:
+        ok = ids >= 0
+    safe = jnp.where(ok, ids, jnp.zeros((), ids.dtype))
+    return jnp.where(ok, jnp.asarray(table)[safe], jnp.int32(-1))
+
 
 def frequency_classes(
     counts: ArrayLike,
@@ -57,22 +103,47 @@ def frequency_classes(
     every class to ``n_outputs_per_class`` (the largest size) and
     ``class_sizes=`` tells the log-space functions which slots are padding.
 
-    Usage::
+    Usage (``n_outputs`` defaults to the layout's ``n_outputs``, the
+    parameters' ``n_classes * n_outputs_per_class``)::
 
         layout = frequency_classes(counts)
         params = h_softmax_init(key, n_in, layout.n_outputs, n_classes=layout.n_classes)
-        out_ids = layout.word_to_output[word_ids]
-        loss = h_softmax_loss(x, params, out_ids, n_outputs=layout.n_outputs,
-                              class_sizes=layout.class_sizes)
-        words = layout.output_to_word[h_softmax_sample(key, x, params, ...)]
+
+        @jax.jit
+        def loss_fn(params, x, word_ids):
+            out_ids = layout.to_output(word_ids)       # a jnp lookup: works under jit
+            return h_softmax_loss(x, params, out_ids, class_sizes=layout.class_sizes)
+
+        words = layout.to_word(h_softmax_sample(key, x, params, class_sizes=layout.class_sizes))
+
+    Uneven classes cost memory and time: the second level of every example
+    costs ``n_outputs_per_class`` (the largest class) and ``W2`` holds
+    ``n_classes * n_outputs_per_class`` slots.  The default cap,
+    ``max_class_size = ceil(1.25 * ceil(n_words / n_classes))``, keeps ``W2``
+    within 1.25 times the vocabulary.  On Zipf counts (``1 / rank``) of 65,536
+    words in 256 classes:
+
+    ============  ===========  ======================  ==================
+    cap (x even)  slots/words  per-example cost C + P  largest class mass
+    ============  ===========  ======================  ==================
+    1             1.00         512                     0.53
+    1.25          1.25         576                     0.13
+    1.5           1.50         640                     0.09
+    2             2.00         768                     0.09
+    4             4.00         1280                    0.09
+    ============  ===========  ======================  ==================
+
+    A cap of 1 forces an even split (the 256 most frequent words share a
+    class holding half the mass); 1.25 already spreads the mass, and larger
+    caps mostly add padding.
 
     Args:
       counts: ``(n_words,)`` non-negative word counts (or frequencies).
       n_classes: number of classes, default ``ceil(sqrt(n_words))``.
       max_class_size: the largest class allowed, at least
-        ``ceil(n_words / n_classes)``; default ``4 * ceil(n_words / n_classes)``,
-        which bounds the second level's cost and ``W2``'s size at 4 times those
-        of an even split.
+        ``ceil(n_words / n_classes)``; default ``ceil(1.25 * ceil(n_words /
+        n_classes))``, which bounds the second level's cost and ``W2``'s size
+        at 1.25 times those of an even split (see the table above).
 
     Returns:
       An :class:`HSoftmaxLayout` (NumPy arrays, computed on the host).
@@ -86,11 +157,16 @@ def frequency_classes(
       >>> from blocksparse_jax import frequency_classes
       >>> layout = frequency_classes(np.array([50, 20, 10, 8, 5, 4, 2, 1]), n_classes=3)
       >>> layout.class_sizes, layout.n_outputs_per_class
-      (array([1, 1, 6], dtype=int32), 6)
+      (array([1, 3, 4], dtype=int32), 4)
       >>> layout.word_to_output
-      array([ 0,  6, 12, 13, 14, 15, 16, 17], dtype=int32)
+      array([ 0,  4,  5,  6,  8,  9, 10, 11], dtype=int32)
       >>> layout.output_to_word[layout.word_to_output]
       array([0, 1, 2, 3, 4, 5, 6, 7], dtype=int32)
+      >>> import jax, jax.numpy as jnp
+      >>> jax.jit(layout.to_output)(jnp.array([0, 7, -1]))   # -1: not a word
+      Array([ 0, 11, -1], dtype=int32)
+      >>> layout.to_word(jnp.array([8, 2]))                   # 2 is a padded slot
+      Array([ 4, -1], dtype=int32)
     """
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 1 or counts.size == 0:
@@ -100,13 +176,17 @@ def frequency_classes(
     n_words = counts.size
     if n_classes is None:
         n_classes = default_n_classes(n_words)
-    if int(n_classes) != n_classes or not 1 <= n_classes <= n_words:
+    n_classes = check_count("n_classes", n_classes)
+    if not 1 <= n_classes <= n_words:
         raise ValueError(
             f"n_classes must be an int in [1, n_words] = [1, {n_words}]; got {n_classes!r}"
         )
     C = int(n_classes)
     even = -(-n_words // C)
-    cap = 4 * even if max_class_size is None else int(max_class_size)
+    if max_class_size is None:
+        cap = -(-5 * even // 4)
+    else:
+        cap = check_count("max_class_size", max_class_size)
     if cap < even:
         raise ValueError(
             f"max_class_size must be at least ceil(n_words / n_classes) = {even} for "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
-from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._scope import named
 from blocksparse_jax.hsoftmax import _problem as _p
 from blocksparse_jax.hsoftmax._params import HSoftmaxParams
@@ -17,7 +16,7 @@ def h_log_softmax(
     params: HSoftmaxParams,
     target: ArrayLike | None = None,
     *,
-    n_outputs: int,
+    n_outputs: int | None = None,
     class_sizes: ArrayLike | None = None,
 ) -> jax.Array:
     r"""Log-probabilities of the two-level hierarchical softmax, computed in log space.
@@ -37,27 +36,37 @@ def h_log_softmax(
     targets' classes.  Without it all ``n_outputs`` are computed.
 
     Args:
-      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
+        one example.
       params: :class:`HSoftmaxParams`.
-      target: optional ``(batch,)`` or ``(batch, 1)`` integer outputs in
-        ``[0, n_outputs)`` (a scalar for a 1-D ``x``).
-      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``.
+      target: optional integer outputs in ``[0, n_outputs)`` of shape
+        ``x.shape[:-1]`` (or that with a trailing 1; a scalar for a 1-D ``x``).
+      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``;
+        default ``n_classes * n_outputs_per_class`` from the parameters' shapes
+        (a layout's ``n_outputs``).  A Python int: under ``jax.jit`` leave it
+        out or mark it static (``static_argnames="n_outputs"``).
       class_sizes: optional ``(n_classes,)`` integer number of outputs in each
         class (slots ``0 .. class_sizes[c] - 1``); the other slots are padding,
         with log-probability ``-inf``.  See :func:`frequency_classes`.
 
     Returns:
-      ``(batch, n_outputs)`` log-probabilities without ``target``, else the
-      ``(batch,)`` log-probability of each target (the batch axis dropped for a
-      1-D ``x``).  float64 if any input is float64, else float32 (float16 and
+      ``(..., n_outputs)`` log-probabilities without ``target``, else the
+      ``(...)`` log-probability of each target (``...`` = ``x.shape[:-1]``).  float64 if any input is float64, else float32 (float16 and
       bfloat16 inputs accumulate in float32).
 
     Raises:
       TypeError: non-float weights or inputs, non-integer ``target``.
-      ValueError: shapes that do not match each other, ``n_outputs`` too large.
+      ValueError: shapes that do not match each other, ``n_outputs`` too large,
+        a concrete ``class_sizes`` with no real output.
+      TypeError: a traced ``n_outputs`` (say how to make it static).
       IndexError: a concrete ``target`` outside ``[0, n_outputs)`` or on a
         padded slot.  Under ``jit`` an out-of-range target gets ``-inf`` and
         ``checkify.index_checks`` reports it.
+
+    Differentiation is reverse mode only: ``jax.grad``, ``jax.vjp``,
+    ``jax.jacrev`` and ``jax.jacrev(jax.jacrev(f))`` work; ``jax.jvp``,
+    ``jax.jacfwd`` and ``jax.hessian`` do not (the second level is a custom-VJP
+    block-sparse op).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -74,7 +83,11 @@ def h_log_softmax(
     prob = _p.prepare(x, params, n_outputs, class_sizes)
     if target is None:
         return _p.run(_all_outputs, prob)
-    return _p.run(_p.Problem.target_log_probs, prob, _p.checked_target(prob, target))
+    return _p.run(_target_log_probs, prob, _p.checked_target(prob, target), None)
+
+
+def _target_log_probs(prob: _p.Problem, t, mask) -> jax.Array:
+    return prob.target_log_probs(t, mask=mask)
 
 
 def _all_outputs(prob: _p.Problem) -> jax.Array:
@@ -87,7 +100,7 @@ def h_softmax_loss(
     params: HSoftmaxParams,
     target: ArrayLike,
     *,
-    n_outputs: int,
+    n_outputs: int | None = None,
     mask: ArrayLike | None = None,
     reduction: str = "mean",
     class_sizes: ArrayLike | None = None,
@@ -104,23 +117,34 @@ def h_softmax_loss(
     ``b2`` is non-zero only in those classes' blocks.
 
     Args:
-      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
+        one example.
       params: :class:`HSoftmaxParams`.
-      target: ``(batch,)`` or ``(batch, 1)`` integer outputs in ``[0, n_outputs)``.
-      n_outputs: number of outputs.
-      mask: optional ``(batch,)`` bool, ``False`` for padding tokens; their
-        targets are ignored (they may be out of range, e.g. ``-1``).
+      target: integer outputs in ``[0, n_outputs)``, shaped ``x.shape[:-1]``
+        (or that with a trailing 1).
+      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``;
+        default ``n_classes * n_outputs_per_class`` from the parameters' shapes
+        (a layout's ``n_outputs``).  A Python int: under ``jax.jit`` leave it
+        out or mark it static (``static_argnames="n_outputs"``).
+      mask: optional bool of shape ``x.shape[:-1]``, ``False`` for padding
+        tokens.  A masked-out example is free: its target may be anything
+        (``-1``, a padded slot) and is not checked, and its ``x`` (even NaN or
+        inf) is selected out before any arithmetic, so it reaches neither the
+        loss nor any gradient.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
       class_sizes: optional ``(n_classes,)`` class sizes, as in
         :func:`h_log_softmax`.
 
     Returns:
-      A scalar, or ``(batch,)`` for ``reduction="none"``; float32 (float64 if
+      A scalar, or ``x.shape[:-1]`` for ``reduction="none"``; float32 (float64 if
       any input is float64).
 
     Raises:
       ValueError: an unknown ``reduction``, a ``mask`` of the wrong shape, and
         everything :func:`h_log_softmax` raises.
+
+    Reverse-mode differentiation only (``jax.grad``, ``jax.jacrev``, nested
+    ``jacrev``); ``jax.jvp`` / ``jacfwd`` / ``hessian`` are not supported.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -134,7 +158,9 @@ def h_softmax_loss(
       >>> jnp.flatnonzero(jnp.any(grads.W2 != 0, axis=(1, 2)))   # classes of 1, 42 and 99
       Array([0, 4, 9], dtype=int32)
     """
-    x = _as_array("x", x)
-    target, mask = _p.loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
-    logp = h_log_softmax(x, params, target, n_outputs=n_outputs, class_sizes=class_sizes)
+    _p.check_reduction(reduction)
+    prob = _p.prepare(x, params, n_outputs, class_sizes)
+    mask = _p.check_mask(mask, prob.lead)
+    t = _p.checked_target(prob, target, mask)
+    logp = _p.run(_target_log_probs, prob, t, mask.reshape(-1))
     return _p.reduce_nll(logp, mask, reduction)

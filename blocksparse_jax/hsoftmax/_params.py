@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blocksparse_jax import _checks
 from blocksparse_jax._checks import as_array as _as_array
@@ -35,6 +36,26 @@ class HSoftmaxParams(NamedTuple):
 def default_n_classes(n_outputs: int) -> int:
     """``ceil(sqrt(n_outputs))``: the class count that minimises ``n_classes + n_outputs_per_class``."""
     return math.isqrt(n_outputs - 1) + 1 if n_outputs > 1 else 1
+
+
+def check_count(name: str, value, *, minimum: int = 1) -> int:
+    """A size argument as a Python int ``>= minimum``; integral floats are accepted."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a Python int, fixed at trace time; got a traced value. Under "
+            f"jax.jit mark it static, e.g. jax.jit(f, static_argnames={name!r})"
+        )
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, np.integer, float, np.floating)
+    ):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    if isinstance(value, (float, np.floating)) and not (
+        math.isfinite(value) and value == int(value)
+    ):
+        raise ValueError(f"{name} must be a whole number (an int); got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return int(value)
 
 
 def check_params(params) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -102,7 +123,9 @@ def h_softmax_init(
       W2 (n_classes, n_in, n_outputs_per_class), b2 (n_classes, n_outputs_per_class))``.
 
     Raises:
-      ValueError: a non-positive size or ``n_classes`` outside ``[1, n_outputs]``.
+      ValueError: a size that is not a positive whole number (``inf``, ``nan``,
+        ``2.5``, ``0``) or ``n_classes`` outside ``[1, n_outputs]``.
+      TypeError: a size that is not a number (or a bool), a non-float ``dtype``.
 
     Examples:
       >>> import jax
@@ -111,19 +134,26 @@ def h_softmax_init(
       >>> [p.shape for p in params]
       [(16, 32), (32,), (32, 16, 32), (32, 32)]
     """
-    for name, v in (("n_in", n_in), ("n_outputs", n_outputs)):
-        if int(v) != v or v < 1:
-            raise ValueError(f"{name} must be a positive int; got {v!r}")
-    n_in, n_outputs = int(n_in), int(n_outputs)
+    n_in = check_count("n_in", n_in)
+    n_outputs = check_count("n_outputs", n_outputs)
     if n_classes is None:
         n_classes = default_n_classes(n_outputs)
-    if int(n_classes) != n_classes or not 1 <= n_classes <= n_outputs:
+    n_classes = check_count("n_classes", n_classes)
+    if n_classes > n_outputs:
         raise ValueError(
             f"n_classes must be an int in [1, n_outputs] = [1, {n_outputs}]; got {n_classes!r}"
         )
-    n_classes = int(n_classes)
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"dtype must be a float dtype; got {dtype!r}") from e
+    if dtype not in [jnp.dtype(d) for d in _checks.FLOAT_DTYPES]:
+        raise TypeError(
+            "dtype must be a float dtype (float16, bfloat16, float32 or float64) for trainable "
+            f"weights; got {dtype}"
+        )
     per_class = -(-n_outputs // n_classes)
-    return _init(key, n_in, n_classes, per_class, jnp.dtype(dtype))
+    return _init(key, n_in, n_classes, per_class, dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))

@@ -21,7 +21,7 @@ def h_softmax_sgd_step(
     target: ArrayLike,
     learning_rate: ArrayLike,
     *,
-    n_outputs: int,
+    n_outputs: int | None = None,
     mask: ArrayLike | None = None,
     reduction: str = "mean",
     class_sizes: ArrayLike | None = None,
@@ -43,13 +43,16 @@ def h_softmax_sgd_step(
     is made in the donated buffer; without donation XLA copies ``W2`` first.
 
     Args:
-      x: ``(batch, n_in)`` inputs, or ``(n_in,)`` for one example.
+      x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
+        one example.
       params: :class:`HSoftmaxParams`.
-      target: ``(batch,)`` or ``(batch, 1)`` integer outputs in ``[0, n_outputs)``.
+      target: integer outputs in ``[0, n_outputs)``, shaped ``x.shape[:-1]``.
       learning_rate: scalar step size (an array or a Python float; traced, so a
         schedule does not recompile).
       n_outputs: as in :func:`h_softmax_loss`.
-      mask: as in :func:`h_softmax_loss`.
+      mask: as in :func:`h_softmax_loss`.  A masked-out example (and, under
+        ``jit``, an out-of-range or padded target) changes no parameter,
+        whatever its ``x`` holds.
       reduction: as in :func:`h_softmax_loss`, but it must reduce to a scalar
         (``"mean"`` or ``"sum"``).
       class_sizes: as in :func:`h_softmax_loss`.
@@ -82,19 +85,17 @@ def h_softmax_sgd_step(
         raise ValueError(
             f"reduction must be 'mean' or 'sum' for a training step (a scalar loss); got {reduction!r}"
         )
-    x = _as_array("x", x)
-    target, mask = _p.loss_target_and_mask(target, mask, reduction, batched=x.ndim == 2)
     learning_rate = _as_array("learning_rate", learning_rate)
     if learning_rate.shape != ():
         raise ValueError(f"learning_rate must be a scalar; got shape {_shape(learning_rate.shape)}")
     if not jnp.issubdtype(learning_rate.dtype, jnp.floating):
         raise TypeError(f"learning_rate must be a float scalar; got dtype {learning_rate.dtype}")
     prob = _p.prepare(x, params, n_outputs, class_sizes)
-    t = _p.checked_target(prob, target)
-    mask = mask.reshape(prob.x.shape[0])
-    loss, new, dx = _p.run(_sgd_step, prob._replace(batched=True), t, mask, learning_rate,
-                         reduction=reduction)  # fmt: skip
-    return loss, new, (dx if prob.batched else dx[0]).astype(x.dtype)
+    mask = _p.check_mask(mask, prob.lead)
+    t = _p.checked_target(prob, target, mask)
+    loss, new, dx = _p.run_flat(_sgd_step, prob, t, mask.reshape(-1), learning_rate,
+                                reduction=reduction)  # fmt: skip
+    return loss, new, _p.unflatten(prob, dx).astype(prob.x.dtype)
 
 
 def _sgd_step(prob: _p.Problem, t, mask, learning_rate, *, reduction):
@@ -102,7 +103,7 @@ def _sgd_step(prob: _p.Problem, t, mask, learning_rate, *, reduction):
 
     def loss_fn(x, W1, b1, act_offset):
         p = prob._replace(x=x, W1=W1, b1=b1)
-        return _p.reduce_nll(p.target_log_probs(t, act_offset), mask, reduction)
+        return _p.reduce_nll(p.target_log_probs(t, act_offset, mask), mask, reduction)
 
     # W2 and b2 are held fixed: their dense gradients are never built (XLA drops
     # them); the cotangent of the second-level activations updates their blocks.
@@ -111,10 +112,14 @@ def _sgd_step(prob: _p.Problem, t, mask, learning_rate, *, reduction):
     dx, dW1, db1, g_act = vjp(jnp.ones((), loss.dtype))
     lr = learning_rate.astype(prob.acc)
     sgd = lambda p, g: (p.astype(prob.acc) - lr * g.astype(prob.acc)).astype(p.dtype)
-    classes = _p.normalize_target(t, prob.n_outputs)[0] // P
+    # The examples that take no part (masked out, out of range, padded) are
+    # selected out: their rows of x and of the cotangent are zeros, whatever x held.
+    t, use, x = prob.select_targets(t, mask)
+    classes = t // P
+    g_act = jnp.where(use[:, None], g_act, jnp.zeros((), g_act.dtype))
     zeros = jnp.zeros((batch, 1), jnp.int32)
     W2 = sparse_block_outer(
-        prob.W2[None], prob.x[:, None, :], g_act[:, None, :], zeros, classes[:, None], alpha=-lr
+        prob.W2[None], x[:, None, :], g_act[:, None, :], zeros, classes[:, None], alpha=-lr
     )[0]
     b2 = prob.b2.astype(prob.acc).at[classes].add(-lr * g_act, mode="drop").astype(prob.b2.dtype)
     return loss, HSoftmaxParams(sgd(prob.W1, dW1), sgd(prob.b1, db1), W2, b2), dx

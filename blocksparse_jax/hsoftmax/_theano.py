@@ -85,19 +85,21 @@ def h_softmax(
       Probabilistic Neural Network Language Model", AISTATS 2005.
     """
     W1, b1, W2, b2 = check_params((W1, b1, W2, b2))
-    x = _p.check_x(x, W1.shape[0], allow_1d=False)
+    x = _p.check_x(x, W1.shape[0], theano=True)
     for name, given, actual, source in (
         ("batch_size", batch_size, x.shape[0], "x.shape[0]"),
         ("n_classes", n_classes, W1.shape[1], "W1.shape[1]"),
         ("n_outputs_per_class", n_outputs_per_class, W2.shape[2], "W2.shape[2]"),
     ):
+        if isinstance(given, jax.core.Tracer):
+            _p.static_int(name, given)  # raises, saying how to mark it static
         if given != actual:
             raise ValueError(f"{name}={given} does not match {source}={actual}; pass {actual}")
     n_outputs = _p.check_n_outputs(n_outputs, W2.shape[0], W2.shape[2])
     dt, acc = _p.dtypes(x, W1, b1, W2, b2)
     if target is not None:
-        target = _p.check_target(target, batch_size, batched=True)
-        _p.check_target_values(target, n_outputs, None, W2.shape[2])
+        target, value = _p.check_target(target, (x.shape[0],))
+        _p.check_target_values(value, n_outputs, None, W2.shape[2])
     return _h_softmax(x, W1, b1, W2, b2, target, n_outputs=n_outputs, dt=dt, acc=acc)
 
 
@@ -109,7 +111,9 @@ def _h_softmax(x, W1, b1, W2, b2, target, *, n_outputs, dt, acc):
     if target is None:
         output_probs = jax.nn.softmax(_p.all_activations(x, W2, b2, acc), axis=-1)
         output_probs = class_probs[:, :, None] * output_probs
-        return output_probs.reshape(batch_size, -1)[:, :n_outputs].astype(dt)
+        return output_probs.reshape(batch_size, W2.shape[0] * n_outputs_per_class)[
+            :, :n_outputs
+        ].astype(dt)
     t, valid = _p.normalize_target(target, n_outputs)
     target_classes = t // n_outputs_per_class
     target_outputs_in_class = t % n_outputs_per_class

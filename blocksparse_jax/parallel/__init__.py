@@ -25,7 +25,9 @@ mesh axis they are split over; anything else is refused with a ``ValueError``
 that says how to fix it (padding ``W`` would change what a negative index points
 at).  Uneven class counts are different: :func:`shard_params` pads the classes to
 a multiple of the model axis, and the padded classes get ``-inf`` logits (zero
-probability).
+probability); its result, a :class:`ShardedHSoftmaxParams`, records the real
+class count, so the parallel functions refuse exactly what the single-device
+ones refuse.
 
 Works on any ``jax.sharding.Mesh`` - CPU, GPU, TPU, one host or many - with
 ``Auto`` or ``Explicit`` axis types.
@@ -33,10 +35,16 @@ Works on any ``jax.sharding.Mesh`` - CPU, GPU, TPU, one host or many - with
 
 from __future__ import annotations
 
-from blocksparse_jax.parallel._hsoftmax import h_log_softmax, h_softmax_loss, shard_params
+from blocksparse_jax.parallel._hsoftmax import (
+    ShardedHSoftmaxParams,
+    h_log_softmax,
+    h_softmax_loss,
+    shard_params,
+)
 from blocksparse_jax.parallel._ops import sparse_block_dot, sparse_block_gemv, sparse_block_outer
 
 __all__ = [
+    "ShardedHSoftmaxParams",
     "h_log_softmax",
     "h_softmax_loss",
     "shard_params",

@@ -21,29 +21,61 @@ from blocksparse_jax.hsoftmax._params import check_params
 from blocksparse_jax.parallel._mesh import check_divisible, check_mesh, place, shard_map, size, vary
 
 
-def _pad_class_sizes(class_sizes, n_classes: int, mesh: Mesh, model_axis):
-    """``class_sizes`` of the unpadded classes gets zeros for the classes :func:`shard_params` added."""
-    if class_sizes is None:
-        return None
-    class_sizes = _as_array("class_sizes", class_sizes)
-    n = class_sizes.shape[0] if class_sizes.ndim == 1 else n_classes
-    if n < n_classes and -(-n // size(mesh, model_axis)) * size(mesh, model_axis) == n_classes:
-        class_sizes = jnp.pad(class_sizes, (0, n_classes - n))
-    return class_sizes
+class ShardedHSoftmaxParams(HSoftmaxParams):
+    """:class:`~blocksparse_jax.HSoftmaxParams` placed by :func:`shard_params`, padding recorded.
+
+    A pytree like ``HSoftmaxParams`` (``jax.grad``, ``jax.tree.map`` and
+    optimizers keep the type and the record) whose ``n_real_classes``
+    attribute is the number of classes before :func:`shard_params` padded them
+    to a multiple of the model axis.  The parallel functions check
+    ``n_outputs`` and ``class_sizes`` against it, exactly as the single-device
+    functions check them against the unpadded parameters, and keep the padded
+    classes empty.
+    """
+
+    n_real_classes: int
+
+    def __new__(cls, W1, b1, W2, b2, *, n_real_classes: int):
+        self = super().__new__(cls, W1, b1, W2, b2)
+        self.n_real_classes = n_real_classes
+        return self
+
+    def _replace(self, **kwargs) -> ShardedHSoftmaxParams:
+        return ShardedHSoftmaxParams(
+            *HSoftmaxParams(*self)._replace(**kwargs), n_real_classes=self.n_real_classes
+        )
 
 
-def _hs_log_probs(x, params, target, *, n_outputs, class_sizes, mesh, data_axis, model_axis):
-    """Log-probabilities ``(batch, n_outputs)`` (``target is None``) or ``(batch,)``."""
+def _flatten(params):
+    return tuple(params), params.n_real_classes
+
+
+def _unflatten(n_real_classes, children):
+    return ShardedHSoftmaxParams(*children, n_real_classes=n_real_classes)
+
+
+jax.tree_util.register_pytree_node(ShardedHSoftmaxParams, _flatten, _unflatten)
+
+
+def _hs_log_probs(
+    x, params, target, *, n_outputs, class_sizes, mesh, data_axis, model_axis, mask=None
+):
+    """Log-probabilities ``(..., n_outputs)`` (``target is None``) or ``(...)``.
+
+    With ``mask`` (the loss), masked-out examples are taken out as on one
+    device and their targets are not checked.
+    """
     check_mesh(mesh, data_axis, model_axis)
     if not isinstance(params, tuple) or len(params) != 4:
         check_params(params)  # raises its TypeError
     n_classes = _as_array("W1", params[0]).shape[-1]
-    class_sizes = _pad_class_sizes(class_sizes, n_classes, mesh, model_axis)
-    prob = _p.prepare(x, params, n_outputs, class_sizes)
-    if not prob.batched:
+    n_real = getattr(params, "n_real_classes", None)
+    prob = _p.prepare(x, params, n_outputs, class_sizes, n_real_classes=n_real)
+    n_outputs = prob.n_outputs
+    if prob.lead == ():
         raise ValueError(
-            f"x must be 2-D (batch, n_in) for the parallel functions (the batch is split over the "
-            f"data axis); got shape {_shape(prob.x.shape[1:])}"
+            f"x must be (batch, n_in) or (..., n_in) for the parallel functions (the batch is "
+            f"split over the data axis); got shape {_shape(prob.x.shape[1:])}"
         )
     check_divisible(
         "n_classes",
@@ -75,14 +107,20 @@ def _hs_log_probs(x, params, target, *, n_outputs, class_sizes, mesh, data_axis,
     specs = [P(d), P(None, m), P(m), P(m), P(m), P(m), P()]
     if target is None:
         out = shard_map(mesh, lambda *a: shard(*a).full_log_probs(), specs, P(d, m), args)
-        if out.shape[1] == n_outputs:
-            return out
-        # Dropping the padded slots makes the columns uneven: gather them first (this
-        # moves log-probabilities, never weights).
-        return place(mesh, out, P(d))[:, :n_outputs]
-    t = _p.checked_target(prob, target)  # concrete out-of-range or padded targets raise
-    body = lambda *a: shard(*a[:-1]).target_log_probs(a[-1])
-    return shard_map(mesh, body, [*specs, P(d)], P(d), [*args, t])
+        if out.shape[1] != n_outputs:
+            # Dropping the padded slots makes the columns uneven: gather them first (this
+            # moves log-probabilities, never weights).
+            out = place(mesh, out, P(d))[:, :n_outputs]
+        return _p.unflatten(prob, out)
+    t = _p.checked_target(prob, target, mask)  # concrete out-of-range or padded targets raise
+    if mask is None:
+        body = lambda *a: shard(*a[:-1]).target_log_probs(a[-1])
+        out = shard_map(mesh, body, [*specs, P(d)], P(d), [*args, t])
+    else:
+        body = lambda *a: shard(*a[:-2]).target_log_probs(a[-2], mask=a[-1])
+        flat_mask = place(mesh, mask.reshape(-1), P(d))
+        out = shard_map(mesh, body, [*specs, P(d), P(d)], P(d), [*args, t, flat_mask])
+    return _p.unflatten(prob, out)
 
 
 @named
@@ -91,7 +129,7 @@ def h_log_softmax(
     params: HSoftmaxParams,
     target: ArrayLike | None = None,
     *,
-    n_outputs: int,
+    n_outputs: int | None = None,
     mesh: Mesh,
     class_sizes: ArrayLike | None = None,
     data_axis: str | None = "data",
@@ -108,22 +146,27 @@ def h_log_softmax(
     Values and gradients equal the single-device function's.
 
     Args:
-      x: ``(batch, n_in)``.
+      x: ``(batch, n_in)`` or ``(..., n_in)`` (the leading dimensions are
+        flattened into the batch that is split over ``data_axis``).
       params: :class:`blocksparse_jax.HSoftmaxParams`, best placed with
-        :func:`shard_params` (which pads ``n_classes`` to a multiple of the
-        model axis size; padded classes get ``-inf`` logits, zero probability).
-      target: ``None``, or ``(batch,)`` / ``(batch, 1)`` integer outputs in
-        ``[0, n_outputs)``.
-      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``.
+        :func:`shard_params`, which pads ``n_classes`` to a multiple of the
+        model axis size and returns a :class:`ShardedHSoftmaxParams` recording
+        the real class count: ``n_outputs`` and ``class_sizes`` are then checked
+        against the unpadded parameters, exactly as on one device, and padded
+        classes get ``-inf`` logits (zero probability).
+      target: ``None``, or integer outputs in ``[0, n_outputs)`` of shape
+        ``x.shape[:-1]`` (or that with a trailing 1).
+      n_outputs: number of outputs, at most ``n_classes * n_outputs_per_class``
+        of the unpadded parameters, which is the default.
       mesh: the ``jax.sharding.Mesh`` to run on.
-      class_sizes: optional ``(n_classes,)`` class sizes, as in the
-        single-device function (the unpadded count is fine: the classes
+      class_sizes: optional ``(n_classes,)`` class sizes of the unpadded
+        classes, as in the single-device function (the classes
         :func:`shard_params` added get size 0).
       data_axis: mesh axis the batch is split over (``None``: not split).
       model_axis: mesh axis the classes are split over (``None``: not split).
 
     Returns:
-      ``(batch, n_outputs)`` log-probabilities, or ``(batch,)`` for a target;
+      ``(..., n_outputs)`` log-probabilities, or ``(...)`` for a target;
       float64 if any input is float64, else float32.
 
     Raises:
@@ -162,7 +205,7 @@ def h_softmax_loss(
     params: HSoftmaxParams,
     target: ArrayLike,
     *,
-    n_outputs: int,
+    n_outputs: int | None = None,
     mesh: Mesh,
     mask: ArrayLike | None = None,
     reduction: str = "mean",
@@ -175,12 +218,13 @@ def h_softmax_loss(
     ``loss[b] = -log p(target[b] | x[b])`` (see :func:`h_log_softmax`),
     reduced by ``"mean"`` over the unmasked examples (0 if there are none),
     ``"sum"``, or not at all (``"none"``, masked entries 0).  A ``mask`` entry
-    ``False`` marks a padding token whose target is ignored (it may be ``-1``).
+    ``False`` marks a padding token whose target is ignored (it may be ``-1``)
+    and whose ``x`` reaches no gradient, as on one device.
     The gradients of ``W1``, ``b1``, ``W2`` and ``b2`` come back sharded like the
     parameters, and a training step never gathers ``W1`` or ``W2``.
 
     Returns:
-      A scalar, or ``(batch,)`` (sharded over ``data_axis``) for ``reduction="none"``.
+      A scalar, or ``x.shape[:-1]`` for ``reduction="none"``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -195,8 +239,9 @@ def h_softmax_loss(
       >>> bool(jnp.allclose(loss, bsj.h_softmax_loss(x, params, target, n_outputs=100)))
       True
     """
+    _p.check_reduction(reduction)
     x = _as_array("x", x)
-    target, mask = _p.loss_target_and_mask(target, mask, reduction, batched=True)
+    mask = _p.check_mask(mask, tuple(x.shape[:-1]))
     logp = _hs_log_probs(
         x,
         params,
@@ -206,8 +251,9 @@ def h_softmax_loss(
         mesh=mesh,
         data_axis=data_axis,
         model_axis=model_axis,
+        mask=mask,
     )
-    return _p.reduce_nll(logp, place(mesh, mask, P(data_axis)), reduction)
+    return _p.reduce_nll(logp, mask, reduction)
 
 
 def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") -> HSoftmaxParams:
@@ -215,13 +261,18 @@ def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") 
 
     ``W1`` goes to ``P(None, model_axis)``; ``b1``, ``W2`` and ``b2`` to
     ``P(model_axis)``.  An ``n_classes`` that the model axis size does not
-    divide is padded with zero classes up to the next multiple (not refused).
-    The parallel functions give every class past ``ceil(n_outputs /
-    n_outputs_per_class)`` a ``-inf`` logit, so a padded class has probability 0
-    and gets a zero gradient; values and gradients of the real classes are
-    those of the unpadded parameters.  To get the single-device parameters
-    back, slice the first ``n_classes`` classes:
-    ``HSoftmaxParams(W1[:, :n], b1[:n], W2[:n], b2[:n])``.
+    divide is padded with zero classes up to the next multiple (not refused),
+    and the result, a :class:`ShardedHSoftmaxParams`, records the real count
+    as ``n_real_classes`` (it survives ``jax.grad``, ``jax.tree.map`` and
+    optimizer updates).  The parallel functions keep every padded class empty
+    (a ``-inf`` logit: probability 0, a zero gradient) and check ``n_outputs``
+    and ``class_sizes`` against the real count, so they refuse what the
+    single-device functions refuse.  Values and gradients of the real classes
+    are those of the unpadded parameters.  To get the single-device parameters
+    back, slice the first ``n = params.n_real_classes`` classes:
+    ``HSoftmaxParams(W1[:, :n], b1[:n], W2[:n], b2[:n])``.  Rebuilding a plain
+    ``HSoftmaxParams`` from padded arrays loses the record: every class then
+    counts as real.
 
     Args:
       params: ``HSoftmaxParams(W1, b1, W2, b2)``.
@@ -229,8 +280,8 @@ def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") 
       model_axis: the mesh axis the classes are split over.
 
     Returns:
-      ``HSoftmaxParams`` with ``n_classes`` rounded up to a multiple of the model
-      axis size, sharded as above.
+      :class:`ShardedHSoftmaxParams` with ``n_classes`` rounded up to a multiple
+      of the model axis size, sharded as above.
 
     Examples:
       >>> import jax
@@ -245,6 +296,7 @@ def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") 
     """
     check_mesh(mesh, None, model_axis)
     W1, b1, W2, b2 = check_params(params)
+    n_real = getattr(params, "n_real_classes", W1.shape[1])
     pad = -W1.shape[1] % size(mesh, model_axis)
     if pad:
         W1 = jnp.pad(W1, ((0, 0), (0, pad)))
@@ -254,4 +306,4 @@ def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") 
         jax.device_put(a, NamedSharding(mesh, s))
         for a, s in zip((W1, b1, W2, b2), (P(None, m), P(m), P(m), P(m)), strict=True)
     )
-    return type(params)(*placed)
+    return ShardedHSoftmaxParams(*placed, n_real_classes=n_real)
