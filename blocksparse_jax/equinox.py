@@ -43,7 +43,8 @@ class HSoftmax(eqx.Module):
     they are not trained.  Without one, outputs are ``0 .. n_outputs - 1`` on
     ``n_classes`` classes of equal size.
 
-    ``x`` is ``(batch, n_in)`` (or ``(n_in,)`` for one example).
+    ``x`` is ``(batch, n_in)``, with any leading batch dimensions (``(batch,
+    time, n_in)``), or ``(n_in,)`` for one example; ``target`` is ``x.shape[:-1]``.
 
     Args:
       n_in: input width.

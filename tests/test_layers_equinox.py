@@ -61,6 +61,13 @@ def test_hsoftmax_one_example_vmap_and_filter_jit():
     per_example = jax.vmap(layer)(x, words)  # the Equinox way: one example at a time
     np.testing.assert_allclose(per_example.output, batch.output, rtol=1e-6)
     np.testing.assert_allclose(per_example.loss, -batch.output, rtol=1e-6)
+    # Leading batch dimensions: (2, 2, n_in) gives the (4, n_in) batch's values, reshaped.
+    seq = layer(x.reshape(2, 2, N_IN), words.reshape(2, 2))
+    np.testing.assert_allclose(seq.output, batch.output.reshape(2, 2), rtol=1e-6)
+    np.testing.assert_allclose(seq.loss, batch.loss, rtol=1e-6)
+    np.testing.assert_array_equal(
+        layer.predict(x.reshape(2, 2, N_IN)), layer.predict(x).reshape(2, 2)
+    )
     jitted = eqx.filter_jit(lambda m, x, t: m(x, t))(layer, x, words)
     np.testing.assert_allclose(jitted.output, batch.output, rtol=1e-6)
     np.testing.assert_array_equal(

@@ -80,6 +80,13 @@ def test_hsoftmax_one_example_and_jit():
     one = layer(x[2], words[2])
     np.testing.assert_allclose(one.output, batch.output[2], rtol=1e-6)
     np.testing.assert_allclose(one.loss, -batch.output[2], rtol=1e-6)
+    # Leading batch dimensions: (2, 2, n_in) gives the (4, n_in) batch's values, reshaped.
+    seq = layer(x.reshape(2, 2, N_IN), words.reshape(2, 2))
+    np.testing.assert_allclose(seq.output, batch.output.reshape(2, 2), rtol=1e-6)
+    np.testing.assert_allclose(seq.loss, batch.loss, rtol=1e-6)
+    np.testing.assert_array_equal(
+        layer.predict(x.reshape(2, 2, N_IN)), layer.predict(x).reshape(2, 2)
+    )
     jitted = nnx.jit(lambda m, x, t: m(x, t))(layer, x, words)
     np.testing.assert_allclose(jitted.output, batch.output, rtol=1e-6)
     np.testing.assert_array_equal(nnx.jit(lambda m, x: m.predict(x))(layer, x), layer.predict(x))
