@@ -150,6 +150,9 @@ def sparse_block_gemv(
         out[b, j] = o[b, j] + sum_i h[b, i] @ W[input_idx[b, i], output_idx[b, j]]
 
     Only the ``i_win * o_win`` selected blocks of ``W`` are read per example.
+    For one example, pass ``o (o_win, o_size)``, ``h (i_win, i_size)`` and 1-D
+    index arrays; the result is then ``(o_win, o_size)`` (convenient under
+    ``jax.vmap``).
 
     Args:
       o: ``(batch, o_win, o_size)`` values the products are added to.
@@ -158,10 +161,6 @@ def sparse_block_gemv(
       input_idx: ``(batch, i_win)`` integer indices into ``W``'s first axis.
         Negative values count from the end.
       output_idx: ``(batch, o_win)`` integer indices into ``W``'s second axis.
-
-      For one example, pass ``o (o_win, o_size)``, ``h (i_win, i_size)`` and 1-D
-      index arrays; the result is then ``(o_win, o_size)`` (convenient under
-      ``jax.vmap``).
       strategy: how the products are executed, the same values either way:
         ``"auto"`` or a name in ``STRATEGIES`` (see :mod:`blocksparse_jax.blocksparse`).
 

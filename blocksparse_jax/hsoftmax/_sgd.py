@@ -49,10 +49,13 @@ def h_softmax_sgd_step(
       target: integer outputs in ``[0, n_outputs)``, shaped ``x.shape[:-1]``.
       learning_rate: scalar step size (an array or a Python float; traced, so a
         schedule does not recompile).
-      n_outputs, mask, reduction, class_sizes: as in :func:`h_softmax_loss`;
-        ``reduction`` must reduce to a scalar (``"mean"`` or ``"sum"``).  A
-        masked-out example (and, under ``jit``, an out-of-range or padded
-        target) changes no parameter, whatever its ``x`` holds.
+      n_outputs: as in :func:`h_softmax_loss`.
+      mask: as in :func:`h_softmax_loss`.  A masked-out example (and, under
+        ``jit``, an out-of-range or padded target) changes no parameter,
+        whatever its ``x`` holds.
+      reduction: as in :func:`h_softmax_loss`, but it must reduce to a scalar
+        (``"mean"`` or ``"sum"``).
+      class_sizes: as in :func:`h_softmax_loss`.
 
     Returns:
       ``(loss, new_params, dx)``: the loss before the step (as

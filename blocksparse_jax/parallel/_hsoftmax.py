@@ -170,10 +170,10 @@ def h_log_softmax(
       float64 if any input is float64, else float32.
 
     Raises:
-      As the single-device function (same messages), and ``ValueError`` for an
-      unknown mesh axis, a 1-D ``x``, a ``batch`` not divisible by the data axis
-      size, or an ``n_classes`` not divisible by the model axis size (use
-      :func:`shard_params`).
+      ValueError: an unknown mesh axis, a 1-D ``x``, a ``batch`` not divisible
+        by the data axis size, or an ``n_classes`` not divisible by the model
+        axis size (use :func:`shard_params`); and everything the single-device
+        function raises (same messages).
 
     Examples:
       >>> import jax, jax.numpy as jnp

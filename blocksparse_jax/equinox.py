@@ -1,0 +1,369 @@
+"""Equinox layers: the hierarchical softmax and a block-sparse linear layer.
+
+Imported only when used (``from blocksparse_jax.equinox import HSoftmax``);
+needs the ``[equinox]`` extra.  The layers are ``eqx.Module`` pytrees: the
+weights are float arrays, a layout's word/output mapping is held as int32
+arrays (so ``eqx.filter(model, eqx.is_inexact_array)`` leaves it out of the
+trainable parameters) and the sizes as static fields.  They take ``key=`` like
+Equinox's own layers and train with ``eqx.filter_jit``,
+``eqx.filter_value_and_grad`` and optax.  Their values are those of the
+functional API (:func:`blocksparse_jax.h_log_softmax`,
+:func:`blocksparse_jax.sparse_block_dot`, ...).
+
+Unlike ``eqx.nn.Linear`` the layers take a batch (``(batch, n_in)``) as well as
+one example (``(n_in,)``, what ``jax.vmap`` over them sees): the
+hierarchical softmax's work is shared across a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
+
+from blocksparse_jax import _layers
+from blocksparse_jax._layers import SoftmaxOutput
+from blocksparse_jax.adaptive import AdaptiveSoftmaxParams, adaptive_softmax_init
+from blocksparse_jax.hsoftmax import HSoftmaxLayout, HSoftmaxParams, h_softmax_init
+
+__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "HSoftmax", "SoftmaxOutput"]
+
+
+class HSoftmax(eqx.Module):
+    """A two-level hierarchical softmax layer with its loss, decoding and sampling.
+
+    Given ``layout`` (an :class:`~blocksparse_jax.HSoftmaxLayout` from
+    :func:`~blocksparse_jax.frequency_classes`) it takes and returns word ids:
+    the layout's ``word_to_output``, ``output_to_word`` and ``class_sizes`` are
+    held as int32 arrays, which ``eqx.is_inexact_array`` does not select, so
+    they are not trained.  Without one, outputs are ``0 .. n_outputs - 1`` on
+    ``n_classes`` classes of equal size.
+
+    ``x`` is ``(batch, n_in)``, with any leading batch dimensions (``(batch,
+    time, n_in)``), or ``(n_in,)`` for one example; ``target`` is ``x.shape[:-1]``.
+
+    Args:
+      n_in: input width.
+      n_outputs: number of outputs; with ``layout``, ``None`` or the layout's
+        number of words.
+      layout: an ``HSoftmaxLayout``, or ``None``.
+      n_classes: number of classes (default ``ceil(sqrt(n_outputs))``); with
+        ``layout``, ``None`` or the layout's.
+      dtype: the computation dtype (``x`` and the weights are cast to it), or
+        ``None`` to compute in the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      key: the PRNG key the weights are drawn from.
+
+    Attributes:
+      W1: ``(n_in, n_classes)``, as in :class:`~blocksparse_jax.HSoftmaxParams`.
+      b1: ``(n_classes,)``.
+      W2: ``(n_classes, n_in, n_outputs_per_class)``.
+      b2: ``(n_classes, n_outputs_per_class)``.
+      word_to_output: ``(n_words,)`` int32, the output of every word, or ``None``.
+      output_to_word: ``(n_classes * n_outputs_per_class,)`` int32, the word of
+        every output, ``-1`` for padding, or ``None``.
+      class_sizes: ``(n_classes,)`` int32, or ``None``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from blocksparse_jax import frequency_classes
+      >>> from blocksparse_jax.equinox import HSoftmax
+      >>> layout = frequency_classes(np.arange(100, 0, -1))    # 100 words by count
+      >>> layer = HSoftmax(16, layout=layout, key=jax.random.key(0))
+      >>> x = jnp.ones((4, 16))
+      >>> out, loss = layer(x, jnp.array([0, 5, 42, 99]))      # word ids
+      >>> out.shape, loss.shape, layer.log_prob(x).shape
+      ((4,), (), (4, 100))
+      >>> bool(jnp.all(layer.predict(x) == jnp.argmax(layer.log_prob(x), axis=-1)))
+      True
+    """
+
+    W1: jax.Array
+    b1: jax.Array
+    W2: jax.Array
+    b2: jax.Array
+    word_to_output: jax.Array | None
+    output_to_word: jax.Array | None
+    class_sizes: jax.Array | None
+    config: _layers.HSoftmaxConfig = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        n_in: int,
+        n_outputs: int | None = None,
+        *,
+        layout: HSoftmaxLayout | None = None,
+        n_classes: int | None = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        key: jax.Array,
+    ):
+        config = _layers.hsoftmax_config(n_in, n_outputs, layout, n_classes)
+        params = h_softmax_init(
+            key, config.n_in, config.n_grid, n_classes=config.n_classes, dtype=param_dtype
+        )
+        self.W1, self.b1, self.W2, self.b2 = params
+        self.word_to_output, self.output_to_word, self.class_sizes = _layers.layout_arrays(layout)
+        self.config = config
+        self.dtype = dtype
+
+    @property
+    def n_in(self) -> int:
+        """Input width."""
+        return self.config.n_in
+
+    @property
+    def n_outputs(self) -> int:
+        """Number of outputs (the layout's words)."""
+        return self.config.n_outputs
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes."""
+        return self.config.n_classes
+
+    @property
+    def params(self) -> HSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.HSoftmaxParams`, for the functional API."""
+        return HSoftmaxParams(self.W1, self.b1, self.W2, self.b2)
+
+    def _state(self) -> _layers.HSoftmaxState:
+        return _layers.HSoftmaxState(
+            self.params,
+            self.config,
+            self.word_to_output,
+            self.output_to_word,
+            self.class_sizes,
+            self.dtype,
+        )
+
+    @_layers.scoped
+    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
+        """The targets' log-probabilities and the loss.
+
+        Args:
+          x: ``(batch, n_in)`` inputs.
+          target: ``(batch,)`` integer targets (word ids with a layout).
+
+        Returns:
+          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
+          log-probability of each target, ``loss`` its negative mean.
+
+        Raises:
+          IndexError: a concrete target outside ``[0, n_outputs)``; under
+            ``jit`` such a target gets log-probability ``-inf``.
+        """
+        return _layers.hsoftmax_call(self._state(), x, target)
+
+    @_layers.scoped
+    def log_prob(self, x: ArrayLike) -> jax.Array:
+        """Log-probabilities of all outputs, ``(batch, n_outputs)`` (in word order with a layout)."""
+        return _layers.hsoftmax_log_prob(self._state(), x)
+
+    @_layers.scoped
+    def predict(self, x: ArrayLike) -> jax.Array:
+        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
+        return _layers.hsoftmax_top_k(self._state(), x, 1)[1][..., 0]
+
+    @_layers.scoped
+    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
+        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
+        return _layers.hsoftmax_top_k(self._state(), x, k)
+
+    @_layers.scoped
+    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
+        """One exact sample per example from the layer's distribution, ``(batch,)`` int32."""
+        return _layers.hsoftmax_sample(self._state(), x, key)
+
+
+class AdaptiveSoftmax(eqx.Module):
+    """The adaptive softmax (PyTorch's ``AdaptiveLogSoftmaxWithLoss``) as a layer.
+
+    A head over the ``cutoffs[0]`` most frequent outputs plus one entry per
+    tail cluster, and per cluster a projection to a narrower width
+    (``n_in // div_value**(i + 1)``) and its outputs; see
+    :func:`~blocksparse_jax.adaptive_log_softmax`.  Output ids must be sorted
+    by decreasing frequency (:func:`~blocksparse_jax.adaptive_softmax_cutoffs`
+    proposes cutoffs from counts).  ``x`` is ``(batch, n_in)`` (or ``(n_in,)``).
+
+    Args:
+      n_in: input width.
+      n_outputs: number of outputs.
+      cutoffs: strictly increasing ints in ``[1, n_outputs - 1]``: the
+        shortlist size, then the first output of each further cluster.
+      div_value: the width divisor between successive clusters.
+      head_bias: whether the head has a bias.
+      dtype: the computation dtype (``x`` and the weights are cast to it), or
+        ``None`` to compute in the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      key: the PRNG key the weights are drawn from.
+
+    Attributes:
+      head_W: ``(n_in, cutoffs[0] + n_clusters)``.
+      head_b: ``(cutoffs[0] + n_clusters,)``, or ``None``.
+      tail_proj: a tuple of ``(n_in, d_i)`` projections.
+      tail_out: a tuple of ``(d_i, cluster_size_i)`` output weights.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from blocksparse_jax.equinox import AdaptiveSoftmax
+      >>> layer = AdaptiveSoftmax(16, 100, [10, 40], key=jax.random.key(0))
+      >>> x = jnp.ones((4, 16))
+      >>> out, loss = layer(x, jnp.array([0, 5, 42, 99]))
+      >>> out.shape, loss.shape, layer.log_prob(x).shape
+      ((4,), (), (4, 100))
+      >>> bool(jnp.all(layer.predict(x) == jnp.argmax(layer.log_prob(x), axis=-1)))
+      True
+    """
+
+    head_W: jax.Array
+    head_b: jax.Array | None
+    tail_proj: tuple[jax.Array, ...]
+    tail_out: tuple[jax.Array, ...]
+    dtype: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        n_in: int,
+        n_outputs: int,
+        cutoffs: Sequence[int],
+        *,
+        div_value: float = 4.0,
+        head_bias: bool = False,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        key: jax.Array,
+    ):
+        params = adaptive_softmax_init(
+            key, n_in, n_outputs, cutoffs, div_value=div_value, head_bias=head_bias,
+            dtype=param_dtype,
+        )  # fmt: skip
+        self.head_W, self.head_b, self.tail_proj, self.tail_out = params
+        self.dtype = dtype
+
+    @property
+    def params(self) -> AdaptiveSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.AdaptiveSoftmaxParams`, for the functional API."""
+        return AdaptiveSoftmaxParams(self.head_W, self.head_b, self.tail_proj, self.tail_out)
+
+    @property
+    def n_outputs(self) -> int:
+        """Number of outputs."""
+        return self.params.n_outputs
+
+    @property
+    def cutoffs(self) -> tuple[int, ...]:
+        """The cutoffs."""
+        return self.params.cutoffs
+
+    @_layers.scoped
+    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
+        """The targets' log-probabilities and the loss.
+
+        Args:
+          x: ``(batch, n_in)`` inputs.
+          target: ``(batch,)`` integer targets in ``[0, n_outputs)``.
+
+        Returns:
+          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
+          log-probability of each target, ``loss`` its negative mean.
+        """
+        return _layers.adaptive_call(self.params, x, target, self.dtype)
+
+    @_layers.scoped
+    def log_prob(self, x: ArrayLike) -> jax.Array:
+        """Log-probabilities of all outputs, ``(batch, n_outputs)``."""
+        return _layers.adaptive_log_prob(self.params, x, self.dtype)
+
+    @_layers.scoped
+    def predict(self, x: ArrayLike) -> jax.Array:
+        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
+        return _layers.adaptive_predict(self.params, x, self.dtype)
+
+    @_layers.scoped
+    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
+        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
+        return _layers.adaptive_top_k(self.params, x, k, self.dtype)
+
+    @_layers.scoped
+    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
+        """One exact sample per example, ``(batch,)`` int32 (from all log-probabilities, as :meth:`log_prob`)."""
+        return _layers.adaptive_sample(self.params, x, key, self.dtype)
+
+
+class BlockSparseLinear(eqx.Module):
+    """A block-sparse linear layer: :func:`~blocksparse_jax.sparse_block_dot` with its own weights.
+
+    ``W`` ``(i_blocks, o_blocks, i_size, o_size)`` is drawn from ``N(0, 1 /
+    i_size)`` (the scale of a dense layer over one input block), ``b``
+    ``(o_blocks, o_size)`` is zero.  Each call selects, per example, the input
+    blocks ``input_idx`` and the output blocks ``output_idx``::
+
+        out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+
+    Args:
+      i_blocks: number of input blocks.
+      o_blocks: number of output blocks.
+      i_size: width of an input block.
+      o_size: width of an output block.
+      use_bias: add ``b`` (without it, :func:`~blocksparse_jax.sparse_block_gemv` from zeros).
+      dtype: the computation dtype, or ``None`` for the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      key: the PRNG key the weights are drawn from.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from blocksparse_jax.equinox import BlockSparseLinear
+      >>> layer = BlockSparseLinear(8, 8, 16, 4, key=jax.random.key(0))
+      >>> h = jnp.ones((2, 3, 16))                       # batch=2, i_win=3, i_size=16
+      >>> out = layer(h, jnp.array([[0, 1, 2], [5, 6, 7]]), jnp.array([[1, 2], [3, 4]]))
+      >>> out.shape                                      # (batch, o_win, o_size)
+      (2, 2, 4)
+    """
+
+    W: jax.Array
+    b: jax.Array | None
+    i_blocks: int = eqx.field(static=True)
+    o_blocks: int = eqx.field(static=True)
+    i_size: int = eqx.field(static=True)
+    o_size: int = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        i_blocks: int,
+        o_blocks: int,
+        i_size: int,
+        o_size: int,
+        *,
+        use_bias: bool = True,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        key: jax.Array,
+    ):
+        sizes = _layers.block_sparse_sizes(i_blocks, o_blocks, i_size, o_size)
+        self.W = _layers.block_sparse_init(key, sizes, param_dtype)
+        self.b = jnp.zeros((sizes[1], sizes[3]), param_dtype) if use_bias else None
+        self.i_blocks, self.o_blocks, self.i_size, self.o_size = sizes
+        self.use_bias = bool(use_bias)
+        self.dtype = dtype
+
+    @_layers.scoped
+    def __call__(self, h: ArrayLike, input_idx: ArrayLike, output_idx: ArrayLike) -> jax.Array:
+        """The selected output blocks.
+
+        Args:
+          h: ``(batch, i_win, i_size)`` input blocks (or ``(i_win, i_size)``).
+          input_idx: ``(batch, i_win)`` integer indices of the input blocks.
+          output_idx: ``(batch, o_win)`` integer indices of the output blocks.
+
+        Returns:
+          ``(batch, o_win, o_size)``.
+        """
+        return _layers.block_sparse_linear(self.W, self.b, h, input_idx, output_idx, self.dtype)

@@ -1,0 +1,357 @@
+"""Flax NNX layers: the hierarchical softmax and a block-sparse linear layer.
+
+Imported only when used (``from blocksparse_jax.flax import HSoftmax``); needs
+the ``[flax]`` extra.  The layers hold their weights as ``nnx.Param`` and a
+layout's word/output mapping as :class:`LayoutState` (a non-trainable
+``nnx.Variable``), take ``rngs=`` like Flax's own layers, and train with
+``nnx.jit``, ``nnx.value_and_grad`` and ``nnx.Optimizer(model, tx,
+wrt=nnx.Param)``.  Their values are those of the functional API
+(:func:`blocksparse_jax.h_log_softmax`, :func:`blocksparse_jax.sparse_block_dot`, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike, DTypeLike
+
+from blocksparse_jax import _layers
+from blocksparse_jax._layers import SoftmaxOutput
+from blocksparse_jax.adaptive import AdaptiveSoftmaxParams, adaptive_softmax_init
+from blocksparse_jax.hsoftmax import HSoftmaxLayout, HSoftmaxParams, h_softmax_init
+
+__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "HSoftmax", "LayoutState", "SoftmaxOutput"]
+
+
+class LayoutState(nnx.Variable):
+    """Non-trainable integer arrays of a layer: a layout's word/output mapping and class sizes.
+
+    Not an ``nnx.Param``: ``nnx.grad`` and ``nnx.Optimizer(model, tx,
+    wrt=nnx.Param)`` leave it alone, and it is saved and restored with the
+    model's state.
+    """
+
+
+class HSoftmax(nnx.Module):
+    """A two-level hierarchical softmax layer with its loss, decoding and sampling.
+
+    Given ``layout`` (an :class:`~blocksparse_jax.HSoftmaxLayout` from
+    :func:`~blocksparse_jax.frequency_classes`) it takes and returns word ids:
+    the layout's ``word_to_output``, ``output_to_word`` and ``class_sizes`` are
+    held as :class:`LayoutState`.  Without one, outputs are ``0 ..
+    n_outputs - 1`` on ``n_classes`` classes of equal size.
+
+    ``x`` is ``(batch, n_in)``, with any leading batch dimensions (``(batch,
+    time, n_in)``), or ``(n_in,)`` for one example; ``target`` is ``x.shape[:-1]``.
+
+    Args:
+      n_in: input width.
+      n_outputs: number of outputs; with ``layout``, ``None`` or the layout's
+        number of words.
+      layout: an ``HSoftmaxLayout``, or ``None``.
+      n_classes: number of classes (default ``ceil(sqrt(n_outputs))``); with
+        ``layout``, ``None`` or the layout's.
+      dtype: the computation dtype (``x`` and the weights are cast to it), or
+        ``None`` to compute in the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      rngs: the ``nnx.Rngs`` the weights are drawn from (``rngs.params()``).
+
+    Attributes:
+      W1: ``(n_in, n_classes)`` (``nnx.Param``), as in :class:`~blocksparse_jax.HSoftmaxParams`.
+      b1: ``(n_classes,)`` (``nnx.Param``).
+      W2: ``(n_classes, n_in, n_outputs_per_class)`` (``nnx.Param``).
+      b2: ``(n_classes, n_outputs_per_class)`` (``nnx.Param``).
+      word_to_output: ``(n_words,)`` the output of every word (:class:`LayoutState`), or ``None``.
+      output_to_word: ``(n_classes * n_outputs_per_class,)`` the word of every
+        output, ``-1`` for padding (:class:`LayoutState`), or ``None``.
+      class_sizes: ``(n_classes,)`` (:class:`LayoutState`), or ``None``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from flax import nnx
+      >>> from blocksparse_jax import frequency_classes
+      >>> from blocksparse_jax.flax import HSoftmax
+      >>> layout = frequency_classes(np.arange(100, 0, -1))    # 100 words by count
+      >>> layer = HSoftmax(16, layout=layout, rngs=nnx.Rngs(0))
+      >>> x = jnp.ones((4, 16))
+      >>> out, loss = layer(x, jnp.array([0, 5, 42, 99]))      # word ids
+      >>> out.shape, loss.shape, layer.log_prob(x).shape
+      ((4,), (), (4, 100))
+      >>> bool(jnp.all(layer.predict(x) == jnp.argmax(layer.log_prob(x), axis=-1)))
+      True
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_outputs: int | None = None,
+        *,
+        layout: HSoftmaxLayout | None = None,
+        n_classes: int | None = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        config = _layers.hsoftmax_config(n_in, n_outputs, layout, n_classes)
+        params = h_softmax_init(
+            rngs.params(), config.n_in, config.n_grid, n_classes=config.n_classes, dtype=param_dtype
+        )
+        self.W1, self.b1, self.W2, self.b2 = (nnx.Param(p) for p in params)
+        w2o, o2w, sizes = _layers.layout_arrays(layout)
+        self.word_to_output = nnx.data(None) if w2o is None else LayoutState(w2o)
+        self.output_to_word = nnx.data(None) if o2w is None else LayoutState(o2w)
+        self.class_sizes = nnx.data(None) if sizes is None else LayoutState(sizes)
+        self.config = config
+        self.n_in = config.n_in
+        self.n_outputs = config.n_outputs
+        self.n_classes = config.n_classes
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    def _state(self) -> _layers.HSoftmaxState:
+        def value(v):
+            return None if v is None else v[...]
+
+        params = HSoftmaxParams(self.W1[...], self.b1[...], self.W2[...], self.b2[...])
+        return _layers.HSoftmaxState(
+            params,
+            self.config,
+            value(self.word_to_output),
+            value(self.output_to_word),
+            value(self.class_sizes),
+            self.dtype,
+        )
+
+    @property
+    def params(self) -> HSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.HSoftmaxParams`, for the functional API."""
+        return self._state().params
+
+    @_layers.scoped
+    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
+        """The targets' log-probabilities and the loss.
+
+        Args:
+          x: ``(batch, n_in)`` inputs.
+          target: ``(batch,)`` integer targets (word ids with a layout).
+
+        Returns:
+          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
+          log-probability of each target, ``loss`` its negative mean.
+
+        Raises:
+          IndexError: a concrete target outside ``[0, n_outputs)``; under
+            ``jit`` such a target gets log-probability ``-inf``.
+        """
+        return _layers.hsoftmax_call(self._state(), x, target)
+
+    @_layers.scoped
+    def log_prob(self, x: ArrayLike) -> jax.Array:
+        """Log-probabilities of all outputs, ``(batch, n_outputs)`` (in word order with a layout)."""
+        return _layers.hsoftmax_log_prob(self._state(), x)
+
+    @_layers.scoped
+    def predict(self, x: ArrayLike) -> jax.Array:
+        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
+        return _layers.hsoftmax_top_k(self._state(), x, 1)[1][..., 0]
+
+    @_layers.scoped
+    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
+        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
+        return _layers.hsoftmax_top_k(self._state(), x, k)
+
+    @_layers.scoped
+    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
+        """One exact sample per example from the layer's distribution, ``(batch,)`` int32."""
+        return _layers.hsoftmax_sample(self._state(), x, key)
+
+
+class AdaptiveSoftmax(nnx.Module):
+    """The adaptive softmax (PyTorch's ``AdaptiveLogSoftmaxWithLoss``) as a layer.
+
+    A head over the ``cutoffs[0]`` most frequent outputs plus one entry per
+    tail cluster, and per cluster a projection to a narrower width
+    (``n_in // div_value**(i + 1)``) and its outputs; see
+    :func:`~blocksparse_jax.adaptive_log_softmax`.  Output ids must be sorted
+    by decreasing frequency (:func:`~blocksparse_jax.adaptive_softmax_cutoffs`
+    proposes cutoffs from counts).  ``x`` is ``(batch, n_in)`` (or ``(n_in,)``).
+
+    Args:
+      n_in: input width.
+      n_outputs: number of outputs.
+      cutoffs: strictly increasing ints in ``[1, n_outputs - 1]``: the
+        shortlist size, then the first output of each further cluster.
+      div_value: the width divisor between successive clusters.
+      head_bias: whether the head has a bias.
+      dtype: the computation dtype (``x`` and the weights are cast to it), or
+        ``None`` to compute in the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      rngs: the ``nnx.Rngs`` the weights are drawn from (``rngs.params()``).
+
+    Attributes:
+      head_W: ``(n_in, cutoffs[0] + n_clusters)`` (``nnx.Param``).
+      head_b: ``(cutoffs[0] + n_clusters,)`` (``nnx.Param``), or ``None``.
+      tail_proj: an ``nnx.List`` of ``(n_in, d_i)`` projections (``nnx.Param``).
+      tail_out: an ``nnx.List`` of ``(d_i, cluster_size_i)`` output weights (``nnx.Param``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from blocksparse_jax.flax import AdaptiveSoftmax
+      >>> layer = AdaptiveSoftmax(16, 100, [10, 40], rngs=nnx.Rngs(0))
+      >>> x = jnp.ones((4, 16))
+      >>> out, loss = layer(x, jnp.array([0, 5, 42, 99]))
+      >>> out.shape, loss.shape, layer.log_prob(x).shape
+      ((4,), (), (4, 100))
+      >>> bool(jnp.all(layer.predict(x) == jnp.argmax(layer.log_prob(x), axis=-1)))
+      True
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_outputs: int,
+        cutoffs: Sequence[int],
+        *,
+        div_value: float = 4.0,
+        head_bias: bool = False,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        params = adaptive_softmax_init(
+            rngs.params(),
+            n_in,
+            n_outputs,
+            cutoffs,
+            div_value=div_value,
+            head_bias=head_bias,
+            dtype=param_dtype,
+        )
+        self.head_W = nnx.Param(params.head_W)
+        self.head_b = nnx.data(None) if params.head_b is None else nnx.Param(params.head_b)
+        self.tail_proj = nnx.List([nnx.Param(w) for w in params.tail_proj])
+        self.tail_out = nnx.List([nnx.Param(w) for w in params.tail_out])
+        self.n_in = params.n_in
+        self.n_outputs = params.n_outputs
+        self.cutoffs = params.cutoffs
+        self.div_value = div_value
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    @property
+    def params(self) -> AdaptiveSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.AdaptiveSoftmaxParams`, for the functional API."""
+        return AdaptiveSoftmaxParams(
+            self.head_W[...],
+            None if self.head_b is None else self.head_b[...],
+            tuple(w[...] for w in self.tail_proj),
+            tuple(w[...] for w in self.tail_out),
+        )
+
+    @_layers.scoped
+    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
+        """The targets' log-probabilities and the loss.
+
+        Args:
+          x: ``(batch, n_in)`` inputs.
+          target: ``(batch,)`` integer targets in ``[0, n_outputs)``.
+
+        Returns:
+          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
+          log-probability of each target, ``loss`` its negative mean.
+        """
+        return _layers.adaptive_call(self.params, x, target, self.dtype)
+
+    @_layers.scoped
+    def log_prob(self, x: ArrayLike) -> jax.Array:
+        """Log-probabilities of all outputs, ``(batch, n_outputs)``."""
+        return _layers.adaptive_log_prob(self.params, x, self.dtype)
+
+    @_layers.scoped
+    def predict(self, x: ArrayLike) -> jax.Array:
+        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
+        return _layers.adaptive_predict(self.params, x, self.dtype)
+
+    @_layers.scoped
+    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
+        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
+        return _layers.adaptive_top_k(self.params, x, k, self.dtype)
+
+    @_layers.scoped
+    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
+        """One exact sample per example, ``(batch,)`` int32 (from all log-probabilities, as :meth:`log_prob`)."""
+        return _layers.adaptive_sample(self.params, x, key, self.dtype)
+
+
+class BlockSparseLinear(nnx.Module):
+    """A block-sparse linear layer: :func:`~blocksparse_jax.sparse_block_dot` with its own weights.
+
+    ``W`` ``(i_blocks, o_blocks, i_size, o_size)`` is drawn from ``N(0, 1 /
+    i_size)`` (the scale of a dense layer over one input block), ``b``
+    ``(o_blocks, o_size)`` is zero.  Each call selects, per example, the input
+    blocks ``input_idx`` and the output blocks ``output_idx``::
+
+        out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+
+    Args:
+      i_blocks: number of input blocks.
+      o_blocks: number of output blocks.
+      i_size: width of an input block.
+      o_size: width of an output block.
+      use_bias: add ``b`` (without it, :func:`~blocksparse_jax.sparse_block_gemv` from zeros).
+      dtype: the computation dtype, or ``None`` for the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      rngs: the ``nnx.Rngs`` the weights are drawn from (``rngs.params()``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from blocksparse_jax.flax import BlockSparseLinear
+      >>> layer = BlockSparseLinear(8, 8, 16, 4, rngs=nnx.Rngs(0))
+      >>> h = jnp.ones((2, 3, 16))                       # batch=2, i_win=3, i_size=16
+      >>> out = layer(h, jnp.array([[0, 1, 2], [5, 6, 7]]), jnp.array([[1, 2], [3, 4]]))
+      >>> out.shape                                      # (batch, o_win, o_size)
+      (2, 2, 4)
+    """
+
+    def __init__(
+        self,
+        i_blocks: int,
+        o_blocks: int,
+        i_size: int,
+        o_size: int,
+        *,
+        use_bias: bool = True,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        sizes = _layers.block_sparse_sizes(i_blocks, o_blocks, i_size, o_size)
+        self.W = nnx.Param(_layers.block_sparse_init(rngs.params(), sizes, param_dtype))
+        if use_bias:
+            self.b = nnx.Param(jnp.zeros((sizes[1], sizes[3]), param_dtype))
+        else:
+            self.b = nnx.data(None)
+        self.i_blocks, self.o_blocks, self.i_size, self.o_size = sizes
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    @_layers.scoped
+    def __call__(self, h: ArrayLike, input_idx: ArrayLike, output_idx: ArrayLike) -> jax.Array:
+        """The selected output blocks.
+
+        Args:
+          h: ``(batch, i_win, i_size)`` input blocks (or ``(i_win, i_size)``).
+          input_idx: ``(batch, i_win)`` integer indices of the input blocks.
+          output_idx: ``(batch, o_win)`` integer indices of the output blocks.
+
+        Returns:
+          ``(batch, o_win, o_size)``.
+        """
+        b = None if self.b is None else self.b[...]
+        return _layers.block_sparse_linear(self.W[...], b, h, input_idx, output_idx, self.dtype)

@@ -1,0 +1,278 @@
+"""The Equinox layers: values against the functional API, training, state, scopes and errors."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import blocksparse_jax as bsj
+from blocksparse_jax.equinox import AdaptiveSoftmax, BlockSparseLinear, HSoftmax, SoftmaxOutput
+from tests.doc_blocks import run_block, run_doctests
+
+N_IN = 12
+COUNTS = np.array([3.0**-i + 1.0 / (i + 1) for i in range(40)])  # 40 words, skewed
+LAYOUT = bsj.frequency_classes(COUNTS, 6)
+
+
+def _data(n=32, n_in=N_IN, n_out=40, seed=0):
+    kx, kt = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(kx, (n, n_in), jnp.float32), jax.random.randint(kt, (n,), 0, n_out)
+
+
+@pytest.mark.parametrize("with_layout", [True, False], ids=["layout", "plain"])
+def test_hsoftmax_matches_functional_api(with_layout):
+    layout = LAYOUT if with_layout else None
+    n_classes = None if with_layout else 7
+    layer = HSoftmax(N_IN, 40, layout=layout, n_classes=n_classes, key=jax.random.key(3))
+    x, words = _data()
+    kw = {"n_outputs": layer.config.n_grid}
+    if layout is not None:
+        kw["class_sizes"] = layout.class_sizes
+    ref = bsj.h_log_softmax(x, layer.params, **kw)
+    if layout is not None:
+        ref = ref[:, layout.word_to_output]  # word order
+    np.testing.assert_allclose(np.exp(np.asarray(ref, np.float64)).sum(-1), 1.0, rtol=1e-5)
+
+    out = layer(x, words)
+    assert isinstance(out, SoftmaxOutput)
+    expected = ref[jnp.arange(32), words]
+    np.testing.assert_allclose(out.output, expected, rtol=1e-6)
+    np.testing.assert_allclose(out.loss, -np.mean(np.asarray(expected)), rtol=1e-6)
+    np.testing.assert_allclose(layer.log_prob(x), ref, rtol=1e-6)
+
+    np.testing.assert_array_equal(layer.predict(x), np.argmax(np.asarray(ref), axis=-1))
+    vals, ids = layer.top_k(x, 5)
+    ref_vals, ref_ids = jax.lax.top_k(ref, 5)
+    np.testing.assert_allclose(vals, ref_vals, rtol=1e-6)
+    np.testing.assert_array_equal(ids, ref_ids)
+
+    key = jax.random.key(7)
+    out_ids = bsj.h_softmax_sample(key, x, layer.params, **kw)
+    want = out_ids if layout is None else layout.output_to_word[np.asarray(out_ids)]
+    np.testing.assert_array_equal(layer.sample(x, key), want)
+
+
+def test_hsoftmax_one_example_vmap_and_filter_jit():
+    layer = HSoftmax(N_IN, layout=LAYOUT, key=jax.random.key(0))
+    x, words = _data(4)
+    batch = layer(x, words)
+    per_example = jax.vmap(layer)(x, words)  # the Equinox way: one example at a time
+    np.testing.assert_allclose(per_example.output, batch.output, rtol=1e-6)
+    np.testing.assert_allclose(per_example.loss, -batch.output, rtol=1e-6)
+    # Leading batch dimensions: (2, 2, n_in) gives the (4, n_in) batch's values, reshaped.
+    seq = layer(x.reshape(2, 2, N_IN), words.reshape(2, 2))
+    np.testing.assert_allclose(seq.output, batch.output.reshape(2, 2), rtol=1e-6)
+    np.testing.assert_allclose(seq.loss, batch.loss, rtol=1e-6)
+    np.testing.assert_array_equal(
+        layer.predict(x.reshape(2, 2, N_IN)), layer.predict(x).reshape(2, 2)
+    )
+    jitted = eqx.filter_jit(lambda m, x, t: m(x, t))(layer, x, words)
+    np.testing.assert_allclose(jitted.output, batch.output, rtol=1e-6)
+    np.testing.assert_array_equal(
+        eqx.filter_jit(lambda m, x: m.predict(x))(layer, x), layer.predict(x)
+    )
+
+
+def _train(model, loss_fn, batches, lr):
+    optim = optax.sgd(lr)
+    opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state, *batch):
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(model, *batch)
+        updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    losses = []
+    for b in batches:
+        model, opt_state, loss = step(model, opt_state, *b)
+        losses.append(float(loss))
+    return model, losses
+
+
+def test_hsoftmax_trains_and_keeps_its_layout():
+    layer = HSoftmax(N_IN, layout=LAYOUT, key=jax.random.key(1))
+    # The layout is not a trainable leaf: only the four weights are.
+    trainable = eqx.filter(layer, eqx.is_inexact_array)
+    assert {k for k in ("W1", "b1", "W2", "b2") if getattr(trainable, k) is not None} == {
+        "W1", "b1", "W2", "b2",
+    }  # fmt: skip
+    assert trainable.word_to_output is None and trainable.class_sizes is None
+    x, words = _data(64)
+    trained, losses = _train(layer, lambda m, x, t: m(x, t).loss, [(x, words)] * 60, lr=1.0)
+    assert losses[-1] < 0.5 * losses[0], losses
+    for name in ("word_to_output", "output_to_word", "class_sizes"):
+        np.testing.assert_array_equal(getattr(trained, name), getattr(layer, name))
+    assert not np.array_equal(np.asarray(trained.W2), np.asarray(layer.W2))
+    assert np.mean(np.asarray(trained.predict(x)) == np.asarray(words)) > 0.5
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_block_sparse_linear_matches_functional_api(use_bias):
+    layer = BlockSparseLinear(5, 6, 4, 3, use_bias=use_bias, key=jax.random.key(0))
+    if use_bias:
+        b = jax.random.normal(jax.random.key(9), (6, 3), jnp.float32)
+        layer = eqx.tree_at(lambda m: m.b, layer, b)
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    h = jax.random.normal(k1, (8, 2, 4), jnp.float32)
+    ii = jax.random.randint(k2, (8, 2), 0, 5)
+    oi = jax.random.randint(k3, (8, 3), 0, 6)
+    W = np.asarray(layer.W, np.float64)
+    b = np.asarray(layer.b, np.float64) if use_bias else np.zeros((6, 3))
+    hn, iin, oin = np.asarray(h, np.float64), np.asarray(ii), np.asarray(oi)
+    # Plain loops from the formula.
+    want = np.zeros((8, 3, 3))
+    for e in range(8):
+        for j in range(3):
+            want[e, j] = b[oin[e, j]] + sum(hn[e, i] @ W[iin[e, i], oin[e, j]] for i in range(2))
+    np.testing.assert_allclose(layer(h, ii, oi), want, rtol=1e-5, atol=1e-6)
+    if use_bias:
+        np.testing.assert_allclose(
+            layer(h, ii, oi), bsj.sparse_block_dot(layer.W, h, ii, layer.b, oi), rtol=1e-6
+        )
+    else:
+        assert layer.b is None
+    # One example (what jax.vmap sees) gives the batch's rows.
+    np.testing.assert_allclose(jax.vmap(layer)(h, ii, oi), layer(h, ii, oi), rtol=1e-6)
+
+
+def test_block_sparse_linear_trains():
+    teacher = BlockSparseLinear(4, 4, 6, 5, key=jax.random.key(10))
+    student = BlockSparseLinear(4, 4, 6, 5, key=jax.random.key(11))
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    h = jax.random.normal(k1, (64, 2, 6), jnp.float32)
+    ii = jax.random.randint(k2, (64, 2), 0, 4)
+    oi = jax.random.randint(k3, (64, 2), 0, 4)
+    y = teacher(h, ii, oi)
+
+    def loss_fn(model, h, ii, oi, y):
+        return jnp.mean((model(h, ii, oi) - y) ** 2)
+
+    _, losses = _train(student, loss_fn, [(h, ii, oi, y)] * 60, lr=1.0)
+    assert losses[-1] < 0.1 * losses[0], losses
+
+
+def test_documented_training_loop_runs_and_learns():
+    out = run_block("layers.md", "train_equinox.py", "[losses, list(predicted.shape), batch]")
+    losses, predicted_shape, batch = out
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert predicted_shape == [batch]
+
+
+def test_docstring_examples():
+    assert run_doctests("blocksparse_jax.equinox") >= 10
+
+
+def test_named_scopes():
+    layer = HSoftmax(N_IN, layout=LAYOUT, key=jax.random.key(0))
+    lin = BlockSparseLinear(3, 3, 2, 2, key=jax.random.key(0))
+    x, words = _data(4)
+    h, idx = jnp.ones((4, 1, 2), jnp.float32), jnp.zeros((4, 1), jnp.int32)
+    for f, scope in [
+        (lambda: layer(x, words), "blocksparse_jax.equinox.HSoftmax"),
+        (lambda: layer.sample(x, jax.random.key(0)), "blocksparse_jax.equinox.HSoftmax.sample"),
+        (lambda: lin(h, idx, idx), "blocksparse_jax.equinox.BlockSparseLinear"),
+    ]:
+        assert scope in jax.jit(f).lower().as_text(debug_info=True)
+
+
+def test_bad_arguments():
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="needs n_outputs .* or layout="):
+        HSoftmax(N_IN, key=key)
+    with pytest.raises(ValueError, match="layout's number of words, 40, or None; got 50"):
+        HSoftmax(N_IN, 50, layout=LAYOUT, key=key)
+    with pytest.raises(TypeError, match="layout must be an HSoftmaxLayout"):
+        HSoftmax(N_IN, layout=(1, 2, 3), key=key)
+    with pytest.raises(ValueError, match="o_size must be a positive int"):
+        BlockSparseLinear(2, 2, 2, 0, key=key)
+    layer = HSoftmax(N_IN, layout=LAYOUT, key=key)
+    x, _ = _data(2)
+    with pytest.raises(IndexError, match="target holds 40 at position \\(1,\\)"):
+        layer(x, jnp.array([0, 40]))
+    out = eqx.filter_jit(lambda m, x, t: m(x, t))(layer, x, jnp.array([0, 40]))
+    assert np.isfinite(out.output[0]) and out.output[1] == -np.inf
+
+
+# ---------------------------------------------------------------------------
+# AdaptiveSoftmax
+
+
+def _adaptive_reference(params, x):
+    """log p of every output from the formula, in float64 NumPy."""
+    x = np.asarray(x, np.float64)
+    head = x @ np.asarray(params.head_W, np.float64)
+    if params.head_b is not None:
+        head = head + np.asarray(params.head_b, np.float64)
+
+    def log_softmax(a):
+        a = a - a.max(-1, keepdims=True)
+        return a - np.log(np.exp(a).sum(-1, keepdims=True))
+
+    head = log_softmax(head)
+    S = params.head_W.shape[1] - len(params.tail_out)
+    parts = [head[:, :S]]
+    for i, (proj, out) in enumerate(zip(params.tail_proj, params.tail_out, strict=True)):
+        tail = log_softmax(x @ np.asarray(proj, np.float64) @ np.asarray(out, np.float64))
+        parts.append(head[:, S + i : S + i + 1] + tail)
+    return np.concatenate(parts, axis=1)
+
+
+def _check_adaptive(layer, x, targets):
+    params = layer.params
+    ref = _adaptive_reference(params, x)  # (batch, n_outputs)
+    np.testing.assert_allclose(np.exp(ref).sum(-1), 1.0, rtol=1e-9)
+    out = layer(x, targets)
+    assert isinstance(out, SoftmaxOutput)
+    expected = ref[np.arange(len(targets)), np.asarray(targets)]
+    np.testing.assert_allclose(out.output, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.loss, -expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(out.output, bsj.adaptive_log_softmax(x, params, targets), rtol=1e-6)
+    np.testing.assert_allclose(layer.log_prob(x), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(layer.predict(x), np.argmax(ref, axis=-1))
+    vals, ids = layer.top_k(x, 4)
+    np.testing.assert_array_equal(ids, np.argsort(-ref, axis=-1, kind="stable")[:, :4])
+    np.testing.assert_allclose(vals, np.sort(ref, axis=-1)[:, ::-1][:, :4], rtol=1e-5, atol=1e-5)
+    # Sampling: the empirical frequencies of one example's draws match its distribution.
+    n = 20000
+    draws = np.asarray(layer.sample(jnp.broadcast_to(x[0], (n, x.shape[1])), jax.random.key(5)))
+    freq = np.bincount(draws, minlength=ref.shape[1]) / n
+    p = np.exp(ref[0])
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-3)
+
+
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_adaptive_softmax_matches_the_formula_and_functional_api(head_bias):
+    layer = AdaptiveSoftmax(
+        N_IN, 40, [8, 20], div_value=2.0, head_bias=head_bias, key=jax.random.key(4)
+    )
+    x, words = _data(16)
+    _check_adaptive(layer, x, words)
+
+
+def test_adaptive_softmax_trains():
+    layer = AdaptiveSoftmax(N_IN, 40, [8, 20], div_value=2.0, key=jax.random.key(1))
+    x, words = _data(64)
+    _, losses = _train(layer, lambda m, x, t: m(x, t).loss, [(x, words)] * 60, lr=1.0)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_adaptive_softmax_named_scope():
+    layer = AdaptiveSoftmax(N_IN, 40, [8, 20], key=jax.random.key(0))
+    x, words = _data(4)
+    assert "blocksparse_jax.equinox.AdaptiveSoftmax" in jax.jit(
+        lambda: layer(x, words)
+    ).lower().as_text(debug_info=True)
+
+
+def test_documented_training_loop_with_the_adaptive_softmax():
+    # docs/layers.md: AdaptiveSoftmax "drops into the training loops above in place of HSoftmax".
+    replace = {
+        "from blocksparse_jax.equinox import HSoftmax": "from blocksparse_jax.equinox import AdaptiveSoftmax",
+        "softmax: HSoftmax": "softmax: AdaptiveSoftmax",
+        "HSoftmax(n_in, n_words, layout=layout, key=k_softmax)": "AdaptiveSoftmax(n_in, n_words, [200, 800], key=k_softmax)",
+    }
+    losses = run_block("layers.md", "train_equinox.py", "losses", replace=replace)
+    assert losses[-1] < 0.5 * losses[0], losses
