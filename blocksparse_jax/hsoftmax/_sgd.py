@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from blocksparse_jax._checks import as_array as _as_array
@@ -108,10 +109,26 @@ def _sgd_step(prob: _p.Problem, t, mask, learning_rate, *, reduction):
     dx, dW1, db1, g_act = vjp(jnp.ones((), loss.dtype))
     lr = learning_rate.astype(prob.acc)
     sgd = lambda p, g: (p.astype(prob.acc) - lr * g.astype(prob.acc)).astype(p.dtype)
-    classes = _p.normalize_target(t, prob.n_outputs)[0] // P
+    # dx reads W2; the update must come after that read, or XLA copies W2 to
+    # keep the read safe.  Deriving the update's block indices from dx orders them.
+    classes = _after(_p.normalize_target(t, prob.n_outputs)[0] // P, dx)
     zeros = jnp.zeros((batch, 1), jnp.int32)
     W2 = sparse_block_outer(
         prob.W2[None], prob.x[:, None, :], g_act[:, None, :], zeros, classes[:, None], alpha=-lr
     )[0]
     b2 = prob.b2.astype(prob.acc).at[classes].add(-lr * g_act, mode="drop").astype(prob.b2.dtype)
     return loss, HSoftmaxParams(sgd(prob.W1, dW1), sgd(prob.b1, db1), W2, b2), dx
+
+
+def _after(idx, dep):
+    """``idx`` unchanged, computed from ``dep`` so that its users run after ``dep``.
+
+    XLA:CPU drops ``lax.optimization_barrier`` before it decides which reads of
+    a donated buffer may overlap an in-place update, so the order is made a data
+    dependence: a zero derived from the bits of ``dep[0]``, which XLA does not fold.
+    """
+    first = dep.reshape(-1)[:1].astype(jnp.float32)
+    bits = lax.bitcast_convert_type(first, jnp.int32)
+    sign = lax.shift_right_logical(bits, jnp.full_like(bits, 31))  # 0 or 1
+    zero = lax.shift_right_logical(sign, jnp.ones_like(sign))  # always 0
+    return idx + zero.astype(idx.dtype)
