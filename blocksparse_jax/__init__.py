@@ -1,5 +1,6 @@
 """blocksparse_jax: block-sparse dot products and the hierarchical softmax for JAX."""
 
+from blocksparse_jax import optim
 from blocksparse_jax.blocksparse import (
     sparse_block_dot,
     sparse_block_gemv,
@@ -17,12 +18,15 @@ from blocksparse_jax.hsoftmax import (
     h_softmax_sgd_step,
     h_softmax_top_k,
 )
+from blocksparse_jax.optim import SparseBlockGrad, embedding_lookup, value_and_sparse_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HSoftmaxLayout",
     "HSoftmaxParams",
+    "SparseBlockGrad",
+    "embedding_lookup",
     "frequency_classes",
     "h_log_softmax",
     "h_softmax",
@@ -31,7 +35,9 @@ __all__ = [
     "h_softmax_sample",
     "h_softmax_sgd_step",
     "h_softmax_top_k",
+    "optim",
     "sparse_block_dot",
     "sparse_block_gemv",
     "sparse_block_outer",
+    "value_and_sparse_grad",
 ]
