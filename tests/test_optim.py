@@ -397,7 +397,7 @@ def test_optim_docstring_examples():
     code = (
         "import doctest, importlib, sys\n"
         "bad = 0\n"
-        "for m in ('_sparse_grad', '_embedding', '_lazy', '_classes'):\n"
+        "for m in ('_sparse_grad', '_embedding', '_lazy', '_classes', '_step'):\n"
         "    mod = importlib.import_module('blocksparse_jax.optim.' + m)\n"
         "    r = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)\n"
         "    bad += r.failed\n"
