@@ -16,39 +16,46 @@ def training_step_cost(
     *,
     n_in: int,
     batch: int,
-    update_cost: float = 12.0,
-    block_cost: float = 2048.0,
+    pair_cost: float = 24.0,
+    update_cost: float = 8.0,
+    cache_elements: int = 1 << 20,
 ) -> float:
-    r"""Modelled cost of one lazy training step of the hierarchical softmax, in multiply-adds.
+    r"""Modelled cost of one lazy training step of the hierarchical softmax.
 
     With :func:`~blocksparse_jax.value_and_sparse_grad` and
     :func:`~blocksparse_jax.optim.lazy`, a step with ``C = n_classes`` classes
-    of ``P = ceil(n_outputs / C)`` slots costs::
+    of ``P = ceil(n_outputs / C)`` slots costs, in units of one multiply-add
+    of a dense matrix product::
 
-        3 * batch * n_in * C            first level: forward, dx and dW1 products
-        + update_cost * n_in * C        the dense optimizer update of W1 (every class)
-        + 3 * batch * n_in * P          second level: the targets' classes only
-        + update_cost * u(C) * n_in * P the lazy update of the u(C) touched blocks of W2
-        + block_cost * u(C)             a fixed cost per touched block (gather, loop step)
+        batch * n_in * C * (1 + batch * C / cache_elements)   first level (dense products
+                                                               over all classes; slower once
+                                                               the (batch, C) activations
+                                                               outgrow the cache)
+        + update_cost * n_in * C                               the dense update of W1
+        + pair_cost * batch * n_in * P                         second level: one block per
+                                                               example (block-sparse products)
+        + update_cost * u(C) * n_in * P                        the lazy update of the touched
+                                                               blocks of W2
 
     where ``u(C) = C * (1 - (1 - 1/C) ** batch)`` is the expected number of
-    distinct classes among ``batch`` targets (uniform targets: an upper bound
-    for a Zipf-distributed vocabulary).  ``update_cost`` is the optimizer's
-    cost per weight relative to one multiply-add (Adam reads and writes the
-    weight and two moments: memory-bound, about ten times a multiply-add of a
-    matrix product on a CPU).  The dense step (``jax.grad`` + ``optax.adam``)
-    instead pays ``update_cost * n_in * C * P`` for all of ``W2``; its optimum
-    is ``C ~ sqrt(n_outputs)``.  The lazy step's second level shrinks with
-    ``P``, the first level grows with ``C``; the optimum lies between
-    ``sqrt(n_outputs)`` and ``n_outputs / 16``.
+    distinct classes among ``batch`` uniformly drawn targets (an upper bound
+    for a Zipf-distributed vocabulary).  The default constants were fitted to
+    lazy Adam steps measured on a CPU (``benchmarks/bench_sparse_training.py``
+    sweeps the class count); refit them for another machine.  The dense step
+    (``jax.grad`` + ``optax.adam``) instead pays ``update_cost * n_in * C * P``
+    for all of ``W2``, and its optimum is near ``sqrt(n_outputs)``; the lazy
+    step's second level shrinks with ``P`` while the first level grows with
+    ``C``, so its optimum has several times more classes.
 
     Args:
       n_outputs: vocabulary size.
       n_classes: class count ``C``.
       n_in: input width.
       batch: examples per step.
-      update_cost: optimizer cost per weight, in multiply-adds.
-      block_cost: fixed cost per touched block, in multiply-adds.
+      pair_cost: cost of the second level per example and weight, relative to a
+        dense multiply-add.
+      update_cost: optimizer cost per updated weight, relative to a dense multiply-add.
+      cache_elements: activations (``batch * C``) beyond which the first level slows down.
 
     Returns:
       The modelled cost (a float; compare values, not units).
@@ -57,11 +64,10 @@ def training_step_cost(
     P = -(-int(n_outputs) // C)
     u = _touched(C, int(batch))
     return (
-        3.0 * batch * n_in * C
+        batch * n_in * C * (1.0 + batch * C / cache_elements)
         + update_cost * n_in * C
-        + 3.0 * batch * n_in * P
+        + pair_cost * batch * n_in * P
         + update_cost * u * n_in * P
-        + block_cost * u
     )
 
 
@@ -70,8 +76,9 @@ def training_classes(
     *,
     n_in: int,
     batch: int,
-    update_cost: float = 12.0,
-    block_cost: float = 2048.0,
+    pair_cost: float = 24.0,
+    update_cost: float = 8.0,
+    cache_elements: int = 1 << 20,
     multiple: int = 8,
 ) -> int:
     r"""The class count that minimises a lazy training step's cost (:func:`training_step_cost`).
@@ -89,7 +96,7 @@ def training_classes(
       n_outputs: vocabulary size.
       n_in: input width.
       batch: examples per step.
-      update_cost, block_cost: as in :func:`training_step_cost`.
+      pair_cost, update_cost, cache_elements: as in :func:`training_step_cost`.
       multiple: the slots per class are rounded to a multiple of this (SIMD-friendly
         blocks), except for vocabularies smaller than it.
 
@@ -103,7 +110,7 @@ def training_classes(
       >>> from blocksparse_jax.optim import training_classes
       >>> n = training_classes(589_824, n_in=128, batch=256)
       >>> n, -(-589_824 // n)                    # classes, slots per class
-      (1603, 368)
+      (2731, 216)
       >>> training_classes(589_824, n_in=128, batch=256) > 768     # more than sqrt(V)
       True
     """
@@ -119,8 +126,9 @@ def training_classes(
         P = per_class if V < multiple else max(multiple, per_class // multiple * multiple)
         C = -(-V // P)
         cost = training_step_cost(
-            V, C, n_in=n_in, batch=batch, update_cost=update_cost, block_cost=block_cost
-        )
+            V, C, n_in=n_in, batch=batch, pair_cost=pair_cost, update_cost=update_cost,
+            cache_elements=cache_elements,
+        )  # fmt: skip
         if cost < best_cost:
             best, best_cost = C, cost
         per_class = max(per_class + 1, int(per_class * 1.05))
