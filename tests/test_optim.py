@@ -47,8 +47,24 @@ def _hs_case(V=100, n_in=8, batch=6, seed=0, n_classes=None):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["jit", "vmap"])
+def wrap(request):
+    """Runs ``f`` under ``jax.jit``, or under ``jax.vmap`` (a leading axis of 1) and ``jax.jit``."""
+    if request.param == "jit":
+        return jax.jit
+
+    def vmapped(f):
+        def g(*args):
+            out = jax.vmap(f)(*jax.tree.map(lambda a: jnp.asarray(a)[None], args))
+            return jax.tree.map(lambda a: a[0], out)
+
+        return jax.jit(g)
+
+    return vmapped
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_hsoftmax_grads_equal_dense(transform, reduction):
+def test_hsoftmax_grads_equal_dense(wrap, reduction):
     params, x, t = _hs_case(V=97)  # 10 classes of 10: padded slots
     mask = jnp.array([True, True, False, True, True, True])
     t = t.at[2].set(-1)  # masked padding target
@@ -60,7 +76,7 @@ def test_hsoftmax_grads_equal_dense(transform, reduction):
         v, g = value_and_sparse_grad(loss, argnums=(0, 1))(p, x)
         return v, _dense(g)
 
-    v, g = jax.jit(transform(both))(params, x)
+    v, g = wrap(both)(params, x)
     want_v, want_g = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
     chex.assert_trees_all_close((v, g), (want_v, want_g), rtol=1e-5, atol=1e-6)
 
@@ -82,7 +98,7 @@ def test_hsoftmax_sparse_leaves_hold_the_target_classes():
     )
 
 
-def test_block_sparse_ops_grads_equal_dense(transform):
+def test_block_sparse_ops_grads_equal_dense(wrap):
     k = jax.random.split(jax.random.key(3), 6)
     W = jax.random.normal(k[0], (5, 6, 3, 4), F32)
     b = jax.random.normal(k[1], (6, 4), F32)
@@ -101,7 +117,7 @@ def test_block_sparse_ops_grads_equal_dense(transform):
         assert isinstance(g[0], SparseBlockGrad) and isinstance(g[1], SparseBlockGrad)
         return v, _dense(g)
 
-    got = jax.jit(transform(both))(W, b, h)
+    got = wrap(both)(W, b, h)
     want = jax.value_and_grad(f, argnums=(0, 1, 2))(W, b, h)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -258,9 +274,19 @@ def test_lazy_adam_equals_numpy_reference_step_by_step(path):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: optax.adam(0.05), lambda: optax.adamw(0.05), lambda: optax.lion(0.01)]
+    "path_name,name",
+    [("vector", "adam"), ("loop", "adam"), ("vector", "adamw"), ("vector", "lion")],
 )
-def test_lazy_equals_inner_when_every_block_is_touched(path, make):
+def test_lazy_equals_inner_when_every_block_is_touched(
+    path_name, name, monkeypatch, optax_promotion
+):
+    if path_name == "loop":
+        monkeypatch.setattr(_lazy, "_VECTOR_BYTES", 0)
+    make = {
+        "adam": lambda: optax.adam(0.05),
+        "adamw": lambda: optax.adamw(0.05),
+        "lion": lambda: optax.lion(0.01),
+    }[name]
     V, n_in, batch = 40, 6, 16
     params, x, _ = _hs_case(V=V, n_in=n_in, batch=batch, n_classes=4)  # 4 classes of 10
     targets = [jnp.arange(batch, dtype=jnp.int32) * 10 % V + s for s in range(3)]
