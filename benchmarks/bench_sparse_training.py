@@ -160,16 +160,22 @@ def full_softmax_loss(params, x, t):
     )
 
 
-def bench_hsoftmax(vocab, batch, *, warmup, repeats, full=True, dense=True, default_lazy=True):
+def bench_hsoftmax(
+    vocab, batch, *, warmup, repeats, full=True, dense=True, default_lazy=True, targets="uniform"
+):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, WIDTH)), jnp.float32)
-    t = jnp.asarray(zipf_ids(rng, vocab, batch))
+    if targets == "uniform":  # every class equally likely: the most blocks a step can touch
+        t = jnp.asarray(rng.integers(0, vocab, batch), jnp.int32)
+    else:  # Zipf over the output ids (frequent words share the first classes)
+        t = jnp.asarray(zipf_ids(rng, vocab, batch))
     key = jax.random.key(0)
     C_train = training_classes(vocab, n_in=WIDTH, batch=batch)
     adam = optax.adam(LR)
     ltx = lazy(optax.adam(LR))
     loss = lambda p, x, t: h_softmax_loss(x, p, t, n_outputs=vocab)
     row = {"vocab": vocab, "batch": batch, "width": WIDTH, "training_classes": C_train}
+    row["targets"] = targets
     contenders = []
     shapes = jax.eval_shape(lambda: h_softmax_init(key, WIDTH, vocab))
     row["default_classes"] = int(shapes.W1.shape[1])
@@ -305,10 +311,13 @@ class _TorchContender:
     name = "torch_sparse_adam"
 
     def __init__(self, torch, table, ids, w):
+        # One thread: PyTorch's fastest setting on this 2-core machine (its two OpenMP threads
+        # and JAX's thread pool contend when they alternate in one process).
+        torch.set_num_threads(1)
         self.torch = torch
         self.emb = torch.nn.Embedding(*table.shape, sparse=True)
         with torch.no_grad():
-            self.emb.weight.copy_(torch.from_numpy(table))
+            self.emb.weight.copy_(torch.from_numpy(table.copy()))
         self.opt = torch.optim.SparseAdam(self.emb.parameters(), lr=LR)
         self.ids = torch.from_numpy(ids.astype(np.int64))
         self.w = torch.from_numpy(w)
@@ -372,6 +381,10 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     p.add_argument("--sections", default="hsoftmax,layers,embedding")
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument(
+        "--targets", default="uniform", choices=("uniform", "zipf"),
+        help="h_softmax targets: uniform (most classes touched) or Zipf",
+    )  # fmt: skip
     p.add_argument("--out", default=os.path.join(HERE, "bench_sparse_training.json"))
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -394,7 +407,7 @@ def main(argv=None):
             big = vocab > 1_000_000  # W2 of 2 GiB: only the training-classes lazy step runs
             row = bench_hsoftmax(
                 vocab, batch, warmup=warmup, repeats=repeats, full=batch == 256 and not big,
-                dense=not big, default_lazy=not big,
+                dense=not big, default_lazy=not big, targets=args.targets,
             )  # fmt: skip
             print(json.dumps(row), flush=True)
             results["hsoftmax"].append(row)
