@@ -1,5 +1,6 @@
 """blocksparse_jax: block-sparse dot products and the hierarchical softmax for JAX."""
 
+from blocksparse_jax import optim
 from blocksparse_jax.adaptive import (
     AdaptiveSoftmaxLayout,
     AdaptiveSoftmaxParams,
@@ -29,6 +30,7 @@ from blocksparse_jax.hsoftmax import (
     h_softmax_sgd_step,
     h_softmax_top_k,
 )
+from blocksparse_jax.optim import SparseBlockGrad, embedding_lookup, value_and_sparse_grad
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "AdaptiveSoftmaxParams",
     "HSoftmaxLayout",
     "HSoftmaxParams",
+    "SparseBlockGrad",
     "adaptive_log_softmax",
     "adaptive_softmax_cutoffs",
     "adaptive_softmax_from_torch",
@@ -45,6 +48,7 @@ __all__ = [
     "adaptive_softmax_predict",
     "adaptive_softmax_to_torch",
     "adaptive_softmax_top_k",
+    "embedding_lookup",
     "frequency_classes",
     "h_log_softmax",
     "h_softmax",
@@ -53,7 +57,9 @@ __all__ = [
     "h_softmax_sample",
     "h_softmax_sgd_step",
     "h_softmax_top_k",
+    "optim",
     "sparse_block_dot",
     "sparse_block_gemv",
     "sparse_block_outer",
+    "value_and_sparse_grad",
 ]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from blocksparse_jax import _checks
+from blocksparse_jax import _checks, _sparse_trace
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._scope import named
 from blocksparse_jax.blocksparse._core import _gemv, _outer
@@ -198,6 +198,9 @@ def sparse_block_gemv(
     References:
       Theano/Aesara ``aesara.tensor.nnet.blocksparse.SparseBlockGemv``.
     """
+    rec = _sparse_trace.claimant(W)  # under value_and_sparse_grad
+    if rec is not None:
+        return rec.handle("sparse_block_gemv", o, W, h, input_idx, output_idx, strategy=strategy)
     strategy = check_strategy(strategy)
     W, h, ii, vi, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
     o = _as_array("o", o)
@@ -260,6 +263,9 @@ def sparse_block_dot(
       >>> out   # 2 input blocks * 2 ones + b[3]
       Array([[[19., 20., 21., 22., 23.]]], dtype=float32)
     """
+    rec = _sparse_trace.claimant(W, b)  # under value_and_sparse_grad
+    if rec is not None:
+        return rec.handle("sparse_block_dot", W, h, input_idx, b, output_idx, strategy=strategy)
     strategy = check_strategy(strategy)
     W, h, ii, vi, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
     b = _as_array("b", b)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
+from blocksparse_jax import _sparse_trace
 from blocksparse_jax._scope import named
 from blocksparse_jax.hsoftmax import _problem as _p
 from blocksparse_jax.hsoftmax._params import HSoftmaxParams
@@ -158,6 +159,13 @@ def h_softmax_loss(
       >>> jnp.flatnonzero(jnp.any(grads.W2 != 0, axis=(1, 2)))   # classes of 1, 42 and 99
       Array([0, 4, 9], dtype=int32)
     """
+    if isinstance(params, tuple) and len(params) == 4:  # under value_and_sparse_grad
+        rec = _sparse_trace.claimant(params[2], params[3])
+        if rec is not None:
+            return rec.handle(
+                "h_softmax_loss", x, params, target, n_outputs=n_outputs, mask=mask,
+                reduction=reduction, class_sizes=class_sizes,
+            )  # fmt: skip
     _p.check_reduction(reduction)
     prob = _p.prepare(x, params, n_outputs, class_sizes)
     mask = _p.check_mask(mask, prob.lead)

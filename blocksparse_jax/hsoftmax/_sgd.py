@@ -8,6 +8,7 @@ from jax.typing import ArrayLike
 
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
+from blocksparse_jax._order import after
 from blocksparse_jax._scope import named
 from blocksparse_jax.blocksparse import sparse_block_outer
 from blocksparse_jax.hsoftmax import _problem as _p
@@ -115,7 +116,9 @@ def _sgd_step(prob: _p.Problem, t, mask, learning_rate, *, reduction):
     # The examples that take no part (masked out, out of range, padded) are
     # selected out: their rows of x and of the cotangent are zeros, whatever x held.
     t, use, x = prob.select_targets(t, mask)
-    classes = t // P
+    # dx reads W2; the update must come after that read, or XLA copies W2 to
+    # keep the read safe.  Deriving the update's block indices from dx orders them.
+    classes = after(t // P, dx)
     g_act = jnp.where(use[:, None], g_act, jnp.zeros((), g_act.dtype))
     zeros = jnp.zeros((batch, 1), jnp.int32)
     W2 = sparse_block_outer(

@@ -1,0 +1,438 @@
+"""Sparse gradients (``value_and_sparse_grad``) and lazy optimizers (``optim.lazy``).
+
+References: ``jax.value_and_grad`` (dense gradients), a NumPy lazy Adam written
+from the formulas, plain SGD, ``optax.adam`` when every block is touched, and
+PyTorch's ``nn.Embedding(sparse=True)`` + ``optim.SparseAdam``.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import blocksparse_jax
+from blocksparse_jax import (
+    SparseBlockGrad,
+    embedding_lookup,
+    h_softmax_init,
+    h_softmax_loss,
+    sparse_block_dot,
+    sparse_block_gemv,
+    value_and_sparse_grad,
+)
+from blocksparse_jax.optim import _lazy, apply_updates, lazy
+
+F32 = jnp.float32
+
+
+def _dense(tree):
+    return jax.tree.map(
+        lambda g: g.todense() if isinstance(g, SparseBlockGrad) else g,
+        tree,
+        is_leaf=lambda g: isinstance(g, SparseBlockGrad),
+    )
+
+
+def _hs_case(V=100, n_in=8, batch=6, seed=0, n_classes=None):
+    params = h_softmax_init(jax.random.key(seed), n_in, V, n_classes=n_classes)
+    x = jax.random.normal(jax.random.key(seed + 1), (batch, n_in), F32)
+    t = jax.random.randint(jax.random.key(seed + 2), (batch,), 0, V)
+    return params, x, t
+
+
+# --------------------------------------------------------------------------------------
+# value_and_sparse_grad against jax.value_and_grad
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["jit", "vmap"])
+def wrap(request):
+    """Runs ``f`` under ``jax.jit``, or under ``jax.vmap`` (a leading axis of 1) and ``jax.jit``."""
+    if request.param == "jit":
+        return jax.jit
+
+    def vmapped(f):
+        def g(*args):
+            out = jax.vmap(f)(*jax.tree.map(lambda a: jnp.asarray(a)[None], args))
+            return jax.tree.map(lambda a: a[0], out)
+
+        return jax.jit(g)
+
+    return vmapped
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_hsoftmax_grads_equal_dense(wrap, reduction):
+    params, x, t = _hs_case(V=97)  # 10 classes of 10: padded slots
+    mask = jnp.array([True, True, False, True, True, True])
+    t = t.at[2].set(-1)  # masked padding target
+
+    def loss(p, x):
+        return h_softmax_loss(x, p, t, n_outputs=97, mask=mask, reduction=reduction)
+
+    def both(p, x):
+        v, g = value_and_sparse_grad(loss, argnums=(0, 1))(p, x)
+        return v, _dense(g)
+
+    v, g = wrap(both)(params, x)
+    want_v, want_g = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    chex.assert_trees_all_close((v, g), (want_v, want_g), rtol=1e-5, atol=1e-6)
+
+
+def test_hsoftmax_sparse_leaves_hold_the_target_classes():
+    params, x, t = _hs_case()
+    _, g = jax.jit(value_and_sparse_grad(lambda p: h_softmax_loss(x, p, t, n_outputs=100)))(params)
+    assert isinstance(g.W2, SparseBlockGrad) and isinstance(g.b2, SparseBlockGrad)
+    assert not isinstance(g.W1, SparseBlockGrad)
+    want = np.unique(np.asarray(t) // 10)
+    got = np.asarray(g.W2.indices)
+    np.testing.assert_array_equal(got[: len(want)], want)
+    assert (got[len(want) :] == 10).all()  # padding is n_blocks
+    assert int(g.W2.n_touched()) == len(want)
+    # the summed blocks are the dense gradient's rows at those classes
+    dense = jax.grad(lambda p: h_softmax_loss(x, p, t, n_outputs=100))(params)
+    np.testing.assert_allclose(
+        np.asarray(g.W2.blocks())[: len(want)], np.asarray(dense.W2)[want], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_block_sparse_ops_grads_equal_dense(wrap):
+    k = jax.random.split(jax.random.key(3), 6)
+    W = jax.random.normal(k[0], (5, 6, 3, 4), F32)
+    b = jax.random.normal(k[1], (6, 4), F32)
+    h = jax.random.normal(k[2], (7, 2, 3), F32)
+    ii = jax.random.randint(k[3], (7, 2), -5, 5)  # negative indices count from the end
+    oi = jax.random.randint(k[4], (7, 3), 0, 6)
+    o = jax.random.normal(k[5], (7, 3, 4), F32)
+
+    def f(W, b, h):
+        y = sparse_block_dot(W, h, ii, b, oi)
+        z = sparse_block_gemv(o, W, jnp.tanh(h), ii, oi)  # a second use of W: summed
+        return jnp.sum(jnp.sin(y)) + jnp.sum(z * z)
+
+    def both(W, b, h):
+        v, g = value_and_sparse_grad(f, argnums=(0, 1, 2))(W, b, h)
+        assert isinstance(g[0], SparseBlockGrad) and isinstance(g[1], SparseBlockGrad)
+        return v, _dense(g)
+
+    got = wrap(both)(W, b, h)
+    want = jax.value_and_grad(f, argnums=(0, 1, 2))(W, b, h)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_grads_equal_dense_and_has_aux():
+    table = jax.random.normal(jax.random.key(0), (50, 4), F32)
+    ids = jnp.array([[3, 7, 3], [49, 0, 7]])
+
+    def f(table, w):
+        e = embedding_lookup(table, ids)
+        return jnp.sum(jnp.tanh(e @ w)), e.shape
+
+    (v, aux), g = value_and_sparse_grad(f, argnums=(0, 1), has_aux=True)(table, jnp.ones((4,), F32))
+    (wv, waux), wg = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(table, jnp.ones((4,), F32))
+    assert aux == waux == (2, 3, 4)
+    assert isinstance(g[0], SparseBlockGrad) and g[0].indices.shape == (6,)
+    np.testing.assert_array_equal(np.asarray(g[0].indices), [0, 3, 7, 49, 50, 50])
+    chex.assert_trees_all_close((v, _dense(g)), (wv, wg), rtol=1e-6, atol=1e-6)
+
+
+def test_tied_leaf_gets_the_full_dense_gradient():
+    """An embedding table also used as an output layer: its gradient is dense and complete."""
+    table = jax.random.normal(jax.random.key(0), (20, 4), F32)
+    ids = jnp.array([1, 5, 5])
+
+    def f(table):
+        h = embedding_lookup(table, ids)
+        return jnp.sum(jax.nn.log_softmax(h @ table.T))
+
+    v, g = jax.jit(value_and_sparse_grad(f))(table)
+    assert not isinstance(g, SparseBlockGrad)
+    chex.assert_trees_all_close((v, g), jax.value_and_grad(f)(table), rtol=1e-5, atol=1e-6)
+
+
+def test_no_sparse_use_is_jax_value_and_grad():
+    f = lambda w: jnp.sum(w**2)
+    chex.assert_trees_all_equal(
+        value_and_sparse_grad(f)(jnp.ones(3, F32)), jax.value_and_grad(f)(jnp.ones(3, F32))
+    )
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="argnums must be an int or a tuple"):
+        value_and_sparse_grad(lambda w: w, argnums="0")
+    with pytest.raises(TypeError, match="leaf 0 .* has dtype int32"):
+        value_and_sparse_grad(lambda w: w)(jnp.ones(3, jnp.int32))
+    table = jnp.ones((4, 2), F32)
+    with pytest.raises(TypeError, match="real scalar"):
+        value_and_sparse_grad(lambda t: embedding_lookup(t, jnp.array([1])))(table)
+    with pytest.raises(IndexError, match="ids holds 4 at position"):
+        embedding_lookup(table, jnp.array([4]))
+    with pytest.raises(TypeError, match="ids must be an integer array"):
+        embedding_lookup(table, jnp.array([1.0]))
+    with pytest.raises(ValueError, match=r"table must be 2-D \(n_rows, dim\)"):
+        embedding_lookup(jnp.ones(3, F32), jnp.array([1]))
+
+
+# --------------------------------------------------------------------------------------
+# lazy(...) against references
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def optax_promotion():
+    """optax's own arithmetic mixes Python floats and int32 counts: standard promotion."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+@pytest.fixture(params=["vector", "loop"])
+def path(request, monkeypatch, optax_promotion):
+    """Runs a test with the vectorised update and with the block-by-block loop."""
+    if request.param == "loop":
+        monkeypatch.setattr(_lazy, "_VECTOR_BYTES", 0)
+    return request.param
+
+
+def _steps(n_steps, V=60, n_in=6, batch=5):
+    """Targets per step that touch different (overlapping) class sets."""
+    keys = jax.random.split(jax.random.key(7), n_steps)
+    return [
+        jax.random.randint(k, (batch,), 0, 24 + 5 * s) for s, k in enumerate(keys)
+    ]  # classes < 5
+
+
+def _hs_train(tx, params, x, targets, *, sparse: bool, V=60):
+    loss = lambda p, t: h_softmax_loss(x, p, t, n_outputs=V)
+    state = tx.init(params)
+    history = []
+
+    @jax.jit
+    def step(params, state, t):
+        if sparse:
+            _, g = value_and_sparse_grad(loss)(params, t)
+            u, state = tx.update(g, state, params)
+            return apply_updates(params, u), state
+        g = jax.grad(loss)(params, t)
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    for t in targets:
+        params, state = step(params, state, t)
+        history.append((params, state))
+    return history
+
+
+def test_lazy_sgd_equals_dense_sgd(path):
+    params, x, _ = _hs_case(V=60, n_in=6, batch=5)
+    targets = _steps(3)
+    got = _hs_train(lazy(optax.sgd(0.3)), params, x, targets, sparse=True)
+    want = _hs_train(optax.sgd(0.3), params, x, targets, sparse=False)
+    for (gp, _), (wp, _) in zip(got, want, strict=True):
+        chex.assert_trees_all_close(gp, wp, rtol=1e-6, atol=1e-7)
+
+
+def _numpy_lazy_adam(params, grads_per_step, touched_per_step, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """Lazy Adam from the formulas (optax's eps placement), one NumPy block at a time."""
+    p = np.array(params, np.float64)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    out = []
+    for step, (g, touched) in enumerate(zip(grads_per_step, touched_per_step, strict=True), 1):
+        for k in touched:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            mhat, vhat = m[k] / (1 - b1**step), v[k] / (1 - b2**step)
+            p[k] = p[k] - lr * mhat / (np.sqrt(vhat) + eps)
+        out.append((p.copy(), m.copy(), v.copy()))
+    return out
+
+
+def test_lazy_adam_equals_numpy_reference_step_by_step(path):
+    params, x, _ = _hs_case(V=60, n_in=6, batch=5)
+    targets = _steps(4)
+    got = _hs_train(lazy(optax.adam(0.05)), params, x, targets, sparse=True)
+    # the reference gets the dense gradients of the parameters the lazy run had at each step
+    p = params
+    g_steps, touched = [], []
+    grad = jax.jit(jax.grad(lambda p, t: h_softmax_loss(x, p, t, n_outputs=60)))
+    for t in targets:
+        g_steps.append(np.asarray(grad(p, t).W2))
+        touched.append(np.unique(np.asarray(t) // 8))
+        p = got[len(g_steps) - 1][0]
+    ref = _numpy_lazy_adam(params.W2, g_steps, touched, 0.05)
+    for (gp, gs), (rp, rm, rv) in zip(got, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(gp.W2), rp, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(gs[0].mu.W2), rm, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(gs[0].nu.W2), rv, rtol=1e-5, atol=1e-10)
+    # untouched blocks: parameters and moments exactly as they were
+    never = sorted(set(range(8)) - set(np.concatenate(touched).tolist()))
+    assert never, "the case must leave some class untouched"
+    np.testing.assert_array_equal(np.asarray(got[-1][0].W2)[never], np.asarray(params.W2)[never])
+    assert not np.asarray(got[-1][1][0].mu.W2)[never].any()
+    assert int(got[-1][1][0].count) == 4  # the step count is global
+
+
+@pytest.mark.parametrize(
+    "path_name,name",
+    [("vector", "adam"), ("loop", "adam"), ("vector", "adamw"), ("vector", "lion")],
+)
+def test_lazy_equals_inner_when_every_block_is_touched(
+    path_name, name, monkeypatch, optax_promotion
+):
+    if path_name == "loop":
+        monkeypatch.setattr(_lazy, "_VECTOR_BYTES", 0)
+    make = {
+        "adam": lambda: optax.adam(0.05),
+        "adamw": lambda: optax.adamw(0.05),
+        "lion": lambda: optax.lion(0.01),
+    }[name]
+    V, n_in, batch = 40, 6, 16
+    params, x, _ = _hs_case(V=V, n_in=n_in, batch=batch, n_classes=4)  # 4 classes of 10
+    targets = [jnp.arange(batch, dtype=jnp.int32) * 10 % V + s for s in range(3)]
+    got = _hs_train(lazy(make()), params, x, targets, sparse=True, V=V)
+    want = _hs_train(make(), params, x, targets, sparse=False, V=V)
+    for (gp, gs), (wp, ws) in zip(got, want, strict=True):
+        chex.assert_trees_all_close((gp, gs), (wp, ws), rtol=2e-5, atol=1e-6)
+
+
+def test_lazy_adam_matches_torch_sparse_adam(path):
+    torch = pytest.importorskip("torch")
+    n, d, lr = 30, 4, 0.05
+    table0 = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+    steps = [np.array([1, 5, 5, 9]), np.array([5, 2, 29]), np.array([1, 1, 3])]
+
+    emb = torch.nn.Embedding(n, d, sparse=True)
+    with torch.no_grad():
+        emb.weight.copy_(torch.from_numpy(table0))
+    opt = torch.optim.SparseAdam(emb.parameters(), lr=lr, eps=1e-8)
+
+    tx = lazy(optax.adam(lr, eps=1e-8))
+    table = jnp.asarray(table0)
+    state = tx.init(table)
+    loss = lambda t, ids: jnp.sum(jnp.tanh(embedding_lookup(t, ids)) ** 2)
+
+    @jax.jit
+    def step(table, state, ids):
+        _, g = value_and_sparse_grad(loss)(table, ids)
+        u, state = tx.update(g, state, table)
+        return apply_updates(table, u), state
+
+    for ids in steps:
+        opt.zero_grad()
+        torch.sum(torch.tanh(emb(torch.from_numpy(ids))) ** 2).backward()
+        opt.step()
+        table, state = step(table, state, jnp.asarray(ids, jnp.int32))
+        # eps placement differs (PyTorch: uncorrected sqrt(v)); equal up to ~eps / sqrt(v)
+        np.testing.assert_allclose(
+            np.asarray(table), emb.weight.detach().numpy(), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(state[0].mu), opt.state[emb.weight]["exp_avg"].numpy(), rtol=1e-5, atol=1e-7
+        )
+
+
+def test_lazy_under_vmap_and_mixed_trees(optax_promotion):
+    """Per-example gradients (vmap of the caller) and dense leaves next to sparse ones."""
+    table = jax.random.normal(jax.random.key(0), (10, 3), F32)
+    w = jnp.ones((3,), F32)
+    ids = jnp.array([[1, 2], [2, 7]])
+    f = lambda p, i: jnp.sum(embedding_lookup(p["table"], i) @ p["w"])
+    params = {"table": table, "w": w}
+    vs, gs = jax.vmap(value_and_sparse_grad(f), in_axes=(None, 0))(params, ids)
+    for k in range(2):
+        v, g = value_and_sparse_grad(f)(params, ids[k])
+        np.testing.assert_allclose(vs[k], v, rtol=1e-6)
+        np.testing.assert_array_equal(gs["table"].indices[k], g["table"].indices)
+        np.testing.assert_allclose(gs["w"][k], g["w"], rtol=1e-6)
+    tx = lazy(optax.sgd(0.5))
+    _, g = value_and_sparse_grad(f)(params, ids[0])
+    new = apply_updates(params, tx.update(g, tx.init(params), params)[0])
+    np.testing.assert_allclose(new["table"][1], table[1] - 0.5 * w, rtol=1e-6)
+    np.testing.assert_array_equal(new["table"][3], table[3])
+    np.testing.assert_allclose(new["w"], w - 0.5 * (table[1] + table[2]), rtol=1e-6)
+
+
+def test_non_elementwise_transformations_are_refused(optax_promotion):
+    for tx in (optax.clip_by_global_norm(1.0), optax.lamb(1e-3), optax.adafactor(1e-3)):
+        with pytest.raises(ValueError, match="needs an element-wise transformation"):
+            lazy(tx)
+    for tx in (
+        optax.sgd(0.1, momentum=0.9),
+        optax.adagrad(0.1),
+        optax.rmsprop(0.1),
+        optax.chain(optax.clip(1.0), optax.adam(1e-3)),
+    ):
+        lazy(tx)  # element-wise: accepted
+    with pytest.raises(TypeError, match="inner must be an optax.GradientTransformation"):
+        lazy(lambda g: g)
+
+
+def test_update_and_apply_errors(optax_promotion):
+    table = jnp.ones((4, 2), F32)
+    _, g = value_and_sparse_grad(lambda t: jnp.sum(embedding_lookup(t, jnp.array([1]))))(table)
+    tx = lazy(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(g, tx.init(table))
+    with pytest.raises(TypeError, match="transform the gradients"):
+        apply_updates(table, g)
+
+
+# --------------------------------------------------------------------------------------
+# Memory: a lazy step's temporaries do not grow with the vocabulary.
+# --------------------------------------------------------------------------------------
+
+
+def _lazy_step_temp(V, *, n_in=128, batch=256, n_classes=None):
+    params = jax.eval_shape(lambda: h_softmax_init(jax.random.key(0), n_in, V, n_classes=n_classes))
+    tx = lazy(optax.adam(1e-3))
+    state = jax.eval_shape(tx.init, params)
+    x = jax.ShapeDtypeStruct((batch, n_in), F32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+    def step(params, state, x, t):
+        loss, g = value_and_sparse_grad(
+            lambda p, x: h_softmax_loss(x, p, t, n_outputs=V), argnums=(0, 1)
+        )(params, x)
+        u, state = tx.update(g[0], state, params)
+        return loss, apply_updates(params, u), state, g[1]
+
+    mem = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, x, t).compile()
+    w2 = np.prod(params.W2.shape) * 4
+    return mem.memory_analysis().temp_size_in_bytes, w2
+
+
+@pytest.mark.parametrize("V,n_classes", [(65_536, None), (262_144, None), (262_144, 4096)])
+def test_lazy_step_temp_memory_is_small(V, n_classes, optax_promotion):
+    temp, w2 = _lazy_step_temp(V, n_classes=n_classes)
+    assert temp <= w2 / 8, (temp, w2)
+
+
+def test_top_level_names():
+    assert blocksparse_jax.value_and_sparse_grad is value_and_sparse_grad
+    assert blocksparse_jax.optim.lazy is lazy
+
+
+def test_optim_docstring_examples():
+    """The examples of the optim modules (the shared docstring test covers the top-level names)."""
+    import doctest
+    import importlib
+    import subprocess
+    import sys
+
+    code = (
+        "import doctest, importlib, sys\n"
+        "bad = 0\n"
+        "for m in ('_sparse_grad', '_embedding', '_lazy', '_classes', '_step'):\n"
+        "    mod = importlib.import_module('blocksparse_jax.optim.' + m)\n"
+        "    r = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)\n"
+        "    bad += r.failed\n"
+        "    assert r.attempted, m\n"
+        "sys.exit(bad)\n"
+    )
+    del doctest, importlib
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
