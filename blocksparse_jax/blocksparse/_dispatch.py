@@ -94,7 +94,11 @@ def plan(strategy: str, **dims) -> dict[str, tuple]:
             )
             budget = _cost.accelerator_budget(platform)
         kernel = _pallas.BACKENDS[platform] if name == "pallas" else None
-        plans[platform] = (name, budget if name in ("gather", "pallas", "ragged") else None, kernel)
+        plans[platform] = (
+            name,
+            budget if name in ("gather", "pallas", "ragged", "dense") else None,
+            kernel,
+        )
     return plans
 
 
@@ -158,7 +162,7 @@ def gemv_contract(
 
     def impl(p, W, h, input_idx, output_idx, valid_in):
         name, budget, kernel = p
-        kw = {} if name not in ("gather", "ragged") else {"budget": budget}
+        kw = {} if name not in ("gather", "ragged", "dense") else {"budget": budget}
         kw = kw if kernel is None else {"backend": kernel}
         return _IMPLEMENTATIONS[name].gemv(
             W,

@@ -18,6 +18,7 @@ picks this strategy only where its cost model says so (see ``_cost``).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -119,18 +120,17 @@ def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, budget=GATHER_B
     )
     xs, ys = x[pb, pi], y[pb, pj]
 
-    def grouped(o, xs, ys):
-        upd = lax.ragged_dot_general(xs, ys, sizes, dims, preferred_element_type=acc_dtype)
-        new = (o[g_rows, g_cols].astype(acc_dtype) + upd).astype(o.dtype)  # (capacity, s, t)
-        rows = jnp.where(used, g_rows, o.shape[0])  # an unused group writes nothing
-        return o.at[rows, g_cols].set(new, mode="drop")
+    def grouped(xs, ys):
+        return lax.ragged_dot_general(xs, ys, sizes, dims, preferred_element_type=acc_dtype)
 
-    def exact(o, xs, ys):
-        out = _gather.outer(
-            o.astype(acc_dtype), x, y, x_idx, y_idx, valid_x, valid_y,
-            acc_dtype=acc_dtype, budget=budget,
-        )  # fmt: skip
-        return out.astype(o.dtype)
+    def exact(xs, ys):
+        # Each pair's own product, summed within its group only.
+        gid = jnp.repeat(jnp.arange(capacity, dtype=jnp.int32), sizes, total_repeat_length=n)
+        per_pair = jnp.einsum("ns,nt->nst", xs, ys, preferred_element_type=acc_dtype)
+        return jax.ops.segment_sum(per_pair, gid, num_segments=capacity)
 
-    # As in gemv: non-finite activations take gather's exact path.
-    return lax.cond(_all_finite(xs, ys), grouped, exact, o, xs, ys)
+    # As in gemv: with non-finite activations each group sums its own pairs' products.
+    upd = lax.cond(_all_finite(xs, ys), grouped, exact, xs, ys)  # (capacity, s, t)
+    new = (o[g_rows, g_cols].astype(acc_dtype) + upd).astype(o.dtype)
+    rows = jnp.where(used, g_rows, o.shape[0])  # an unused group writes nothing
+    return o.at[rows, g_cols].set(new, mode="drop")
