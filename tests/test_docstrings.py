@@ -14,6 +14,11 @@ MODULES = [
     "blocksparse_jax._blocksparse",
     "blocksparse_jax._hsoftmax",
     "blocksparse_jax.parallel",
+    "blocksparse_jax.adaptive._params",
+    "blocksparse_jax.adaptive._log_space",
+    "blocksparse_jax.adaptive._decode",
+    "blocksparse_jax.adaptive._torch",
+    "blocksparse_jax.adaptive._cutoffs",
 ]
 
 _RUNNER = """
