@@ -118,6 +118,8 @@ def _over_used_chunks(body, init, buckets: Buckets):
     A ``lax.while_loop``; with a single chunk, one unconditional call instead
     (a batch that fits one chunk is cheap either way, and compiles faster).
     """
+    if buckets.rows.shape[0] == 0:  # an empty batch
+        return init
     if buckets.rows.shape[0] == 1:
         return body(0, init)
     n_used = jnp.sum(buckets.valid[:, 0], dtype=jnp.int32)
@@ -176,7 +178,9 @@ def _grads_differentiable(h, W, buckets: Buckets, lse, a, c):
     """
     acc = _checks.accumulation_dtype(h.dtype, W.dtype)
     init = (jnp.zeros(h.shape, acc), jnp.zeros(W.shape, acc))
-    if buckets.rows.shape[0] == 1:
+    if buckets.rows.shape[0] == 0:  # an empty batch
+        dh, dW = init
+    elif buckets.rows.shape[0] == 1:
         dh, dW = _chunk_grads(h, W, *(v[0] for v in (*buckets, lse, a, c)), *init)
     else:
 

@@ -110,6 +110,8 @@ def _search(x, params: AdaptiveSoftmaxParams, k: int, acc):
     k0 = min(k, S)
     vals, idx = lax.top_k(head[:, :S], k0)
     idx = idx.astype(jnp.int32)
+    if x.shape[0] == 0:  # an empty batch
+        return jnp.zeros((0, k), acc), jnp.zeros((0, k), jnp.int32)
     if k0 < k:  # filled by the clusters (every finite log-probability beats -inf)
         vals = jnp.pad(vals, ((0, 0), (0, k - k0)), constant_values=-jnp.inf)
         idx = jnp.pad(idx, ((0, 0), (0, k - k0)), constant_values=-1)
