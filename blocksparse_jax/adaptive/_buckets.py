@@ -5,9 +5,11 @@ The examples are sorted by the cluster of their target (a stable argsort of
 of a fixed number of rows: chunk ``j`` holds the cluster's examples ``j * rows
 .. (j + 1) * rows - 1``, the last one padded.  The shapes are static (``ceil(batch
 / rows)`` chunks of ``rows``); a ``lax.while_loop`` visits only the chunks that
-hold examples.  So an example whose target is in the shortlist costs no tail
-work at all, a cluster's work is that of its examples rounded up to a whole
-chunk, and no ``(batch, cluster_size)`` array is built, forward or backward.
+hold examples (a batch that fits in one chunk is evaluated without a loop).  So
+an example whose target is in the shortlist costs no tail work at all, a
+cluster's work is that of its examples rounded up to a whole chunk, and no
+``(batch, cluster_size)`` array is built, forward or backward.  Under
+``jax.vmap`` the loop runs as long as the longest of the mapped batches needs.
 
 Two custom-VJP operations carry the gradient:
 
@@ -17,12 +19,12 @@ Two custom-VJP operations carry the gradient:
   the cluster's weight gradient in place.
 
 ``lax.while_loop`` has no reverse mode, so the backward pass of
-``_cluster_grads`` (second order: ``jax.grad`` of ``jax.grad``, ``jax.hessian``
-is forward-over-reverse and is not supported) differentiates
-``_grads_differentiable`` instead: the same computation as a ``lax.scan`` over
-every chunk with a ``lax.cond`` that skips the empty ones.  It is exact but
-keeps ``O(batch * cluster_size)`` residuals; only derivatives of the gradient
-pay for it.
+``_cluster_grads`` (reached at second order, ``jax.grad`` of ``jax.grad``)
+differentiates ``_grads_differentiable`` instead: the same computation as a
+``lax.scan`` over every chunk with a ``lax.cond`` that skips the empty ones.  It
+is exact but keeps ``O(batch * cluster_size)`` residuals; only derivatives of
+the gradient pay for it.  Forward mode (``jax.jvp``, hence ``jax.hessian``,
+which is forward-over-reverse) is not supported by custom VJPs.
 """
 
 from __future__ import annotations
