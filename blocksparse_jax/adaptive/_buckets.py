@@ -5,9 +5,11 @@ The examples are sorted by the cluster of their target (a stable argsort of
 of a fixed number of rows: chunk ``j`` holds the cluster's examples ``j * rows
 .. (j + 1) * rows - 1``, the last one padded.  The shapes are static (``ceil(batch
 / rows)`` chunks of ``rows``); a ``lax.while_loop`` visits only the chunks that
-hold examples.  So an example whose target is in the shortlist costs no tail
-work at all, a cluster's work is that of its examples rounded up to a whole
-chunk, and no ``(batch, cluster_size)`` array is built, forward or backward.
+hold examples (a batch that fits in one chunk is evaluated without a loop).  So
+an example whose target is in the shortlist costs no tail work at all, a
+cluster's work is that of its examples rounded up to a whole chunk, and no
+``(batch, cluster_size)`` array is built, forward or backward.  Under
+``jax.vmap`` the loop runs as long as the longest of the mapped batches needs.
 
 Two custom-VJP operations carry the gradient:
 
@@ -17,12 +19,12 @@ Two custom-VJP operations carry the gradient:
   the cluster's weight gradient in place.
 
 ``lax.while_loop`` has no reverse mode, so the backward pass of
-``_cluster_grads`` (second order: ``jax.grad`` of ``jax.grad``, ``jax.hessian``
-is forward-over-reverse and is not supported) differentiates
-``_grads_differentiable`` instead: the same computation as a ``lax.scan`` over
-every chunk with a ``lax.cond`` that skips the empty ones.  It is exact but
-keeps ``O(batch * cluster_size)`` residuals; only derivatives of the gradient
-pay for it.
+``_cluster_grads`` (reached at second order, ``jax.grad`` of ``jax.grad``)
+differentiates ``_grads_differentiable`` instead: the same computation as a
+``lax.scan`` over every chunk with a ``lax.cond`` that skips the empty ones.  It
+is exact but keeps ``O(batch * cluster_size)`` residuals; only derivatives of
+the gradient pay for it.  Forward mode (``jax.jvp``, hence ``jax.hessian``,
+which is forward-over-reverse) is not supported by custom VJPs.
 """
 
 from __future__ import annotations
@@ -112,48 +114,61 @@ def _logits_cotangent(logits, lse, target, a, c, valid):
     return jnp.where(valid[:, None], G, jnp.zeros((), G.dtype))
 
 
-def _n_used(buckets: Buckets) -> jax.Array:
-    """The number of chunks that hold examples (they come first)."""
-    return jnp.sum(buckets.valid[:, 0], dtype=jnp.int32)
+def _over_used_chunks(body, init, buckets: Buckets):
+    """``state = body(j, state)`` for the chunks ``j`` that hold examples (they come first).
+
+    A ``lax.while_loop``; with a single chunk, one unconditional call instead
+    (a batch that fits one chunk is cheap either way, and compiles faster).
+    """
+    if buckets.rows.shape[0] == 0:  # an empty batch
+        return init
+    if buckets.rows.shape[0] == 1:
+        return body(0, init)
+    n_used = jnp.sum(buckets.valid[:, 0], dtype=jnp.int32)
+    step = lambda s: (s[0] + 1, body(s[0], s[1]))
+    return lax.while_loop(lambda s: s[0] < n_used, step, (jnp.zeros((), jnp.int32), init))[1]
 
 
 def _values_loop(h, W, buckets: Buckets):
-    """``(out (batch,), lse (n_chunks, rows))``: a ``while_loop`` over the chunks in use."""
+    """``(out (batch,), lse (n_chunks, rows))`` over the chunks in use."""
     acc = _checks.accumulation_dtype(h.dtype, W.dtype)
-    batch = h.shape[0]
     n_chunks, rows = buckets.rows.shape
 
-    def body(state):
-        j, out, lse_all = state
+    def body(j, state):
+        out, lse_all = state
         r, ok, t = buckets.rows[j], buckets.valid[j], buckets.target[j]
         _, logits = _chunk_logits(h, W, r, ok, acc)
         lse = jax.nn.logsumexp(logits, axis=1)
         picked = jnp.take_along_axis(logits, t[:, None], axis=1)[:, 0]
-        out = out.at[jnp.where(ok, r, batch)].set(picked - lse, mode="drop")
-        return j + 1, out, lse_all.at[j].set(jnp.where(ok, lse, jnp.zeros((), acc)))
+        # Every example is in at most one valid slot and out starts at 0; padding
+        # slots add 0 to whichever example they point at (no out-of-range index,
+        # which checkify would report).
+        out = out.at[r].add(jnp.where(ok, picked - lse, jnp.zeros((), acc)))
+        return out, lse_all.at[j].set(jnp.where(ok, lse, jnp.zeros((), acc)))
 
-    n_used = _n_used(buckets)
-    init = (jnp.zeros((), jnp.int32), jnp.zeros((batch,), acc), jnp.zeros((n_chunks, rows), acc))
-    _, out, lse = lax.while_loop(lambda s: s[0] < n_used, body, init)
-    return out, lse
+    init = (jnp.zeros((h.shape[0],), acc), jnp.zeros((n_chunks, rows), acc))
+    return _over_used_chunks(body, init, buckets)
+
+
+def _chunk_grads(h, W, r, ok, t, lse, a, c, dh, dW):
+    """``(dh, dW)`` with one chunk's contributions added."""
+    acc = dW.dtype
+    hr, logits = _chunk_logits(h, W, r, ok, acc)
+    G = _logits_cotangent(logits, lse, t, a, c, ok)
+    dh = dh.at[r].add(jnp.dot(G, W.astype(acc).T))  # the padding rows of G are 0
+    return dh, dW + jnp.dot(hr.astype(acc).T, G)
 
 
 def _grads_loop(h, W, buckets: Buckets, lse, a, c):
     """``(dh, dW)`` for slot cotangents ``a`` (of the log-probabilities) and ``c`` (of ``lse``)."""
     acc = _checks.accumulation_dtype(h.dtype, W.dtype)
-    Wa = W.astype(acc)
 
-    def body(state):
-        j, dh, dW = state
-        r, ok = buckets.rows[j], buckets.valid[j]
-        hr, logits = _chunk_logits(h, W, r, ok, acc)
-        G = _logits_cotangent(logits, lse[j], buckets.target[j], a[j], c[j], ok)
-        dh = dh.at[r].add(jnp.dot(G, Wa.T))  # the padding rows of G are 0
-        return j + 1, dh, dW + jnp.dot(hr.astype(acc).T, G)
+    def body(j, state):
+        r, ok, t = buckets.rows[j], buckets.valid[j], buckets.target[j]
+        return _chunk_grads(h, W, r, ok, t, lse[j], a[j], c[j], *state)
 
-    n_used = _n_used(buckets)
-    init = (jnp.zeros((), jnp.int32), jnp.zeros(h.shape, acc), jnp.zeros(W.shape, acc))
-    _, dh, dW = lax.while_loop(lambda s: s[0] < n_used, body, init)
+    init = (jnp.zeros(h.shape, acc), jnp.zeros(W.shape, acc))
+    dh, dW = _over_used_chunks(body, init, buckets)
     return dh.astype(h.dtype), dW.astype(W.dtype)
 
 
@@ -164,20 +179,19 @@ def _grads_differentiable(h, W, buckets: Buckets, lse, a, c):
     gradient (second order) runs this.
     """
     acc = _checks.accumulation_dtype(h.dtype, W.dtype)
-    Wa = W.astype(acc)
-
-    def chunk(carry, xs):
-        r, ok, t, lse_c, a_c, c_c = xs
-
-        def compute(dh, dW):
-            hr, logits = _chunk_logits(h, W, r, ok, acc)
-            G = _logits_cotangent(logits, lse_c, t, a_c, c_c, ok)
-            return dh.at[r].add(jnp.dot(G, Wa.T)), dW + jnp.dot(hr.astype(acc).T, G)
-
-        return lax.cond(ok[0], compute, lambda dh, dW: (dh, dW), *carry), None
-
     init = (jnp.zeros(h.shape, acc), jnp.zeros(W.shape, acc))
-    (dh, dW), _ = lax.scan(chunk, init, (*buckets, lse, a, c))
+    if buckets.rows.shape[0] == 0:  # an empty batch
+        dh, dW = init
+    elif buckets.rows.shape[0] == 1:
+        dh, dW = _chunk_grads(h, W, *(v[0] for v in (*buckets, lse, a, c)), *init)
+    else:
+
+        def chunk(carry, xs):
+            r, ok, t, lse_c, a_c, c_c = xs
+            compute = lambda dh, dW: _chunk_grads(h, W, r, ok, t, lse_c, a_c, c_c, dh, dW)
+            return lax.cond(ok[0], compute, lambda dh, dW: (dh, dW), *carry), None
+
+        (dh, dW), _ = lax.scan(chunk, init, (*buckets, lse, a, c))
     return dh.astype(h.dtype), dW.astype(W.dtype)
 
 

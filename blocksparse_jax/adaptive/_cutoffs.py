@@ -57,10 +57,14 @@ def adaptive_softmax_cutoffs(
         (shortlist + n_clusters) * (n_in + 1) + sum_i q_i * size_i * (d_i + 1)
 
     multiply-adds plus one exponential per output evaluated (the projections,
-    the same for every cut, are left out).  Narrow tail clusters are cheap, so
-    the proposed shortlist is small; ``shortlist_mass`` asks for a shortlist
-    that covers at least that share of the counts (more outputs at full width,
-    more work).
+    the same for every cut, are left out).
+
+    The model counts work, not accuracy.  Narrow tail clusters are cheap, so
+    the cheapest shortlist is small (tens to hundreds of words at width 128),
+    and every word outside it gets a narrow output vector.  Published
+    adaptive-softmax language models keep most of the counts in the shortlist
+    (around 80-95%); ``shortlist_mass`` asks for a shortlist that covers at
+    least that share, and the clusters after it are then placed at least cost.
 
     Vocabularies of more than 1024 words are cut at one of the first 1024
     positions or at one of 1024 geometrically spaced positions beyond.
@@ -70,7 +74,8 @@ def adaptive_softmax_cutoffs(
       n_in: the input width of the adaptive softmax.
       n_clusters: number of tail clusters, at least 1.
       div_value: as in :func:`adaptive_softmax_init`.
-      shortlist_mass: the least share of the counts in the shortlist, in ``[0, 1]``.
+      shortlist_mass: the least share of the counts in the shortlist, in ``[0, 1]``
+        (0: the cheapest cut).
 
     Returns:
       An :class:`AdaptiveSoftmaxLayout` (NumPy arrays, computed on the host):

@@ -58,7 +58,10 @@ def _cluster_top_k(hr, W, k: int, w: int, acc):
         jnp.full((rows, kk), -jnp.inf, acc),
         jnp.zeros((rows, kk), jnp.int32),
     )
-    run_max, run_sum, top_v, top_i = lax.fori_loop(0, n_blocks, block, init)
+    if n_blocks == 1:  # compiles faster than a loop of one step
+        run_max, run_sum, top_v, top_i = block(0, init)
+    else:
+        run_max, run_sum, top_v, top_i = lax.fori_loop(0, n_blocks, block, init)
     return top_v - (run_max + jnp.log(run_sum))[:, None], top_i
 
 
@@ -87,12 +90,16 @@ def _visit_cluster(vals, idx, bound, h, W, first: int, acc):
         cand_v, cand_i = _cluster_top_k(hr, W, k, w, acc)
         v, pos = lax.top_k(jnp.concatenate([vals[r], cand_v + bound[r][:, None]], axis=1), k)
         ids = jnp.take_along_axis(jnp.concatenate([idx[r], cand_i + first], axis=1), pos, 1)
-        dest = jnp.where(ok, r, batch)
-        return j + 1, vals.at[dest].set(v, mode="drop"), idx.at[dest].set(ids, mode="drop")
+        dest = jnp.where(ok, r, batch)  # padding slots write the spare last row
+        return j + 1, vals.at[dest].set(v), idx.at[dest].set(ids)
 
-    init = (jnp.zeros((), jnp.int32), vals, idx)
-    _, vals, idx = lax.while_loop(lambda s: s[0] * rows < count, chunk, init)
-    return vals, idx
+    spare = lambda a: jnp.concatenate([a, a[:1]], axis=0)  # row ``batch``: padding writes
+    init = (jnp.zeros((), jnp.int32), spare(vals), spare(idx))
+    if rows == batch:  # one chunk: evaluated for every example, without a loop
+        _, vals, idx = chunk(init)
+    else:
+        _, vals, idx = lax.while_loop(lambda s: s[0] * rows < count, chunk, init)
+    return vals[:batch], idx[:batch]
 
 
 def _search(x, params: AdaptiveSoftmaxParams, k: int, acc):
@@ -103,6 +110,8 @@ def _search(x, params: AdaptiveSoftmaxParams, k: int, acc):
     k0 = min(k, S)
     vals, idx = lax.top_k(head[:, :S], k0)
     idx = idx.astype(jnp.int32)
+    if x.shape[0] == 0:  # an empty batch
+        return jnp.zeros((0, k), acc), jnp.zeros((0, k), jnp.int32)
     if k0 < k:  # filled by the clusters (every finite log-probability beats -inf)
         vals = jnp.pad(vals, ((0, 0), (0, k - k0)), constant_values=-jnp.inf)
         idx = jnp.pad(idx, ((0, 0), (0, k - k0)), constant_values=-1)

@@ -172,20 +172,25 @@ def adaptive_softmax_init(
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6))
 def _init(key, n_in, shortlist, widths, sizes, head_bias, dtype) -> AdaptiveSoftmaxParams:
-    def uniform(k, shape, fan_in):
-        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-        return jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dtype)
-
-    keys = jax.random.split(key, 2 + 2 * len(sizes))
     head_size = shortlist + len(sizes)
-    head_W = uniform(keys[0], (n_in, head_size), n_in)
-    head_b = uniform(keys[1], (head_size,), n_in) if head_bias else None
-    proj = tuple(uniform(keys[2 + 2 * i], (n_in, d), n_in) for i, d in enumerate(widths))
-    out = tuple(
-        uniform(keys[3 + 2 * i], (d, s), d)
-        for i, (d, s) in enumerate(zip(widths, sizes, strict=True))
-    )
-    return AdaptiveSoftmaxParams(head_W, head_b, proj, out)
+    # (shape, fan_in) of every array, drawn from one uniform sample (one random
+    # number generator in the compiled program, whatever the number of clusters).
+    specs = [((n_in, head_size), n_in)]
+    specs += [((head_size,), n_in)] if head_bias else []
+    specs += [((n_in, d), n_in) for d in widths]
+    specs += [((d, s), d) for d, s in zip(widths, sizes, strict=True)]
+    total = sum(math.prod(shape) for shape, _ in specs)
+    u = jax.random.uniform(key, (total,), jnp.float32, -1.0, 1.0)
+    arrays, start = [], 0
+    for shape, fan_in in specs:
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        n = math.prod(shape)
+        arrays.append((bound * u[start : start + n]).reshape(shape).astype(dtype))
+        start += n
+    K = len(sizes)
+    head_W = arrays.pop(0)
+    head_b = arrays.pop(0) if head_bias else None
+    return AdaptiveSoftmaxParams(head_W, head_b, tuple(arrays[:K]), tuple(arrays[K:]))
 
 
 # --------------------------------------------------------------------------------------
