@@ -42,6 +42,8 @@ def _resolve(name: str, context: list[str]) -> str | None:
 
 def _exists(name: str, obj: griffe.Object) -> bool:
     """Whether ``name`` names anything (private included), seen from ``obj``."""
+    if name.startswith("."):  # relative to the package of obj's module
+        name = obj.module.path.rpartition(".")[0] + name
     scopes = [""] if "." in name else []
     o = obj
     while o is not None:

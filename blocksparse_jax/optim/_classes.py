@@ -96,7 +96,9 @@ def training_classes(
       n_outputs: vocabulary size.
       n_in: input width.
       batch: examples per step.
-      pair_cost, update_cost, cache_elements: as in :func:`training_step_cost`.
+      pair_cost: as in :func:`training_step_cost`.
+      update_cost: as in :func:`training_step_cost`.
+      cache_elements: as in :func:`training_step_cost`.
       multiple: the slots per class are rounded to a multiple of this (SIMD-friendly
         blocks), except for vocabularies smaller than it.
 

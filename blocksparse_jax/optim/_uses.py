@@ -1,4 +1,4 @@
-"""How each op reports a sparse use of its weight to :class:`~._sparse_grad.Recorder`.
+"""How each op reports a sparse use of its weight to :class:`~blocksparse_jax.optim._sparse_grad.Recorder`.
 
 Each handler evaluates the op with the tracked weights held constant, adds a
 zero probe to the op's output (its cotangent is the output's cotangent) and
