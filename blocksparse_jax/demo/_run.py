@@ -312,6 +312,8 @@ def _run_config(args: argparse.Namespace, corpus: _corpus.Corpus, models: _Model
         "embed": _cli.EMBED,
         "hidden": _cli.HIDDEN,
         "learning_rate": _cli.LEARNING_RATE,
+        # the moments of lazy and dense Adam differ: a checkpoint of one does not resume the other
+        "optimizer": "lazy(adam)",
         "batch_size": args.batch_size,
         "seed": args.seed,
         "n_classes": models.layout.n_classes,
