@@ -31,6 +31,8 @@ METRIC_KEYS = {
     "val_ppl_hsoftmax",
     "val_ppl_full",
     "val_ppl_unigram",
+    "touched_hsoftmax",
+    "touched_full",
 }
 
 
@@ -60,6 +62,11 @@ def test_tiny_run_writes_metrics_and_learns(tiny_run):
         losses = np.asarray(m[key])
         assert losses.shape == (12,) and np.all(np.isfinite(losses))
         assert losses[-3:].mean() < losses[:3].mean()  # it learns
+    # Both models read the same batches, so their embeddings' touched fractions agree.
+    hs, full = m["touched_hsoftmax"], m["touched_full"]
+    assert set(hs) == {".embed", ".out.W2", ".out.b2"} and set(full) == {".embed"}
+    assert hs[".embed"] == full[".embed"] and hs[".out.W2"] == hs[".out.b2"]
+    assert all(0 < v <= 1 for v in hs.values())
     assert len(m["top5"]) >= 1 and all(len(p["top"]) == 5 for p in m["top5"])
     probs = [p for _, p in m["top5"][0]["top"]]
     assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6

@@ -87,7 +87,8 @@ def _assert_same_result(path, out, reference):
     for name, want in ref_arrays.items():
         np.testing.assert_array_equal(arrays[name], want, err_msg=name)
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    for key in ("loss_hsoftmax", "loss_full", "val_ppl_hsoftmax", "val_ppl_full"):
+    keys = ("loss_hsoftmax", "loss_full", "val_ppl_hsoftmax", "val_ppl_full")
+    for key in (*keys, "touched_hsoftmax", "touched_full"):
         assert metrics[key] == ref_metrics[key], key
 
 

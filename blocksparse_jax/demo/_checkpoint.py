@@ -53,6 +53,7 @@ def save_checkpoint(
                 "timed_tokens": st.timed_tokens,
                 "timed_seconds": st.timed_seconds,
                 "compile_seconds": st.compile_seconds,
+                "touched_sums": dict(st.touched_sums),
             },
         )
     for kind, (leaves, meta) in models.items():
@@ -131,6 +132,12 @@ def _check_header(header) -> str | None:
             v = meta.get(field)
             if not isinstance(v, types) or isinstance(v, bool) or (field != "losses" and v < 0):
                 return f"the entry of {kind!r} has no valid {field!r}"
+        sums = meta.get("touched_sums", {})
+        if not isinstance(sums, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for v in sums.values()
+        ):
+            return f"the entry of {kind!r} has no valid 'touched_sums'"
         losses = meta["losses"]
         if len(losses) != meta["step"] or not all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in losses
@@ -235,4 +242,5 @@ def restore(fresh: ModelState, leaves: list[np.ndarray], meta: dict) -> ModelSta
         timed_tokens=int(meta["timed_tokens"]),
         timed_seconds=float(meta["timed_seconds"]),
         compile_seconds=float(meta["compile_seconds"]),
+        touched_sums={str(k): float(v) for k, v in meta.get("touched_sums", {}).items()},
     )

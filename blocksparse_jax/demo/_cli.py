@@ -31,7 +31,8 @@ suites), tokenized into identifiers, numbers, operators, symbols and newlines;
 every tenth file is held out for validation.  The model sees the previous
 {CONTEXT} tokens (embedded and concatenated, one tanh hidden layer of
 {HIDDEN}) and predicts the next with a two-level hierarchical softmax whose
-classes come from frequency_classes, trained with h_softmax_loss and Adam.  The
+classes come from frequency_classes, trained with h_softmax_loss and lazy Adam
+(the embeddings, W2 and b2 are updated on the blocks a step touches only).  The
 same model with an exact softmax over the whole vocabulary is the baseline.
 Results go to OUT: metrics.json and loss.png (when matplotlib is installed).
 """

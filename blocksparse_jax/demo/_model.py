@@ -28,6 +28,7 @@ from blocksparse_jax import (
     h_softmax_sample,
     h_softmax_top_k,
 )
+from blocksparse_jax.optim import embedding_lookup
 
 KINDS = ("hsoftmax", "full")
 
@@ -101,7 +102,8 @@ def init_params(key: jax.Array, cfg: ModelConfig, kind: str, layout: HSoftmaxLay
 
 def features(params: Params, contexts: jax.Array) -> jax.Array:
     """``(batch, context)`` word ids -> ``(batch, hidden)`` hidden activations."""
-    e = params.embed[contexts]  # (batch, context, embed)
+    # (batch, context, embed); under value_and_sparse_grad the table's gradient is sparse
+    e = embedding_lookup(params.embed, contexts)
     e = e.reshape(e.shape[0], -1)
     return jnp.tanh(e @ params.W_h + params.b_h[None, :])
 

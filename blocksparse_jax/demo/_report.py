@@ -45,6 +45,9 @@ def summary(m: dict) -> str:
         + (f"   speedup {m['speedup']:.1f}x" if m["speedup"] else ""),
         f"{'first step (compilation)':28}{m['compile_s_hsoftmax']:>13.1f}s"
         + (f"{m['compile_s_full']:>15.1f}s" if full else ""),
+    ]
+    lines += _touched_lines(m)
+    lines += [
         "",
         "next-token predictions of the h_softmax model (h_softmax_top_k, k=5):",
     ]
@@ -60,6 +63,20 @@ def summary(m: dict) -> str:
         lines.append(f"  [{ctx}] {body}")
     lines.append(f"\ntotal time {m['wall_s']:.0f} s")
     return "\n".join(lines)
+
+
+def _touched_lines(m: dict) -> list[str]:
+    """The mean fraction of each sparse parameter's blocks a training step touched."""
+    rows = []
+    for kind, name in (("hsoftmax", "h_softmax"), ("full", "full softmax")):
+        touched = m.get(f"touched_{kind}")
+        if touched:
+            parts = [f"{path.rsplit('.', 1)[-1]} {frac:.1%}" for path, frac in touched.items()]
+            dense = "" if kind == "hsoftmax" else "   (W, b: dense)"
+            rows.append(f"  {name:14}{'   '.join(parts)}{dense}")
+    if not rows:
+        return []
+    return ["", "blocks a step touches (mean; lazy Adam updates these only):", *rows]
 
 
 def _smooth(x: np.ndarray, half: int = 10) -> np.ndarray:

@@ -265,7 +265,7 @@ class _Models(NamedTuple):
 
     cfg: object  # _model.ModelConfig
     layout: object  # HSoftmaxLayout
-    optimizer: object  # optax.GradientTransformation
+    optimizer: object  # optax.GradientTransformation: lazy(adam)
     outputs: dict  # kind -> _model.Output
     kinds: list[str]  # the kinds trained, h_softmax first
     key_data: object
@@ -278,6 +278,7 @@ def _build_models(args: argparse.Namespace, corpus: _corpus.Corpus, optax) -> _M
 
     from blocksparse_jax import frequency_classes
     from blocksparse_jax.demo import _model, _train
+    from blocksparse_jax.optim import lazy
 
     V = corpus.vocab_size
     # Classes of at most ceil(V / n_classes) tokens: frequency binning with a bounded
@@ -290,7 +291,9 @@ def _build_models(args: argparse.Namespace, corpus: _corpus.Corpus, optax) -> _M
     return _Models(
         cfg=_model.ModelConfig(V, _cli.CONTEXT, _cli.EMBED, _cli.HIDDEN),
         layout=layout,
-        optimizer=optax.adam(_cli.LEARNING_RATE),
+        # The vocabulary-sized parameters (the embeddings; W2 and b2 of the h_softmax)
+        # get sparse gradients and lazy Adam updates; the others dense Adam.
+        optimizer=lazy(optax.adam(_cli.LEARNING_RATE)),
         outputs={"hsoftmax": _model.Output.hsoftmax(layout), "full": _model.Output("full")},
         kinds=["hsoftmax"] + ([] if args.no_baseline else ["full"]),
         key_data=key_data,
@@ -309,6 +312,8 @@ def _run_config(args: argparse.Namespace, corpus: _corpus.Corpus, models: _Model
         "embed": _cli.EMBED,
         "hidden": _cli.HIDDEN,
         "learning_rate": _cli.LEARNING_RATE,
+        # the moments of lazy and dense Adam differ: a checkpoint of one does not resume the other
+        "optimizer": "lazy(adam)",
         "batch_size": args.batch_size,
         "seed": args.seed,
         "n_classes": models.layout.n_classes,
@@ -505,6 +510,8 @@ def _metrics(
         "val_eval_tokens": val.n_eval,
         "compile_s_hsoftmax": hs.compile_seconds,
         "compile_s_full": full.compile_seconds if full else None,
+        "touched_hsoftmax": hs.touched,
+        "touched_full": full.touched if full else None,
         "corpus": corpus.source,
         "corpus_files": corpus.n_files,
         "corpus_split": corpus.split,
@@ -516,7 +523,7 @@ def _metrics(
             "context": _cli.CONTEXT,
             "embed": _cli.EMBED,
             "hidden": _cli.HIDDEN,
-            "optimizer": f"adam({_cli.LEARNING_RATE})",
+            "optimizer": f"lazy(adam({_cli.LEARNING_RATE}))",
             "n_classes": models.layout.n_classes,
             "n_outputs_per_class": models.layout.n_outputs_per_class,
         },

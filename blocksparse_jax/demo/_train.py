@@ -27,6 +27,7 @@ import numpy as np
 
 from blocksparse_jax.demo import _model
 from blocksparse_jax.demo._interrupts import Interrupts
+from blocksparse_jax.optim import apply_updates, touched_fractions, value_and_sparse_grad
 
 #: Seconds between two saves of the checkpoint during training.
 SAVE_EVERY_S = 60.0
@@ -63,6 +64,14 @@ class ModelState:
     timed_tokens: int = 0  # tokens of the timed steps (the first step of a session compiles)
     timed_seconds: float = 0.0
     compile_seconds: float = 0.0
+    # per sparse parameter (path such as ".out.W2"): the sum over the steps trained of the
+    # fraction of its blocks the step touched
+    touched_sums: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def touched(self) -> dict[str, float]:
+        """The mean fraction of each sparse parameter's blocks a step touched."""
+        return {k: v / self.step for k, v in self.touched_sums.items()} if self.step else {}
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -76,8 +85,20 @@ class ModelState:
         )
 
 
-def make_train_step(optimizer, output: _model.Output, *, context: int, batch_size: int, key):
-    """A jitted ``(params, opt_state, tokens, step) -> (params, opt_state, loss)``."""
+def make_train_step(
+    optimizer, output: _model.Output, *, context: int, batch_size: int, key, sparse: bool = True
+):
+    """A jitted ``(params, opt_state, tokens, step) -> (params, opt_state, loss, touched)``.
+
+    With ``sparse`` (``optimizer`` is then a :func:`blocksparse_jax.optim.lazy`
+    transformation) the gradients come from
+    :func:`~blocksparse_jax.value_and_sparse_grad`: the embedding table and the
+    hierarchical softmax's ``W2`` and ``b2`` get the touched blocks only, and
+    ``touched`` holds the fraction of each one's blocks the step touched
+    (:func:`~blocksparse_jax.optim.touched_fractions`).  Without, the step is
+    ``jax.value_and_grad`` and a dense ``optimizer`` (``touched`` is empty).
+    """
+    grad_fn = value_and_sparse_grad if sparse else jax.value_and_grad
 
     def step_fn(params, opt_state, tokens, step):
         step_key = jax.random.fold_in(key, step)
@@ -85,13 +106,13 @@ def make_train_step(optimizer, output: _model.Output, *, context: int, batch_siz
             step_key, (batch_size,), context, tokens.shape[0], dtype=jnp.int32
         )
         contexts, targets = _model.gather_windows(tokens, positions, context)
-        loss, grads = jax.value_and_grad(_model.mean_nll)(params, output, contexts, targets)
+        loss, grads = grad_fn(_model.mean_nll)(params, output, contexts, targets)
         # optax computes Adam's bias correction as ``float ** int32 count``, which the
         # strict promotion mode some users (and our tests) run under rejects.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
-        return params, opt_state, loss
+        params = apply_updates(params, updates)
+        return params, opt_state, loss, touched_fractions(grads)
 
     return jax.jit(step_fn, donate_argnums=(0, 1))
 
@@ -264,13 +285,17 @@ def train(
             try:
                 session_tokens, t_first, last_save = 0, None, time.perf_counter()
                 while state.step < steps and interrupts.signum is None:
-                    params, opt_state, loss = step_fn(
+                    params, opt_state, loss, touched = step_fn(
                         state.params, state.opt_state, tokens, jnp.int32(state.step)
                     )
                     state.params, state.opt_state = params, opt_state
                     state.step += 1
                     loss = float(loss)  # waits for the step
                     state.losses.append(loss)
+                    for name, fraction in touched.items():
+                        state.touched_sums[name] = state.touched_sums.get(name, 0.0) + float(
+                            fraction
+                        )
                     now = time.perf_counter()
                     if t_first is None:
                         t_first = now
