@@ -50,16 +50,20 @@ def call(fn, *args, **kwargs) -> Runner:
     return lambda: fn(*args, **kwargs)
 
 
-def training_loop(step, *args, state_argnum: int, state_out: int, **kwargs) -> Runner:
+def training_loop(
+    step, *args, state_argnum: int, state_out: int, copy: bool = True, **kwargs
+) -> Runner:
     """A runner of one training step that carries its state, as a training loop does.
 
     Each call is ``out = step(*args, **kwargs)``; then ``out[state_out]`` (the
     updated parameters) becomes argument ``state_argnum`` of the next call.  The
     initial state is copied first, so a step that donates it leaves the caller's
-    arrays valid.  The runner returns every output of the step.
+    arrays valid; ``copy=False`` donates the caller's arrays instead (for states
+    too large to hold twice).  The runner returns every output of the step.
     """
     args = list(args)
-    args[state_argnum] = jax.tree.map(jnp.copy, args[state_argnum])
+    if copy:
+        args[state_argnum] = jax.tree.map(jnp.copy, args[state_argnum])
 
     def run():
         out = step(*args, **kwargs)
