@@ -31,8 +31,10 @@ def compile_stats(jitted, *args, **kwargs) -> dict:
     apart from any timed call; nothing is executed, so donated arguments stay valid.
 
     Returns:
-      ``{"compile_s", "temp_bytes", "argument_bytes"}`` (the byte counts are
-      ``None`` when the backend reports no memory analysis).
+      ``{"compile_s", "temp_bytes", "argument_bytes", "compiled"}`` (the byte
+      counts are ``None`` when the backend reports no memory analysis;
+      ``compiled`` is the executable, callable with the same positional
+      arguments without compiling again).
     """
     t0 = time.perf_counter()
     compiled = jitted.lower(*args, **kwargs).compile()
@@ -42,6 +44,7 @@ def compile_stats(jitted, *args, **kwargs) -> dict:
         "compile_s": compile_s,
         "temp_bytes": None if mem is None else int(mem.temp_size_in_bytes),
         "argument_bytes": None if mem is None else int(mem.argument_size_in_bytes),
+        "compiled": compiled,
     }
 
 
@@ -50,16 +53,20 @@ def call(fn, *args, **kwargs) -> Runner:
     return lambda: fn(*args, **kwargs)
 
 
-def training_loop(step, *args, state_argnum: int, state_out: int, **kwargs) -> Runner:
+def training_loop(
+    step, *args, state_argnum: int, state_out: int, copy: bool = True, **kwargs
+) -> Runner:
     """A runner of one training step that carries its state, as a training loop does.
 
     Each call is ``out = step(*args, **kwargs)``; then ``out[state_out]`` (the
     updated parameters) becomes argument ``state_argnum`` of the next call.  The
     initial state is copied first, so a step that donates it leaves the caller's
-    arrays valid.  The runner returns every output of the step.
+    arrays valid; ``copy=False`` donates the caller's arrays instead (for states
+    too large to hold twice).  The runner returns every output of the step.
     """
     args = list(args)
-    args[state_argnum] = jax.tree.map(jnp.copy, args[state_argnum])
+    if copy:
+        args[state_argnum] = jax.tree.map(jnp.copy, args[state_argnum])
 
     def run():
         out = step(*args, **kwargs)

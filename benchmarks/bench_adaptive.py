@@ -38,14 +38,13 @@ import json
 import math
 import os
 import platform
-import random
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._timing import call, compile_stats, time_round_robin
 from blocksparse_jax import (
     adaptive_log_softmax,
     adaptive_softmax_cutoffs,
@@ -84,21 +83,6 @@ def full_softmax_loss(W, b, x, target):
     logits = jnp.dot(x, W) + b[None, :]
     picked = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - picked)
-
-
-def compile_fn(f, args):
-    """``(compiled, compile seconds, temp bytes)`` of ``jax.jit(f)`` for ``args``."""
-    t0 = time.perf_counter()
-    compiled = jax.jit(f).lower(*args).compile()
-    secs = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    return compiled, secs, (int(mem.temp_size_in_bytes) if mem is not None else -1)
-
-
-def time_once(fn, args) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
 
 
 def run_case(name, vocab, batch, width, n_clusters, shortlist_mass, *, warmup, rounds, seed=0):
@@ -166,21 +150,16 @@ def run_case(name, vocab, batch, width, n_clusters, shortlist_mass, *, warmup, r
         targets_per_cluster=[int(c) for c in per_cluster],
         hsoftmax_grid=list(hs_params.W2.shape[::2]), loss_at_init=losses,
     )  # fmt: skip
-    compiled = {}
+    runners = {}
     for label, (f, args) in contenders.items():
-        fn, secs, temp = compile_fn(f, args)
-        compiled[label] = (fn, args)
-        row[f"{label}_compile_s"] = secs
-        row[f"{label}_temp_mb"] = temp / 2**20
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    times = {label: [] for label in contenders}
-    order = list(contenders)
-    rng = random.Random(seed)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for label in order:
-            times[label].append(time_once(*compiled[label]))
+        jitted = jax.jit(f)
+        stats = compile_stats(jitted, *args)
+        row[f"{label}_compile_s"] = stats["compile_s"]
+        row[f"{label}_temp_mb"] = (
+            -1 if stats["temp_bytes"] is None else stats["temp_bytes"]
+        ) / 2**20
+        runners[label] = call(jitted, *args)
+    times = time_round_robin(runners, warmup=warmup, repeats=rounds, seed=seed)
     for label, ts in times.items():
         row[f"{label}_ms"] = statistics.median(ts) * 1e3
         row[f"{label}_times_ms"] = [t * 1e3 for t in ts]

@@ -42,6 +42,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks._timing import call, compile_stats, time_round_robin
 from benchmarks.bench_gemv import REGIMES, fwd_bwd, fwd_only, make_problem, naive_gemv
 from blocksparse_jax import h_softmax_init, h_softmax_loss, sparse_block_dot, sparse_block_gemv
 from blocksparse_jax.blocksparse import STRATEGIES, accelerator_budget
@@ -60,44 +61,28 @@ def naive_dot(W, h, input_idx, b, output_idx, **_):
     return b[output_idx] + jnp.einsum("bis,bijst->bjt", h, blocks)
 
 
-def _compile(f, args):
-    t0 = time.perf_counter()
-    compiled = jax.jit(f).lower(*args).compile()
-    mem = compiled.memory_analysis()
-    temp = int(mem.temp_size_in_bytes) if mem is not None else -1
-    return compiled, time.perf_counter() - t0, temp
-
-
 def measure(contenders, args, *, repeats, slow_s, log):
     """``{name: {median_s, times, compile_s, temp_bytes}}``, timed round-robin."""
     res, ready = {}, {}
     for name, f in contenders.items():
         try:
-            compiled, csec, temp = _compile(f, args)
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            first = time.perf_counter() - t0
+            stats = compile_stats(jax.jit(f), *args)
+            jax.block_until_ready(stats["compiled"](*args))
         except Exception as e:  # a contender that does not compile or run is reported, not fatal
             res[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             log(f"    {name}: {res[name]['error']}")
             continue
-        res[name] = {"compile_s": csec, "temp_bytes": temp, "times": []}
-        if first > slow_s:
-            res[name]["times"] = [first]
-            res[name]["note"] = f"timed once (first call {first:.2f} s > {slow_s} s)"
-        else:
-            jax.block_until_ready(compiled(*args))
-            ready[name] = compiled
-    for _ in range(repeats):
-        order = list(ready)
-        random.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            jax.block_until_ready(ready[name](*args))
-            res[name]["times"].append(time.perf_counter() - t0)
-    for r in res.values():
-        if r.get("times"):
-            r["median_s"] = statistics.median(r["times"])
+        temp = -1 if stats["temp_bytes"] is None else stats["temp_bytes"]
+        res[name] = {"compile_s": stats["compile_s"], "temp_bytes": temp}
+        ready[name] = call(stats["compiled"], *args)
+    times = time_round_robin(
+        ready, warmup=1, repeats=repeats, slow_s=slow_s, seed=random.randrange(2**32)
+    )
+    for name, ts in times.items():
+        res[name]["times"] = ts
+        res[name]["median_s"] = statistics.median(ts)
+        if repeats > 1 and len(ts) == 1:
+            res[name]["note"] = f"timed once (warm-up call > {slow_s} s)"
     return res
 
 
@@ -199,8 +184,7 @@ def main(argv=None):
                 continue
             log(f"{name} {mode}")
             if kind == "regime":
-                o, W, h, ii, oi = make_problem(spec)
-                call = (o, W, h, ii, oi, jnp.ones_like(o))
+                call_args = make_problem(spec)  # (o, W, h, ii, oi, g)
                 contenders = regime_contenders(mode)
             else:
                 vocab, batch, width = spec
@@ -208,10 +192,10 @@ def main(argv=None):
                 params = h_softmax_init(keys[0], width, vocab)
                 x = jax.random.normal(keys[1], (batch, width), jnp.float32)
                 target = jax.random.randint(keys[2], (batch,), 0, vocab, jnp.int32)
-                call = (params, x, target)
+                call_args = (params, x, target)
                 contenders = hs_contenders(vocab)
             results["cases"][name][mode] = measure(
-                contenders, call, repeats=args.repeats, slow_s=args.slow_s, log=log
+                contenders, call_args, repeats=args.repeats, slow_s=args.slow_s, log=log
             )
     results["total_s"] = time.perf_counter() - start
     os.makedirs(args.out, exist_ok=True)
