@@ -26,6 +26,7 @@ from blocksparse_jax.hsoftmax import (
     HSoftmaxLayout,
     HSoftmaxParams,
     h_log_softmax,
+    h_softmax_loss,
     h_softmax_sample,
     h_softmax_top_k,
 )
@@ -69,10 +70,20 @@ def positive_int(name: str, value) -> int:
 
 
 def cast(dtype, *arrays):
-    """The arrays cast to ``dtype`` (``None`` leaves them as they are; ``None`` entries stay)."""
+    """The arrays cast to ``dtype`` (``None`` leaves them as they are; ``None`` entries stay).
+
+    An array already of ``dtype`` is returned as it is, the same object, so that
+    :func:`~blocksparse_jax.value_and_sparse_grad` (which finds a layer's
+    weights by identity) sees the weight the op is given as the one it tracks.
+    """
     if dtype is None:
         return arrays
-    return tuple(None if a is None else jnp.asarray(a).astype(dtype) for a in arrays)
+    dtype = jnp.dtype(dtype)
+    return tuple(
+        a if a is None or (isinstance(a, jax.Array) and a.dtype == dtype)
+        else jnp.asarray(a).astype(dtype)
+        for a in arrays
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -170,8 +181,10 @@ def hsoftmax_call(s: HSoftmaxState, x, target) -> SoftmaxOutput:
         _checks.check_index_values("target", target, s.config.n_outputs, "n_words", from_end=False)
         # Under jit an out-of-range word becomes output -1: log-probability -inf.
         target = s.word_to_output.at[target].get(mode="fill", fill_value=-1)
-    output = h_log_softmax(x, params, target, **s.kwargs())
-    return SoftmaxOutput(output, -jnp.mean(output))
+    # h_softmax_loss (not h_log_softmax with a target: the same values) is the op
+    # value_and_sparse_grad follows, so W2 and b2 can get a SparseBlockGrad.
+    nll = h_softmax_loss(x, params, target, reduction="none", **s.kwargs())
+    return SoftmaxOutput(-nll, jnp.mean(nll))
 
 
 def hsoftmax_log_prob(s: HSoftmaxState, x) -> jax.Array:

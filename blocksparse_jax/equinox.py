@@ -10,6 +10,13 @@ Equinox's own layers and train with ``eqx.filter_jit``,
 functional API (:func:`blocksparse_jax.h_log_softmax`,
 :func:`blocksparse_jax.sparse_block_dot`, ...).
 
+Sparse training: :func:`~blocksparse_jax.value_and_sparse_grad` over the
+float arrays of ``eqx.partition(model, eqx.is_inexact_array)`` (the loss
+``eqx.combine``-s the model; the whole model is refused for its int32 layout
+arrays) returns ``HSoftmax``'s ``W2`` and ``b2`` and ``BlockSparseLinear``'s
+``W`` and ``b`` as :class:`~blocksparse_jax.SparseBlockGrad`, for the lazy
+optimizers of :mod:`blocksparse_jax.optim` (the loop is in the layers guide).
+
 Unlike ``eqx.nn.Linear`` the layers take a batch (``(batch, n_in)``) as well as
 one example (``(n_in,)``, what ``jax.vmap`` over them sees): the
 hierarchical softmax's work is shared across a batch.

@@ -7,6 +7,13 @@ layout's word/output mapping as :class:`LayoutState` (a non-trainable
 ``nnx.jit``, ``nnx.value_and_grad`` and ``nnx.Optimizer(model, tx,
 wrt=nnx.Param)``.  Their values are those of the functional API
 (:func:`blocksparse_jax.h_log_softmax`, :func:`blocksparse_jax.sparse_block_dot`, ...).
+
+Sparse training: :func:`~blocksparse_jax.value_and_sparse_grad` over the
+``nnx.Param`` state of ``nnx.split(model, nnx.Param, ...)`` (the loss
+``nnx.merge``-s the model) returns ``HSoftmax``'s ``W2`` and ``b2`` and
+``BlockSparseLinear``'s ``W`` and ``b`` as
+:class:`~blocksparse_jax.SparseBlockGrad`, for the lazy optimizers of
+:mod:`blocksparse_jax.optim` (the loop is in the layers guide).
 """
 
 from __future__ import annotations

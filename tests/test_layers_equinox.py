@@ -276,3 +276,111 @@ def test_documented_training_loop_with_the_adaptive_softmax():
     }
     losses = run_block("layers.md", "train_equinox.py", "losses", replace=replace)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------
+# Sparse training: value_and_sparse_grad and lazy optimizers on the layers
+
+
+def _by_path(tree):
+    """``{keystr: leaf}`` with ``SparseBlockGrad`` as leaves."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, bsj.SparseBlockGrad)
+    )
+    return {jax.tree_util.keystr(k): v for k, v in flat}
+
+
+class _Bigram(eqx.Module):
+    embed: eqx.nn.Embedding
+    softmax: HSoftmax
+
+    def __init__(self, *, key):
+        k_embed, k_softmax = jax.random.split(key)
+        self.embed = eqx.nn.Embedding(40, N_IN, dtype=jnp.float32, key=k_embed)
+        self.softmax = HSoftmax(N_IN, layout=LAYOUT, key=k_softmax)
+
+    def __call__(self, words, next_words):
+        return self.softmax(jax.vmap(self.embed)(words), next_words)
+
+
+def _check_sparse_step(model, loss_of):
+    """The paths of the parameters whose gradients are sparse, after checking them.
+
+    Sparse gradients must equal the dense ones (``eqx.filter_value_and_grad``)
+    and one step of ``lazy(optax.sgd)`` must give the parameters of a dense
+    ``optax.sgd`` step.
+    """
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_fn(params):
+        return loss_of(eqx.combine(params, static))
+
+    loss, grads = jax.jit(bsj.value_and_sparse_grad(loss_fn))(params)
+    dense_loss, dense = eqx.filter_jit(eqx.filter_value_and_grad(loss_of))(model)
+    np.testing.assert_allclose(loss, dense_loss, rtol=1e-6)
+    by_path, dense_by_path = _by_path(grads), _by_path(dense)
+    assert by_path.keys() == dense_by_path.keys()
+    sparse = {k for k, g in by_path.items() if isinstance(g, bsj.SparseBlockGrad)}
+    for k, g in by_path.items():
+        g = g.todense() if k in sparse else g
+        np.testing.assert_allclose(g, dense_by_path[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+    lazy_sgd, sgd = bsj.optim.lazy(optax.sgd(0.5)), optax.sgd(0.5)
+    updates, _ = lazy_sgd.update(grads, lazy_sgd.init(params), params)
+    new = _by_path(bsj.optim.apply_updates(params, updates))
+    dense_updates, _ = sgd.update(dense, sgd.init(params), params)
+    want = _by_path(eqx.apply_updates(params, dense_updates))
+    assert new.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(new[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    return sparse
+
+
+def test_hsoftmax_trains_sparsely():
+    model = _Bigram(key=jax.random.key(0))
+    words = jax.random.randint(jax.random.key(1), (64,), 0, 40)
+    next_words = (7 * words + 3) % 40
+    sparse = _check_sparse_step(model, lambda m: m(words, next_words).loss)
+    assert sparse == {".softmax.W2", ".softmax.b2"}, sparse
+    # The whole model is not a valid argument: its layout arrays are int32.
+    with pytest.raises(TypeError, match="float arrays only"):
+        bsj.value_and_sparse_grad(lambda m: m(words, next_words).loss)(model)
+
+    tx = bsj.optim.lazy(optax.sgd(0.5, momentum=0.9))  # optax.adam trips strict promotion
+    opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+    layout_before = np.asarray(model.softmax.word_to_output)
+
+    @eqx.filter_jit
+    def train_step(model, opt_state):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+
+        def loss_fn(params):
+            return eqx.combine(params, static)(words, next_words).loss
+
+        loss, grads = bsj.value_and_sparse_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return eqx.combine(bsj.optim.apply_updates(params, updates), static), opt_state, loss
+
+    losses = []
+    for _ in range(30):
+        model, opt_state, loss = train_step(model, opt_state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+    np.testing.assert_array_equal(model.softmax.word_to_output, layout_before)
+
+
+def test_block_sparse_linear_trains_sparsely():
+    layer = BlockSparseLinear(4, 5, 6, 3, key=jax.random.key(0))
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    h = jax.random.normal(k1, (8, 2, 6), jnp.float32)
+    ii = jax.random.randint(k2, (8, 2), 0, 4)
+    oi = jax.random.randint(k3, (8, 2), 0, 5)
+    sparse = _check_sparse_step(layer, lambda m: jnp.mean(m(h, ii, oi) ** 2))
+    assert sparse == {".W", ".b"}, sparse
+
+
+def test_documented_sparse_training_loop_runs_and_learns():
+    report = "[losses, list(predicted.shape), batch]"
+    losses, predicted_shape, batch = run_block("layers.md", "train_equinox_sparse.py", report)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert predicted_shape == [batch]

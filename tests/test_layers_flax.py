@@ -290,3 +290,105 @@ def test_documented_training_loop_with_the_adaptive_softmax():
     }
     losses = run_block("layers.md", "train_flax.py", "losses", replace=replace)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------
+# Sparse training: value_and_sparse_grad and lazy optimizers on the layers
+
+
+def _by_path(tree):
+    """``{keystr: leaf}`` with ``SparseBlockGrad`` as leaves."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, bsj.SparseBlockGrad)
+    )
+    return {jax.tree_util.keystr(k): v for k, v in flat}
+
+
+class _Bigram(nnx.Module):
+    def __init__(self, *, rngs):
+        self.embed = nnx.Embed(40, N_IN, rngs=rngs)
+        self.softmax = HSoftmax(N_IN, layout=LAYOUT, rngs=rngs)
+
+    def __call__(self, words, next_words):
+        return self.softmax(self.embed(words), next_words)
+
+
+def _check_sparse_step(model, loss_of):
+    """The paths of the parameters whose gradients are sparse, after checking them.
+
+    Sparse gradients must equal the dense ones (``jax.value_and_grad``) and one
+    step of ``lazy(optax.sgd)`` must give the parameters of a dense
+    ``optax.sgd`` step.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params):
+        return loss_of(nnx.merge(graphdef, params, rest))
+
+    loss, grads = jax.jit(bsj.value_and_sparse_grad(loss_fn))(params)
+    dense_loss, dense = jax.jit(jax.value_and_grad(loss_fn))(params)
+    np.testing.assert_allclose(loss, dense_loss, rtol=1e-6)
+    by_path, dense_by_path = _by_path(grads), _by_path(dense)
+    assert by_path.keys() == dense_by_path.keys()
+    sparse = {k for k, g in by_path.items() if isinstance(g, bsj.SparseBlockGrad)}
+    for k, g in by_path.items():
+        g = g.todense() if k in sparse else g
+        np.testing.assert_allclose(g, dense_by_path[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+    lazy_sgd, sgd = bsj.optim.lazy(optax.sgd(0.5)), optax.sgd(0.5)
+    updates, _ = lazy_sgd.update(grads, lazy_sgd.init(params), params)
+    new = _by_path(bsj.optim.apply_updates(params, updates))
+    dense_updates, _ = sgd.update(dense, sgd.init(params), params)
+    want = _by_path(optax.apply_updates(params, dense_updates))
+    assert new.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(new[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    return sparse
+
+
+def test_hsoftmax_trains_sparsely():
+    model = _Bigram(rngs=nnx.Rngs(0))
+    words = jax.random.randint(jax.random.key(1), (64,), 0, 40)
+    next_words = (7 * words + 3) % 40
+    sparse = _check_sparse_step(model, lambda m: m(words, next_words).loss)
+    assert sparse == {"['softmax']['W2'].value", "['softmax']['b2'].value"}, sparse
+
+    tx = bsj.optim.lazy(optax.sgd(0.5, momentum=0.9))  # optax.adam trips strict promotion
+    opt_state = tx.init(nnx.state(model, nnx.Param))
+    layout_before = jax.tree.map(np.asarray, nnx.state(model, LayoutState))
+
+    @nnx.jit
+    def train_step(model, opt_state):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_fn(params):
+            return nnx.merge(graphdef, params, rest)(words, next_words).loss
+
+        loss, grads = bsj.value_and_sparse_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        nnx.update(model, bsj.optim.apply_updates(params, updates))
+        return opt_state, loss
+
+    losses = []
+    for _ in range(30):
+        opt_state, loss = train_step(model, opt_state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, LayoutState), layout_before)
+
+
+def test_block_sparse_linear_trains_sparsely():
+    layer = BlockSparseLinear(4, 5, 6, 3, rngs=nnx.Rngs(0))
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    h = jax.random.normal(k1, (8, 2, 6), jnp.float32)
+    ii = jax.random.randint(k2, (8, 2), 0, 4)
+    oi = jax.random.randint(k3, (8, 2), 0, 5)
+    sparse = _check_sparse_step(layer, lambda m: jnp.mean(m(h, ii, oi) ** 2))
+    assert sparse == {"['W'].value", "['b'].value"}, sparse
+
+
+def test_documented_sparse_training_loop_runs_and_learns():
+    report = "[losses, list(predicted.shape), batch]"
+    losses, predicted_shape, batch = run_block("layers.md", "train_flax_sparse.py", report)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert predicted_shape == [batch]
