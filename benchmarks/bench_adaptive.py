@@ -37,13 +37,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._machine import machine_info
 from benchmarks._timing import call, compile_stats, time_round_robin
 from blocksparse_jax import (
     adaptive_log_softmax,
@@ -202,11 +202,7 @@ def main(argv=None):
             )
     result = dict(
         benchmark="adaptive_softmax_grad",
-        jax=jax.__version__,
-        platform=jax.devices()[0].platform,
-        cpu_count=os.cpu_count(),
-        machine=platform.machine(),
-        numpy=np.__version__,
+        machine=machine_info(),
         rounds=args.rounds,
         warmup=args.warmup,
         rows=rows,
