@@ -5,7 +5,10 @@ selected outputs are picked; the weight update is ``X_dense^T @ Y_dense``.
 Reads ``W`` once, at the price of the dense flops: best when the selected pairs
 cover most of the block grid and the blocks are small.  The activations are
 scattered in the accumulation dtype (repeated blocks of one example add up in
-float32 for float16/bfloat16).
+float32 for float16/bfloat16).  Low-precision weights stay low in memory: the
+products have ``W``'s dtype as output, or run over row blocks of ``W`` where a
+float32 product would exceed the budget (:func:`_gemv_dense`,
+:func:`_outer_dense_low`).
 
 The dense products also multiply the blocks no example selects, by zero.  That
 is exact only while the factors are finite (``0 * inf`` is NaN), so each call
@@ -18,11 +21,17 @@ products put them and nowhere else.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax.numpy as jnp
 from jax import lax
 
 from blocksparse_jax.blocksparse import _gather
+from blocksparse_jax.blocksparse._accumulate import is_low_precision, outer_by_block
+from blocksparse_jax.blocksparse._carry import carry
 from blocksparse_jax.blocksparse._gather import GATHER_BUDGET_BYTES
+from blocksparse_jax.blocksparse._pairs import loop_operand
 
 
 def _all_finite(*xs):
@@ -46,13 +55,41 @@ def _dense_activations(W, h, input_idx, *, transpose_w, acc_dtype):
     return hd_w, jnp.all(jnp.isfinite(hd_w) | ~jnp.isfinite(hd))
 
 
-def _gemv_dense(W, hd, output_idx, *, transpose_w, acc_dtype):
-    # Masked input rows are zero and every block is finite here: they add exactly 0.
-    if transpose_w:
-        # hd lives in the column space (nc, t); the outputs in the row space (nr, s).
-        y = jnp.einsum("blt,klst->bks", hd, W, preferred_element_type=acc_dtype)
+def _gemv_dense(W, hd, output_idx, *, transpose_w, acc_dtype, budget):
+    """The dense product and the selected outputs.
+
+    A low-precision ``W`` whose float32 copy would exceed ``budget`` is
+    multiplied in row blocks of at most ``budget`` bytes in float32, in a loop
+    that carries ``W`` as its bits: XLA:CPU computes float16 products in
+    float32 and would otherwise convert the whole of ``W``.  On GPU and TPU
+    (a device-sized budget) it is one product in ``W``'s dtype.
+    """
+    nr = W.shape[0]
+    rows = nr
+    if is_low_precision(W.dtype, acc_dtype):
+        row_bytes = math.prod(W.shape[1:]) * jnp.dtype(acc_dtype).itemsize
+        rows = _largest_divisor(nr, budget // row_bytes)
+    # With transpose_w, hd lives in the column space (nc, t) and the outputs in the row
+    # space (nr, s); otherwise the reverse.
+    spec = "blt,klst->bks" if transpose_w else "bks,klst->blt"
+    if rows == nr:
+        y = jnp.einsum(spec, hd, W, preferred_element_type=acc_dtype)
     else:
-        y = jnp.einsum("bks,klst->blt", hd, W, preferred_element_type=acc_dtype)
+        Wl, dtype = loop_operand(W)
+
+        def body(c, y):
+            k = c * rows
+            blk = lax.bitcast_convert_type(lax.dynamic_slice_in_dim(Wl, k, rows), dtype)
+            if transpose_w:
+                part = jnp.einsum(spec, hd, blk, preferred_element_type=acc_dtype)
+                return lax.dynamic_update_slice_in_dim(y, part, k, axis=1)
+            part = lax.dynamic_slice_in_dim(hd, k, rows, axis=1)
+            return y + jnp.einsum(spec, part, blk, preferred_element_type=acc_dtype)
+
+        batch = hd.shape[0]
+        out_shape = (batch, nr, W.shape[2]) if transpose_w else (batch, *W.shape[1:4:2])
+        (y,) = carry((jnp.zeros(out_shape, acc_dtype),), Wl, hd)
+        y = lax.fori_loop(jnp.int32(0), jnp.int32(nr // rows), body, y)
     return jnp.take_along_axis(y, output_idx[:, :, None], axis=1, mode="clip")
 
 
@@ -63,7 +100,7 @@ def gemv(
     hd, fits = _dense_activations(W, h, input_idx, **kw)
     return lax.cond(
         _all_finite(W) & fits,
-        lambda W, hd, h, ii, oi, vi: _gemv_dense(W, hd, oi, **kw),
+        lambda W, hd, h, ii, oi, vi: _gemv_dense(W, hd, oi, **kw, budget=budget),
         lambda W, hd, h, ii, oi, vi: _gather.gemv(W, h, ii, oi, vi, **kw, budget=budget),
         W,
         hd,
@@ -74,21 +111,73 @@ def gemv(
     )
 
 
-def _outer_dense(o, x, y, x_idx, y_idx, *, acc_dtype):
+def _outer_dense(o, x, y, x_idx, y_idx, *, acc_dtype, budget):
     batch = x.shape[0]
     nx, ny, sx, sy = o.shape
     b = jnp.arange(batch, dtype=jnp.int32)[:, None]
     # Masked rows are zero and every factor is finite here: their pairs add exactly 0.
     xd = jnp.zeros((batch, nx, sx), acc_dtype).at[b, x_idx].add(x.astype(acc_dtype))
     yd = jnp.zeros((batch, ny, sy), acc_dtype).at[b, y_idx].add(y.astype(acc_dtype))
-    return o + jnp.einsum("bks,blt->klst", xd, yd, preferred_element_type=acc_dtype)
+    if not is_low_precision(o.dtype, acc_dtype):
+        return o + jnp.einsum("bks,blt->klst", xd, yd, preferred_element_type=acc_dtype)
+    return _outer_dense_low(o, xd, yd, acc_dtype=acc_dtype, budget=budget)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+
+
+def _outer_dense_low(o, xd, yd, *, acc_dtype, budget):
+    """``o + xd^T @ yd`` for a low-precision ``o``, with no product of ``o``'s size in ``acc_dtype``.
+
+    When the float32 product fits ``budget`` (on GPU and TPU a share of the
+    device's memory), one GEMM whose output is ``o``'s dtype: the device
+    accumulates each element in float32 and rounds once.  Otherwise (XLA:CPU
+    computes low-precision products in float32) a loop over row blocks of
+    ``o``, each product summed in ``acc_dtype``, added to its rows and rounded once.
+    """
+    nx, ny, sx, sy = o.shape
+    row_bytes = ny * sx * sy * jnp.dtype(acc_dtype).itemsize
+    rows = _largest_divisor(nx, budget // row_bytes)
+    if rows == nx:
+        prod = jnp.einsum(
+            "bks,blt->klst", xd.astype(o.dtype), yd.astype(o.dtype), preferred_element_type=o.dtype
+        )
+        return o + prod
+    ol, dtype = loop_operand(o)
+    z = jnp.zeros((), jnp.int32)
+
+    def body(c, ol):
+        k = c * rows
+        part = lax.dynamic_slice_in_dim(xd, k, rows, axis=1)
+        prod = jnp.einsum("bks,blt->klst", part, yd, preferred_element_type=acc_dtype)
+        cur = lax.dynamic_slice(ol, (k, z, z, z), (rows, ny, sx, sy))
+        cur = lax.bitcast_convert_type(cur, dtype).astype(acc_dtype)
+        new = lax.bitcast_convert_type((cur + prod).astype(dtype), ol.dtype)
+        return lax.dynamic_update_slice(ol, new, (k, z, z, z))
+
+    (ol,) = carry((ol,), xd, yd)
+    ol = lax.fori_loop(jnp.int32(0), jnp.int32(nx // rows), body, ol)
+    return lax.bitcast_convert_type(ol, dtype)
 
 
 def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, budget=GATHER_BUDGET_BYTES):
+    """The weight update; for a low-precision ``o`` see :func:`_outer_dense_low`.
+
+    The exact path (non-finite activations) sums per distinct block
+    (:mod:`~blocksparse_jax.blocksparse._accumulate`) when ``o`` is low precision.
+    """
+    exact = _gather.outer
+    if is_low_precision(o.dtype, acc_dtype):
+        exact = functools.partial(outer_by_block, _gather.outer)
+
+    def dense(o, x, y, x_idx, y_idx, valid_x, valid_y):
+        return _outer_dense(o, x, y, x_idx, y_idx, acc_dtype=acc_dtype, budget=budget)
+
     return lax.cond(
         _all_finite(x, y),
-        lambda *a: _outer_dense(*a[:5], acc_dtype=acc_dtype),
-        lambda *a: _gather.outer(*a, acc_dtype=acc_dtype, budget=budget),
+        dense,
+        lambda *a: exact(*a, acc_dtype=acc_dtype, budget=budget),
         o,
         x,
         y,

@@ -47,6 +47,7 @@ from jax import lax
 
 from blocksparse_jax._checks import common_float_dtype
 from blocksparse_jax.blocksparse import _cost, _dense, _gather, _grouped, _loop, _pallas, _ragged
+from blocksparse_jax.blocksparse._accumulate import is_low_precision, outer_by_block
 
 STRATEGIES = ("auto", "gather", "loop", "dense", "grouped", "ragged")
 """Valid values of the ``strategy=`` keyword of the public ops."""
@@ -194,10 +195,12 @@ def outer_contract(
 ) -> jax.Array:
     """``o`` with ``outer(alpha * x[b, i], y[b, j])`` added to block ``(x_idx[b, i], y_idx[b, j])``.
 
-    Returns ``o``'s shape and dtype; repeated blocks accumulate in ``acc_dtype``
-    (``ragged`` sums each distinct block's updates in ``acc_dtype`` and adds
-    them to ``o`` once; the other strategies accumulate into an ``acc_dtype``
-    copy of ``o``).  A pair with a masked slot (``valid_x`` ``(batch, x_win)``,
+    Returns ``o``'s shape and dtype; repeated blocks accumulate in ``acc_dtype``.
+    For an ``o`` narrower than ``acc_dtype`` (``bfloat16``, ``float16``) no
+    ``acc_dtype`` copy of ``o`` is made: each distinct block's updates are
+    summed in ``acc_dtype`` and added to it once
+    (:mod:`~blocksparse_jax.blocksparse._accumulate`; ``dense`` runs its GEMM
+    with ``o``'s dtype as output).  A pair with a masked slot (``valid_x`` ``(batch, x_win)``,
     ``valid_y`` ``(batch, y_win)``) adds nothing.  ``alpha`` scales ``x`` (in
     ``acc_dtype``) before the products, so every strategy scales each pair's
     product the same way.
@@ -227,10 +230,10 @@ def outer_contract(
     def impl(p, o, x, y, x_idx, y_idx, valid_x, valid_y):
         name, budget, _ = p
         args = (x, y, x_idx, y_idx, valid_x, valid_y)
-        if name == "ragged":
-            return _ragged.outer(o, *args, acc_dtype=acc_dtype, budget=budget)
         kw = {} if budget is None else {"budget": budget}
-        out = _IMPLEMENTATIONS[name].outer(o.astype(acc_dtype), *args, acc_dtype=acc_dtype, **kw)
-        return out.astype(o.dtype)
+        if name in ("ragged", "dense") or not is_low_precision(o.dtype, acc_dtype):
+            out = _IMPLEMENTATIONS[name].outer(o, *args, acc_dtype=acc_dtype, **kw)
+            return out.astype(o.dtype)
+        return outer_by_block(_IMPLEMENTATIONS[name].outer, o, *args, acc_dtype=acc_dtype, **kw)
 
     return _by_platform(plans, impl, o, x, y, x_idx, y_idx, valid_x, valid_y)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from blocksparse_jax.blocksparse import _gather
+from blocksparse_jax.blocksparse._accumulate import add_blocks
 from blocksparse_jax.blocksparse._gather import GATHER_BUDGET_BYTES
 from blocksparse_jax.blocksparse._pairs import pair_blocks
 
@@ -131,6 +132,4 @@ def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, budget=GATHER_B
 
     # As in gemv: with non-finite activations each group sums its own pairs' products.
     upd = lax.cond(_all_finite(xs, ys), grouped, exact, xs, ys)  # (capacity, s, t)
-    new = (o[g_rows, g_cols].astype(acc_dtype) + upd).astype(o.dtype)
-    rows = jnp.where(used, g_rows, o.shape[0])  # an unused group writes nothing
-    return o.at[rows, g_cols].set(new, mode="drop")
+    return add_blocks(o, upd, g_rows, g_cols, used)
