@@ -353,6 +353,31 @@ def test_low_precision_gradient_rounds_each_block_once(strategy):
     assert not np.any(got[[0, 1, 1], [0, 0, 1]])  # the untouched blocks
 
 
+def test_low_precision_h_softmax_gradient_has_no_float32_copy_of_W2():
+    """bfloat16 parameters: ``h_softmax_loss``'s gradient keeps ``W2`` low (CPU and exports)."""
+    vocab, batch, width = 65_536, 200, 128  # a batch other than the 256 classes: no shape clash
+    params = bsj.h_softmax_init(jax.random.key(0), width, vocab, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (batch, width), jnp.bfloat16)
+    t = jax.random.randint(jax.random.key(2), (batch,), 0, vocab)
+    grad = jax.jit(jax.grad(lambda p, x: bsj.h_softmax_loss(x, p, t), argnums=(0, 1)))
+    W2 = params.W2
+    compiled = grad.lower(params, x).compile()
+    assert "f32[" + ",".join(map(str, W2.shape)) + "]" not in _unfused_buffers(compiled.as_text())
+    assert compiled.memory_analysis().temp_size_in_bytes < 1.5 * W2.nbytes
+    for platform in ("cuda", "tpu"):
+        module = export.export(grad, platforms=[platform])(params, x).mlir_module()
+        assert "x".join(map(str, W2.shape)) + "xf32" not in module
+    dp, dx = grad(params, x)
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), (params, x))
+    want_dp, want_dx = jax.grad(lambda p, x: bsj.h_softmax_loss(x, p, t), argnums=(0, 1))(*f32)
+    f64 = lambda a: np.asarray(a, np.float64)
+    scale = np.max(np.abs(f64(want_dp.W2)))
+    np.testing.assert_allclose(f64(dp.W2), f64(want_dp.W2), rtol=0.02, atol=0.02 * scale)
+    np.testing.assert_allclose(
+        f64(dx), f64(want_dx), rtol=0.05, atol=0.05 * np.max(np.abs(f64(want_dx)))
+    )
+
+
 def test_accelerator_costs_docstring_example():
     import doctest
 

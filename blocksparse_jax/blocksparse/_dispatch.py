@@ -136,8 +136,9 @@ def gemv_contract(
     slots (``valid_in`` ``(batch, i_win)``, ``valid_out`` ``(batch, o_win)``)
     are absent: a masked output slot is exactly zero.
     """
-    dt = common_float_dtype(W.dtype, h.dtype)
-    W, h = jnp.asarray(W, dt), jnp.asarray(h, dt)
+    # The products run in the common dtype; W keeps its own (each strategy widens
+    # the blocks it reads, never the whole of W: no float32 copy of a bfloat16 W).
+    h = jnp.asarray(h, common_float_dtype(W.dtype, h.dtype))
     batch, i_win, _ = h.shape
     o_win = output_idx.shape[1]
     rows_blocks, cols_blocks, s, t = W.shape
@@ -154,7 +155,7 @@ def gemv_contract(
         o_win=o_win,
         i_size=i_size,
         o_size=o_size,
-        itemsize=np.dtype(dt).itemsize,
+        itemsize=h.dtype.itemsize,
     )
     if 0 in (batch, i_win, o_win, i_blocks, o_blocks):
         # Nothing to multiply (with no blocks every index is masked).
@@ -199,8 +200,7 @@ def outer_contract(
     For an ``o`` narrower than ``acc_dtype`` (``bfloat16``, ``float16``) no
     ``acc_dtype`` copy of ``o`` is made: each distinct block's updates are
     summed in ``acc_dtype`` and added to it once
-    (:mod:`~blocksparse_jax.blocksparse._accumulate`; ``dense`` runs its GEMM
-    with ``o``'s dtype as output).  A pair with a masked slot (``valid_x`` ``(batch, x_win)``,
+    (:mod:`~blocksparse_jax.blocksparse._accumulate`).  A pair with a masked slot (``valid_x`` ``(batch, x_win)``,
     ``valid_y`` ``(batch, y_win)``) adds nothing.  ``alpha`` scales ``x`` (in
     ``acc_dtype``) before the products, so every strategy scales each pair's
     product the same way.
@@ -231,7 +231,9 @@ def outer_contract(
         name, budget, _ = p
         args = (x, y, x_idx, y_idx, valid_x, valid_y)
         kw = {} if budget is None else {"budget": budget}
-        if name in ("ragged", "dense") or not is_low_precision(o.dtype, acc_dtype):
+        if name in ("ragged", "dense", "grouped", "loop") or not is_low_precision(
+            o.dtype, acc_dtype
+        ):
             out = _IMPLEMENTATIONS[name].outer(o, *args, acc_dtype=acc_dtype, **kw)
             return out.astype(o.dtype)
         return outer_by_block(_IMPLEMENTATIONS[name].outer, o, *args, acc_dtype=acc_dtype, **kw)

@@ -41,6 +41,7 @@ def _gemv_all(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype):
         blocks = W[input_idx[:, :, None], output_idx[:, None, :]]  # (b, i, j, s, t)
         spec = "bis,bijst->bjt"
     blocks = jnp.where(valid_in[:, :, None, None, None], blocks, jnp.zeros((), blocks.dtype))
+    blocks = blocks.astype(h.dtype)  # the gathered blocks only, never the whole of W
     return jnp.einsum(spec, h, blocks, preferred_element_type=acc_dtype)
 
 
@@ -49,7 +50,7 @@ def gemv(
 ):
     batch, i_win, _ = h.shape
     o_win = output_idx.shape[1]
-    per_example = i_win * o_win * W.shape[2] * W.shape[3] * W.dtype.itemsize
+    per_example = i_win * o_win * W.shape[2] * W.shape[3] * max(W.dtype.itemsize, h.dtype.itemsize)
     chunk = chunk_size(batch, per_example, budget)
     f = lambda a: _gemv_all(W, *a, transpose_w=transpose_w, acc_dtype=acc_dtype)
     args = (h, input_idx, output_idx, valid_in)

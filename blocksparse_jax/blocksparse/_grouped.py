@@ -83,11 +83,19 @@ def gemv(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype):
     return out.reshape(batch, o_win, out_size)
 
 
-def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype):
+def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, rows_per_step=None):
+    """The weight update, each run's ``X_run^T @ Y_run`` added to its block in place.
+
+    For an ``o`` narrower than ``acc_dtype`` (``bfloat16``, ``float16``) a run
+    longer than one step sums its steps in an ``acc_dtype`` block carried by the
+    loop and adds the sum to ``o`` once, at the run's last step (one rounding per
+    block); ``o`` is then carried as its bits (:func:`loop_operand`).
+    ``rows_per_step`` overrides the lanes per step (``1``: one pair per step).
+    """
     batch, x_win, x_size = x.shape
     y_win, y_size = y.shape[1:]
     n = batch * x_win * y_win
-    P = group_rows(n, o.shape[0] * o.shape[1])
+    P = group_rows(n, o.shape[0] * o.shape[1]) if rows_per_step is None else rows_per_step
     rows, cols = pair_blocks(x_idx, y_idx, False)
     valid = (valid_x[:, :, None] & valid_y[:, None, :]).reshape(-1)
     perm, rs, cs, run_end, n_valid = _runs(rows.reshape(-1), cols.reshape(-1), valid, o.shape[0])
@@ -98,19 +106,32 @@ def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype):
     ys = jnp.concatenate([y[pb, pj], jnp.zeros((P, y_size), y.dtype)])
     lane = jnp.arange(P, dtype=jnp.int32)
     z = jnp.zeros((), jnp.int32)
+    ol, o_dtype = loop_operand(o)
+    low = o_dtype.itemsize < jnp.dtype(acc_dtype).itemsize
 
     def cond(state):
         return state[0] < n_valid
 
     def body(state):
-        pos, o = state
+        pos, ol, run_sum = state
         end = jnp.minimum(pos + P, run_end[pos])
         mine = (lane < end - pos)[:, None]  # lanes of this run; the rest belong to others
         xv = jnp.where(mine, lax.dynamic_slice_in_dim(xs, pos, P), jnp.zeros((), xs.dtype))
         yv = jnp.where(mine, lax.dynamic_slice_in_dim(ys, pos, P), jnp.zeros((), ys.dtype))
         upd = outer_product(xv, yv, acc_dtype=acc_dtype)
         start = (rs[pos], cs[pos], z, z)
-        blk = lax.dynamic_slice(o, start, (1, 1, x_size, y_size))
-        return end, lax.dynamic_update_slice(o, blk + upd[None, None], start)
+        blk = block(ol, rs[pos], cs[pos], o_dtype)
+        if not low:
+            return end, lax.dynamic_update_slice(ol, (blk + upd)[None, None], start), run_sum
+        # A run's first step starts a new sum; its last step adds the sum to the block.
+        first = (pos == 0) | (rs[pos - 1] != rs[pos]) | (cs[pos - 1] != cs[pos])
+        run_sum = jnp.where(first, upd, run_sum + upd)
+        new = (blk.astype(acc_dtype) + run_sum).astype(o_dtype)
+        new = jnp.where(end == run_end[pos], new, blk)
+        new = lax.bitcast_convert_type(new, ol.dtype)[None, None]
+        return end, lax.dynamic_update_slice(ol, new, start), run_sum
 
-    return lax.while_loop(cond, body, carry((jnp.int32(0), o), xs, ys, rs, cs, run_end, n_valid))[1]
+    run_sum = jnp.zeros((x_size, y_size) if low else (), acc_dtype)
+    init = carry((jnp.int32(0), ol, run_sum), xs, ys, rs, cs, run_end, n_valid)
+    ol = lax.while_loop(cond, body, init)[1]
+    return lax.bitcast_convert_type(ol, o_dtype) if ol.dtype != o_dtype else ol

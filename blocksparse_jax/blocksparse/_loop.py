@@ -4,6 +4,10 @@ Each iteration reads its block of ``W`` in place with ``lax.dynamic_slice`` (no
 gathered copy); the weight update adds each outer product into its block in
 place with ``lax.dynamic_update_slice``.  The block of a masked pair is
 selected away (``jnp.where``) before its product, and so is its update.
+
+For a low-precision ``o`` (narrower than the accumulation dtype) the update
+walks the pairs sorted by block, still one pair per iteration, and adds each
+block's float32 sum once: ``grouped``'s loop with one row per step.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from blocksparse_jax.blocksparse import _grouped
 from blocksparse_jax.blocksparse._carry import carry
 from blocksparse_jax.blocksparse._pairs import (
     block,
@@ -49,6 +54,9 @@ def gemv(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype):
 
 
 def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype):
+    if jnp.dtype(o.dtype).itemsize < jnp.dtype(acc_dtype).itemsize:
+        args = (o, x, y, x_idx, y_idx, valid_x, valid_y)
+        return _grouped.outer(*args, acc_dtype=acc_dtype, rows_per_step=1)
     batch, x_win, _ = x.shape
     y_win = y.shape[1]
     xf = x.reshape(batch * x_win, x.shape[2])

@@ -41,7 +41,11 @@ def block(W, r, c, dtype=None):
 
 
 def block_product(x, blk, *, transpose_w, acc_dtype):
-    """``x @ blk`` (or ``x @ blk.T`` with ``transpose_w``) for ``x`` of shape ``(rows, size)``."""
+    """``x @ blk`` (or ``x @ blk.T`` with ``transpose_w``) for ``x`` of shape ``(rows, size)``.
+
+    ``blk`` is widened to ``x``'s dtype if it is narrower (one block, not ``W``).
+    """
+    blk = blk.astype(x.dtype)
     if transpose_w:
         return lax.dot_general(x, blk, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype)
     return jnp.dot(x, blk, preferred_element_type=acc_dtype)

@@ -35,7 +35,7 @@ BACKENDS = {"cpu": "interpret", "tpu": "mosaic", "cuda": "triton", "rocm": "trit
 def _product(hv, blk, *, transpose_w, acc_dtype):
     """``hv @ blk`` (``hv @ blk.T`` with ``transpose_w``) for ``hv`` of shape ``(1, size)``."""
     dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
-    return lax.dot_general(hv, blk, dims, preferred_element_type=acc_dtype)
+    return lax.dot_general(hv, blk.astype(hv.dtype), dims, preferred_element_type=acc_dtype)
 
 
 def _grid_kernel(ii_ref, oi_ref, vi_ref, h_ref, w_ref, o_ref, *, transpose_w, acc_dtype):

@@ -77,7 +77,7 @@ def gemv(
     lhs = h[pb, pi]  # (n, in_size), the activation rows in block order
     rhs = W[g_rows, g_cols]  # (capacity, i_size, o_size), each touched block once
     # The masked pairs' group (and the unused ones) multiply a block of zeros.
-    rhs = jnp.where(used[:, None, None], rhs, jnp.zeros((), rhs.dtype))
+    rhs = jnp.where(used[:, None, None], rhs, jnp.zeros((), rhs.dtype)).astype(lhs.dtype)
     contract = 2 if transpose_w else 1  # the transposed block is contracted on its o_size
     dims = lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(((1,), (contract,)), ((), ())),
