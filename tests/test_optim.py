@@ -22,7 +22,7 @@ from blocksparse_jax import (
     sparse_block_gemv,
     value_and_sparse_grad,
 )
-from blocksparse_jax.optim import _lazy, apply_updates, lazy
+from blocksparse_jax.optim import _lazy, apply_updates, lazy, training_classes
 
 F32 = jnp.float32
 
@@ -406,6 +406,32 @@ def _lazy_step_temp(V, *, n_in=128, batch=256, n_classes=None):
 def test_lazy_step_temp_memory_is_small(V, n_classes, optax_promotion):
     temp, w2 = _lazy_step_temp(V, n_classes=n_classes)
     assert temp <= w2 / 8, (temp, w2)
+
+
+@pytest.mark.parametrize("batch", [256, 1024])
+def test_lazy_step_temp_memory_with_training_classes(batch, optax_promotion):
+    # The step of benchmarks/bench_sparse_training.py: the parameters differentiated,
+    # (params, state) donated.  The recommended classes are many (820 at batch 1,024)
+    # and W2 small (32 MiB): the first level's (batch, n_classes) arrays alone, three
+    # of them built at once, would pass W2 / 8.
+    V, n_in = 65_536, 128
+    n_classes = training_classes(V, n_in=n_in, batch=batch)
+    params = jax.eval_shape(lambda: h_softmax_init(jax.random.key(0), n_in, V, n_classes=n_classes))
+    tx = lazy(optax.adam(1e-3))
+    state = (params, jax.eval_shape(tx.init, params))
+    x = jax.ShapeDtypeStruct((batch, n_in), F32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+    def step(state, x, t):
+        params, opt = state
+        loss, g = value_and_sparse_grad(lambda p: h_softmax_loss(x, p, t, n_outputs=V))(params)
+        u, opt = tx.update(g, opt, params)
+        return loss, (apply_updates(params, u), opt)
+
+    compiled = jax.jit(step, donate_argnums=0).lower(state, x, t).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    w2 = np.prod(params.W2.shape) * 4
+    assert temp <= w2 / 8, (n_classes, temp, w2)
 
 
 def test_top_level_names():
