@@ -50,7 +50,8 @@ def chunking(batch: int, n_classes: int) -> tuple[int, int]:
     """``(n_chunks, cols)``: the static chunks of classes the first level is walked in."""
     widest = max(_MIN_COLS, _CHUNK_ELEMENTS // max(1, batch))
     n_chunks = max(1, -(-n_classes // widest))
-    # Chunks of equal width (the last one overlaps the one before by less than _COL_MULTIPLE).
+    # Chunks of about equal width: rounding each up to _COL_MULTIPLE makes the last one
+    # overlap the one before by fewer than _COL_MULTIPLE classes per chunk.
     cols = -(-n_classes // n_chunks)
     cols = min(n_classes, -(-cols // _COL_MULTIPLE) * _COL_MULTIPLE)
     return max(1, -(-n_classes // max(1, cols))), cols
