@@ -22,7 +22,7 @@ from blocksparse_jax import (
     sparse_block_gemv,
     value_and_sparse_grad,
 )
-from blocksparse_jax.optim import _lazy, apply_updates, lazy
+from blocksparse_jax.optim import _lazy, apply_updates, lazy, training_classes
 
 F32 = jnp.float32
 
@@ -187,11 +187,13 @@ def optax_promotion():
         yield
 
 
-@pytest.fixture(params=["vector", "loop"])
+@pytest.fixture(params=["vector", "loop", "chunks"])
 def path(request, monkeypatch, optax_promotion):
-    """Runs a test with the vectorised update and with the block-by-block loop."""
-    if request.param == "loop":
+    """Runs a test with the vectorised update, the block-by-block loop and chunks of 3 blocks."""
+    if request.param in ("loop", "chunks"):
         monkeypatch.setattr(_lazy, "_VECTOR_BYTES", 0)
+    if request.param == "chunks":
+        monkeypatch.setattr(_lazy, "_chunk_blocks", lambda g, p, n_entries: min(3, g.capacity))
     return request.param
 
 
@@ -406,6 +408,74 @@ def _lazy_step_temp(V, *, n_in=128, batch=256, n_classes=None):
 def test_lazy_step_temp_memory_is_small(V, n_classes, optax_promotion):
     temp, w2 = _lazy_step_temp(V, n_classes=n_classes)
     assert temp <= w2 / 8, (temp, w2)
+
+
+@pytest.mark.parametrize("batch", [256, 1024])
+def test_lazy_step_temp_memory_with_training_classes(batch, optax_promotion):
+    # The step of benchmarks/bench_sparse_training.py: the parameters differentiated,
+    # (params, state) donated.  The recommended classes are many (820 at batch 1,024)
+    # and W2 small (32 MiB): the first level's (batch, n_classes) arrays alone, three
+    # of them built at once, would pass W2 / 8.
+    V, n_in = 65_536, 128
+    n_classes = training_classes(V, n_in=n_in, batch=batch)
+    params = jax.eval_shape(lambda: h_softmax_init(jax.random.key(0), n_in, V, n_classes=n_classes))
+    tx = lazy(optax.adam(1e-3))
+    state = (params, jax.eval_shape(tx.init, params))
+    x = jax.ShapeDtypeStruct((batch, n_in), F32)
+    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+    def step(state, x, t):
+        params, opt = state
+        loss, g = value_and_sparse_grad(lambda p: h_softmax_loss(x, p, t, n_outputs=V))(params)
+        u, opt = tx.update(g, opt, params)
+        return loss, (apply_updates(params, u), opt)
+
+    compiled = jax.jit(step, donate_argnums=0).lower(state, x, t).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    w2 = np.prod(params.W2.shape) * 4
+    assert temp <= w2 / 8, (n_classes, temp, w2)
+
+
+def _layer_step_temp(monkeypatch, *, chunks: bool):
+    """Temp of a lazy Adam step of a layer of 4,096 blocks of 16 x 16, 16,384 pairs (all touched)."""
+    if not chunks:
+        monkeypatch.setattr(_lazy, "_chunk_blocks", lambda g, p, n_entries: 0)
+    jax.clear_caches()
+    ib = ob = 64
+    params = {
+        "W": jax.ShapeDtypeStruct((ib, ob, 16, 16), F32),
+        "b": jax.ShapeDtypeStruct((ob, 16), F32),
+    }
+    tx = lazy(optax.adam(1e-3))
+    state = (params, jax.eval_shape(tx.init, params))
+    h = jax.ShapeDtypeStruct((256, 8, 16), F32)
+    idx = jax.ShapeDtypeStruct((256, 8), jnp.int32)
+
+    def step(state, h, ii, oi):
+        params, opt = state
+        loss = lambda p: jnp.mean(jnp.tanh(sparse_block_dot(p["W"], h, ii, p["b"], oi)) ** 2)
+        value, g = value_and_sparse_grad(loss)(params)
+        u, opt = tx.update(g, opt, params)
+        return value, (apply_updates(params, u), opt)
+
+    compiled = jax.jit(step, donate_argnums=0).lower(state, h, idx, idx).compile()
+    monkeypatch.undo()
+    jax.clear_caches()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_update_of_small_blocks_stays_within_its_budget(monkeypatch, optax_promotion):
+    W_bytes = 64 * 64 * 16 * 16 * 4
+    g = SparseBlockGrad.from_pairs(
+        jnp.zeros((16_384,), jnp.int32), jnp.ones((16_384, 16)), jnp.ones((16_384, 16)),
+        shape=(64, 64, 16, 16),
+    )  # fmt: skip
+    k = _lazy._chunk_blocks(g, jnp.zeros((64, 64, 16, 16), F32), 2)
+    assert 16 <= k < 4096  # neither the vectorised path nor one block at a time
+    loop = _layer_step_temp(monkeypatch, chunks=False)
+    chunked = _layer_step_temp(monkeypatch, chunks=True)
+    # A chunk's gathered blocks take at most W / 16 (no copy of W or of a moment)
+    assert chunked <= loop + W_bytes // 16, (chunked, loop)
 
 
 def test_top_level_names():

@@ -41,9 +41,11 @@ configuration, so an eager call is not dispatched op by op.
 
 Modules: ``_params`` (parameters and init), ``_theano`` (``h_softmax``),
 ``_problem`` (validation and the formulas: the internal interface that
-:mod:`blocksparse_jax.parallel` builds on), ``_log_space`` (log-probabilities
-and the loss), ``_sgd`` (the sparse SGD step), ``_decode`` (top-k and
-sampling), ``_layout`` (frequency classes).
+:mod:`blocksparse_jax.parallel` builds on), ``_first_level`` (the targets'
+class log-probabilities, a chunk of classes at a time: no ``(batch,
+n_classes)`` array in a training step), ``_log_space`` (log-probabilities and
+the loss), ``_sgd`` (the sparse SGD step), ``_decode`` (top-k and sampling),
+``_layout`` (frequency classes).
 """
 
 from blocksparse_jax.hsoftmax._decode import h_softmax_sample, h_softmax_top_k

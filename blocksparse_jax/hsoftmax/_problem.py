@@ -26,6 +26,7 @@ from blocksparse_jax import _checks
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax.blocksparse import sparse_block_dot
+from blocksparse_jax.hsoftmax._first_level import class_log_prob
 from blocksparse_jax.hsoftmax._params import check_params
 
 # --------------------------------------------------------------------------------------
@@ -446,7 +447,6 @@ class Problem(NamedTuple):
         t, use, x = self.select_targets(t, mask)
         prob = self._replace(x=x)
         classes, slots = t // P, t % P
-        logits = prob.class_logits()
         local = classes - self.first_class()
         mine = use
         if self.model_axis is not None:
@@ -458,9 +458,14 @@ class Problem(NamedTuple):
             act = act + act_offset
         act = jnp.where(mine[:, None], act, jnp.zeros((), act.dtype))
         slot_ok = self.slot_valid(classes)
-        term = _take(logits, local) + _take(masked_log_softmax(act, slot_ok), slots)
-        if self.model_axis is not None:
-            term = lax.psum(jnp.where(mine, term, jnp.zeros((), term.dtype)), self.model_axis)
+        second = _take(masked_log_softmax(act, slot_ok), slots)
+        if self.model_axis is None:
+            # The first level a chunk of rows at a time: no (batch, n_classes) array kept.
+            first = class_log_prob(x, self.W1, self.b1, self.class_valid, local, self.acc)
+            return neg_inf_where_invalid(first + second, use)
+        logits = prob.class_logits()
+        term = _take(logits, local) + second
+        term = lax.psum(jnp.where(mine, term, jnp.zeros((), term.dtype)), self.model_axis)
         return neg_inf_where_invalid(term - prob.class_lse(logits), use)
 
 

@@ -20,6 +20,12 @@ from blocksparse_jax.optim._sparse_grad import SparseBlockGrad, is_sparse
 _VECTOR_BYTES = 32 << 20
 # Pairs summed per matrix product when a block's gradient is built in the loop.
 _WINDOW = 8
+# Past the vectorised path's budget, blocks of at most _CHUNK_BLOCK_BYTES are
+# updated _MIN_CHUNK_BLOCKS or more at a time (the block-by-block loop would be
+# mostly loop overhead); larger blocks (W2 of the hierarchical softmax) one at a
+# time, their update dwarfing a loop iteration's cost.
+_CHUNK_BLOCK_BYTES = 16 << 10
+_MIN_CHUNK_BLOCKS = 16
 
 
 @jax.tree_util.register_pytree_node_class
@@ -320,6 +326,11 @@ def _update_sparse(inner, state, idx_tree, treedef, i, g: SparseBlockGrad, p, en
             e.at[idx].set(b.astype(e.dtype), mode="drop") for e, b in zip(ev, eb_new, strict=True)
         ]
         return pv.reshape(p.shape), [e.reshape(x.shape) for e, x in zip(ev, entries, strict=True)]
+    k = _chunk_blocks(g, p, len(entries))
+    if k > 1:
+        return _update_sparse_chunks(
+            inner, state, idx_tree, treedef, i, g, pv, ev, entries, p, dtype_of, k
+        )
     return _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, p, dtype_of)
 
 
@@ -374,4 +385,82 @@ def _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, 
         return pv, ev
 
     pv, ev = lax.fori_loop(0, n_touched, body, (pv, ev))
+    return pv.reshape(p.shape), [e.reshape(x.shape) for e, x in zip(ev, entries, strict=True)]
+
+
+def _chunk_blocks(g: SparseBlockGrad, p, n_entries: int) -> int:
+    """Blocks per iteration of :func:`_update_sparse_chunks`, within the vectorised path's budget.
+
+    A chunk's gathered blocks (gradient, parameter, state entries and their
+    new values) take at most ``min(_VECTOR_BYTES, leaf bytes / 16)``.  0 (a
+    block larger than ``_CHUNK_BLOCK_BYTES``, or fewer than
+    ``_MIN_CHUNK_BLOCKS`` fit) means one block at a time
+    (:func:`_update_sparse_loop`).
+    """
+    block_bytes = math.prod(g.block_shape) * max(4, p.dtype.itemsize)
+    if block_bytes > _CHUNK_BLOCK_BYTES:
+        return 0
+    budget = min(_VECTOR_BYTES, p.size * p.dtype.itemsize // 16)
+    k = min(g.capacity, budget // (block_bytes * (3 + 2 * n_entries)))
+    return k if k >= _MIN_CHUNK_BLOCKS else 0
+
+
+def _update_sparse_chunks(inner, state, idx_tree, treedef, i, g, pv, ev, entries, p, dtype_of, k):
+    """``k`` touched blocks per loop iteration: their gradients, the update, a scatter back in place.
+
+    Chunk ``c`` holds the slots ``c * k .. c * k + k - 1`` of ``g.indices`` (padded
+    with ``n_blocks`` to whole chunks, so no block is in two chunks).  Its pairs
+    are contiguous (pairs and slots are both sorted by block); they are summed
+    into the chunk's ``(k, *block_shape)`` gradient ``k`` pairs at a time by a
+    scatter-add.  Then, as in the vectorised path, the parameter's and the
+    state's blocks are gathered, ``inner`` runs on them, and they are written
+    back (padding slots are dropped).
+    """
+    n = len(treedef.flatten_up_to(idx_tree))
+    acc = jnp.promote_types(g.right.dtype, jnp.float32)
+    n_chunks = -(-g.capacity // k)
+    indices = jnp.concatenate(
+        [g.indices, jnp.full((n_chunks * k - g.capacity,), g.n_blocks, jnp.int32)]
+    )
+    # Each pair's slot (the padding pairs' is past every touched block), and each chunk's pairs.
+    slot = jnp.searchsorted(indices, g.pair_blocks).astype(jnp.int32)
+    bounds = jnp.searchsorted(slot, jnp.arange(n_chunks + 1, dtype=jnp.int32) * k).astype(jnp.int32)
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((k, *a.shape[1:]), a.dtype)])
+    left = None if g.left is None else pad(g.left.astype(acc))
+    right = pad(g.right.astype(acc))
+    slot = pad(slot)
+    n_used = -(-g.n_touched() // k)
+
+    def chunk_grad(c):
+        first, end = bounds[c], bounds[c + 1]
+
+        def body(carry):
+            q, total = carry
+            r = lax.dynamic_slice_in_dim(right, q, k)
+            local = lax.dynamic_slice_in_dim(slot, q, k) - c * k
+            local = jnp.where(q + jnp.arange(k, dtype=jnp.int32) < end, local, k)  # k: dropped
+            if left is None:
+                terms = r
+            else:
+                lft = lax.dynamic_slice_in_dim(left, q, k)
+                terms = lft[:, :, None] * r[:, None, :]
+            return q + k, total.at[local].add(terms, mode="drop")
+
+        init = (first, jnp.zeros((k, *g.block_shape), acc))
+        return lax.while_loop(lambda carry: carry[0] < end, body, init)[1]
+
+    def body(c, carry):
+        pv, ev = carry
+        idx = lax.dynamic_slice_in_dim(indices, c * k, k)
+        gb = chunk_grad(c).astype(g.dtype)
+        pb = pv.at[idx].get(mode="clip")
+        eb = [e.at[idx].get(mode="clip") for e in ev]
+        u, eb_new = _run_inner(inner, state, idx_tree, treedef, i, n, gb, pb, eb, dtype_of)
+        pv = pv.at[idx].set(_add(pb, u), mode="drop")
+        ev = [
+            e.at[idx].set(b.astype(e.dtype), mode="drop") for e, b in zip(ev, eb_new, strict=True)
+        ]
+        return pv, ev
+
+    pv, ev = lax.fori_loop(0, n_used, body, (pv, ev))
     return pv.reshape(p.shape), [e.reshape(x.shape) for e, x in zip(ev, entries, strict=True)]

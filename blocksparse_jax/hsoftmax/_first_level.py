@@ -1,0 +1,171 @@
+"""The first level's log-probability of each example's class, a chunk of classes at a time.
+
+``class_log_prob(x, W1, b1, class_valid, classes)`` is::
+
+    logits = x @ W1 + b1                     (batch, n_classes), -inf for the empty classes
+    out[b] = logits[b, classes[b]] - logsumexp(logits[b])
+
+Written with ``jnp`` and differentiated by JAX, a training step holds several
+``(batch, n_classes)`` arrays at once (the logits, the probabilities, their
+cotangent): with a few thousand classes and a batch of 1,024 that is more
+memory than the second level and the lazily updated ``W2`` blocks together.
+This custom-VJP operation walks the classes in chunks of columns instead, so
+no array larger than a chunk's ``(batch, cols)`` logits is built, forward or
+backward:
+
+* the forward pass keeps a running maximum and sum per example (an online
+  log-sum-exp) and picks the target's logit from the chunk that holds it; only
+  the ``(batch,)`` log-sum-exp is saved;
+* the backward pass recomputes a chunk's logits, turns them into their
+  cotangent ``g[b] * (onehot(classes[b]) - softmax(logits[b]))``, writes the
+  chunk's columns of ``W1``'s and ``b1``'s gradients in place (each column is
+  computed once, so nothing is accumulated there) and adds the chunk's term to
+  ``x``'s gradient.
+
+The chunks are a ``lax.scan``: the last one is moved back to end at the last
+class, and the classes it shares with the chunk before are left out of its
+sums.  So the backward pass is itself reverse-differentiable and
+``jax.jacrev`` of ``jax.jacrev`` works.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from blocksparse_jax import _checks
+
+# A chunk holds about this many logits (512 KiB in float32, a few such arrays
+# stay in the caches), and at least _MIN_COLS classes (a narrower product of
+# (batch, n_in) by (n_in, cols) would run below the machine's speed).
+_CHUNK_ELEMENTS = 1 << 17
+_MIN_COLS = 128
+_COL_MULTIPLE = 8
+
+
+def chunking(batch: int, n_classes: int) -> tuple[int, int]:
+    """``(n_chunks, cols)``: the static chunks of classes the first level is walked in."""
+    widest = max(_MIN_COLS, _CHUNK_ELEMENTS // max(1, batch))
+    n_chunks = max(1, -(-n_classes // widest))
+    # Chunks of about equal width: rounding each up to _COL_MULTIPLE makes the last one
+    # overlap the one before by fewer than _COL_MULTIPLE classes per chunk.
+    cols = -(-n_classes // n_chunks)
+    cols = min(n_classes, -(-cols // _COL_MULTIPLE) * _COL_MULTIPLE)
+    return max(1, -(-n_classes // max(1, cols))), cols
+
+
+def _chunk_start(j, cols: int, n_classes: int):
+    """The first class of chunk ``j``: ``j * cols``, the last chunk moved back to end at ``n_classes``."""
+    return jnp.minimum(j * cols, n_classes - cols)
+
+
+def _chunk(x, W1, b1, valid, classes, j, cols, acc):
+    """Chunk ``j``'s ``(start, logits, ok, keep, hit)``.
+
+    ``logits`` is ``(batch, cols)``, not yet masked (each caller applies its
+    masks in one fused pass); ``ok`` ``(cols,)`` marks the valid classes,
+    ``keep`` ``(cols,)`` the classes no earlier chunk holds, ``hit`` ``(batch,
+    cols)`` the example's own class if it is valid.
+    """
+    n_classes = W1.shape[1]
+    start = _chunk_start(j, cols, n_classes)
+    dt = _checks.common_float_dtype(x.dtype, W1.dtype)
+    Wc = lax.dynamic_slice_in_dim(W1, start, cols, axis=1).astype(dt)
+    logits = jnp.dot(x.astype(dt), Wc, preferred_element_type=acc)
+    logits = logits + lax.dynamic_slice_in_dim(b1, start, cols).astype(acc)[None, :]
+    ids = start + jnp.arange(cols, dtype=jnp.int32)
+    ok = lax.dynamic_slice_in_dim(valid, start, cols)
+    keep = ids >= j * cols
+    hit = (ids[None, :] == classes[:, None]) & ok[None, :]
+    return start, logits, ok, keep, hit
+
+
+def _values(x, W1, b1, valid, classes, acc):
+    """``(out, lse)``, both ``(batch,)`` in ``acc``, a chunk of classes at a time."""
+    batch, n_classes = x.shape[0], W1.shape[1]
+    n_chunks, cols = chunking(batch, n_classes)
+    neg_inf, zero = jnp.full((), -jnp.inf, acc), jnp.zeros((), acc)
+
+    def chunk(carry, j):
+        m, s, picked = carry
+        _, logits, ok, keep, hit = _chunk(x, W1, b1, valid, classes, j, cols, acc)
+        logits = jnp.where((ok & keep)[None, :], logits, neg_inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        shift = jnp.where(jnp.isneginf(m_new), zero, m_new)  # no class yet: nothing to shift
+        s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(logits - shift[:, None]), axis=1)
+        picked = picked + jnp.sum(jnp.where(hit & keep[None, :], logits, zero), axis=1)
+        return (m_new, s, picked), None
+
+    init = (jnp.full((batch,), -jnp.inf, acc), jnp.zeros((batch,), acc), jnp.zeros((batch,), acc))
+    (m, s, picked), _ = lax.scan(chunk, init, jnp.arange(n_chunks, dtype=jnp.int32))
+    lse = jnp.where(jnp.isneginf(m), zero, m) + jnp.log(s)
+    # A row with no class at all gets lse 0, so that its log-probabilities are -inf, not NaN.
+    lse = jnp.where(jnp.isneginf(lse), zero, lse)
+    # The class is empty (its logit -inf): the pick above added 0, the result is -inf.
+    ok = valid[classes]
+    return jnp.where(ok, picked - lse, neg_inf), lse
+
+
+def _grads(x, W1, b1, valid, classes, lse, g, acc):
+    """``(dx, dW1, db1)`` in ``acc`` for the cotangent ``g`` of the output, a chunk at a time."""
+    batch, n_classes = x.shape[0], W1.shape[1]
+    n_chunks, cols = chunking(batch, n_classes)
+    zero = jnp.zeros((), acc)
+
+    def chunk(carry, j):
+        dx, dW1, db1 = carry
+        start, logits, ok, keep, hit = _chunk(x, W1, b1, valid, classes, j, cols, acc)
+        p = jnp.where(ok[None, :], jnp.exp(logits - lse[:, None]), zero)
+        G = g[:, None] * (hit.astype(acc) - p)  # (batch, cols)
+        # Every column of the chunk is (re)written whole; the sum into dx takes the kept ones.
+        dW1 = lax.dynamic_update_slice_in_dim(
+            dW1, jnp.dot(x.astype(acc).T, G, preferred_element_type=acc), start, axis=1
+        )
+        db1 = lax.dynamic_update_slice_in_dim(db1, jnp.sum(G, axis=0), start, axis=0)
+        Gk = jnp.where(keep[None, :], G, zero)
+        Wc = lax.dynamic_slice_in_dim(W1, start, cols, axis=1).astype(acc)
+        return (dx + jnp.dot(Gk, Wc.T, preferred_element_type=acc), dW1, db1), None
+
+    init = (jnp.zeros(x.shape, acc), jnp.zeros(W1.shape, acc), jnp.zeros(b1.shape, acc))
+    return lax.scan(chunk, init, jnp.arange(n_chunks, dtype=jnp.int32))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _class_log_prob(x, W1, b1, valid, classes, acc):
+    return _values(x, W1, b1, valid, classes, acc)[0]
+
+
+def _class_log_prob_fwd(x, W1, b1, valid, classes, acc):
+    out, lse = _values(x, W1, b1, valid, classes, acc)
+    return out, (x, W1, b1, valid, classes, lse)
+
+
+def _class_log_prob_bwd(acc, res, g):
+    x, W1, b1, valid, classes, lse = res
+    # An example of an empty class has the constant value -inf: no gradient.
+    g = jnp.where(valid[classes], g.astype(acc), jnp.zeros((), acc))
+    dx, dW1, db1 = _grads(x, W1, b1, valid, classes, lse, g, acc)
+    return dx.astype(x.dtype), dW1.astype(W1.dtype), db1.astype(b1.dtype), None, None
+
+
+_class_log_prob.defvjp(_class_log_prob_fwd, _class_log_prob_bwd)
+
+
+def class_log_prob(x, W1, b1, class_valid, classes, acc) -> jax.Array:
+    """``log_softmax(x @ W1 + b1)[b, classes[b]]`` over the valid classes, in ``acc``.
+
+    Args:
+      x: ``(batch, n_in)``.
+      W1: ``(n_in, n_classes)``.
+      b1: ``(n_classes,)``.
+      class_valid: ``(n_classes,)`` bool, ``False`` for the empty classes (logit ``-inf``).
+      classes: ``(batch,)`` int32 class of each example, in ``[0, n_classes)``.
+      acc: the accumulation dtype.
+
+    Returns:
+      ``(batch,)`` in ``acc``; ``-inf`` for an example whose class is empty.
+    """
+    return _class_log_prob(x, W1, b1, class_valid, classes.astype(jnp.int32), acc)
