@@ -152,3 +152,20 @@ def test_h_softmax_loss_and_gradients_with_chunks(narrow_chunks):
             plus[k], minus[k] = a + d, a - d
             fd[i] = (ref(*plus) - ref(*minus)) / (2 * eps)
         np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_chunks_on_cpu_one_chunk_on_accelerators(narrow_chunks):
+    """One export for cpu, cuda and tpu: a loop over chunks on CPU only, the same values."""
+    from jax import export
+
+    params = h_softmax_init(jax.random.key(0), 5, 40, n_classes=11)
+    x = jax.random.normal(jax.random.key(1), (6, 5))
+    target = jnp.array([0, 3, 8, 17, 25, 39])
+    grad = jax.jit(jax.value_and_grad(lambda p, x: h_softmax_loss(x, p, target), argnums=(0, 1)))
+    exported = export.export(grad, platforms=["cpu", "cuda", "tpu"])(params, x)
+    chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    jax.tree.map(chex_close, exported.call(params, x), grad(params, x))
+    for platform in ("cuda", "tpu"):
+        module = export.export(grad, platforms=[platform])(params, x).mlir_module()
+        assert "stablehlo.while" not in module
+    assert "stablehlo.while" in export.export(grad, platforms=["cpu"])(params, x).mlir_module()

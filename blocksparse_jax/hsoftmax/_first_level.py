@@ -22,7 +22,9 @@ backward:
   computed once, so nothing is accumulated there) and adds the chunk's term to
   ``x``'s gradient.
 
-The chunks are a ``lax.scan``: the last one is moved back to end at the last
+On CPU the chunks are a ``lax.scan``; on GPU and TPU, where a loop's
+iterations run one after another, the classes are one chunk (no loop)
+(:func:`_per_platform`).  The last chunk is moved back to end at the last
 class, and the classes it shares with the chunk before are left out of its
 sums.  So the backward pass is itself reverse-differentiable and
 ``jax.jacrev`` of ``jax.jacrev`` works.
@@ -46,8 +48,13 @@ _MIN_COLS = 128
 _COL_MULTIPLE = 8
 
 
-def chunking(batch: int, n_classes: int) -> tuple[int, int]:
-    """``(n_chunks, cols)``: the static chunks of classes the first level is walked in."""
+def chunking(batch: int, n_classes: int, *, whole: bool = False) -> tuple[int, int]:
+    """``(n_chunks, cols)``: the static chunks of classes the first level is walked in.
+
+    A chunk holds about ``_CHUNK_ELEMENTS`` logits; ``whole``: one chunk of every class.
+    """
+    if whole:
+        return 1, n_classes
     widest = max(_MIN_COLS, _CHUNK_ELEMENTS // max(1, batch))
     n_chunks = max(1, -(-n_classes // widest))
     # Chunks of about equal width: rounding each up to _COL_MULTIPLE makes the last one
@@ -83,10 +90,17 @@ def _chunk(x, W1, b1, valid, classes, j, cols, acc):
     return start, logits, ok, keep, hit
 
 
-def _values(x, W1, b1, valid, classes, acc):
+def _scan(chunk, init, n_chunks):
+    """``lax.scan`` of ``chunk`` over the chunk numbers; one chunk runs without a loop."""
+    if n_chunks == 1:
+        return chunk(init, jnp.int32(0))[0]
+    return lax.scan(chunk, init, jnp.arange(n_chunks, dtype=jnp.int32))[0]
+
+
+def _values(x, W1, b1, valid, classes, acc, whole):
     """``(out, lse)``, both ``(batch,)`` in ``acc``, a chunk of classes at a time."""
     batch, n_classes = x.shape[0], W1.shape[1]
-    n_chunks, cols = chunking(batch, n_classes)
+    n_chunks, cols = chunking(batch, n_classes, whole=whole)
     neg_inf, zero = jnp.full((), -jnp.inf, acc), jnp.zeros((), acc)
 
     def chunk(carry, j):
@@ -100,7 +114,7 @@ def _values(x, W1, b1, valid, classes, acc):
         return (m_new, s, picked), None
 
     init = (jnp.full((batch,), -jnp.inf, acc), jnp.zeros((batch,), acc), jnp.zeros((batch,), acc))
-    (m, s, picked), _ = lax.scan(chunk, init, jnp.arange(n_chunks, dtype=jnp.int32))
+    m, s, picked = _scan(chunk, init, n_chunks)
     lse = jnp.where(jnp.isneginf(m), zero, m) + jnp.log(s)
     # A row with no class at all gets lse 0, so that its log-probabilities are -inf, not NaN.
     lse = jnp.where(jnp.isneginf(lse), zero, lse)
@@ -109,10 +123,10 @@ def _values(x, W1, b1, valid, classes, acc):
     return jnp.where(ok, picked - lse, neg_inf), lse
 
 
-def _grads(x, W1, b1, valid, classes, lse, g, acc):
+def _grads(x, W1, b1, valid, classes, lse, g, acc, whole):
     """``(dx, dW1, db1)`` in ``acc`` for the cotangent ``g`` of the output, a chunk at a time."""
     batch, n_classes = x.shape[0], W1.shape[1]
-    n_chunks, cols = chunking(batch, n_classes)
+    n_chunks, cols = chunking(batch, n_classes, whole=whole)
     zero = jnp.zeros((), acc)
 
     def chunk(carry, j):
@@ -130,16 +144,32 @@ def _grads(x, W1, b1, valid, classes, lse, g, acc):
         return (dx + jnp.dot(Gk, Wc.T, preferred_element_type=acc), dW1, db1), None
 
     init = (jnp.zeros(x.shape, acc), jnp.zeros(W1.shape, acc), jnp.zeros(b1.shape, acc))
-    return lax.scan(chunk, init, jnp.arange(n_chunks, dtype=jnp.int32))[0]
+    return _scan(chunk, init, n_chunks)
+
+
+def _per_platform(fn, *args):
+    """``fn(whole)(*args)``: chunked (``whole=False``) on CPU, one chunk on GPU and TPU.
+
+    On GPU and TPU a loop's iterations run one after another, so the classes
+    are one chunk there.  The choice is made inside the custom VJP's rules, so
+    that a ``jit`` or an export for one platform lowers that platform's branch
+    only.
+    """
+    x, W1 = args[0], args[1]
+    if chunking(x.shape[0], W1.shape[1])[0] == 1:
+        return fn(False)(*args)
+    return lax.platform_dependent(*args, cpu=fn(False), default=fn(True))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _class_log_prob(x, W1, b1, valid, classes, acc):
-    return _values(x, W1, b1, valid, classes, acc)[0]
+    values = lambda whole: lambda *a: _values(*a, acc, whole)[0]
+    return _per_platform(values, x, W1, b1, valid, classes)
 
 
 def _class_log_prob_fwd(x, W1, b1, valid, classes, acc):
-    out, lse = _values(x, W1, b1, valid, classes, acc)
+    values = lambda whole: lambda *a: _values(*a, acc, whole)
+    out, lse = _per_platform(values, x, W1, b1, valid, classes)
     return out, (x, W1, b1, valid, classes, lse)
 
 
@@ -147,7 +177,12 @@ def _class_log_prob_bwd(acc, res, g):
     x, W1, b1, valid, classes, lse = res
     # An example of an empty class has the constant value -inf: no gradient.
     g = jnp.where(valid[classes], g.astype(acc), jnp.zeros((), acc))
-    dx, dW1, db1 = _grads(x, W1, b1, valid, classes, lse, g, acc)
+    grads = lambda whole: (
+        lambda x, W1, b1, valid, classes, lse, g: _grads(
+            x, W1, b1, valid, classes, lse, g, acc, whole
+        )
+    )
+    dx, dW1, db1 = _per_platform(grads, x, W1, b1, valid, classes, lse, g)
     return dx.astype(x.dtype), dW1.astype(W1.dtype), db1.astype(b1.dtype), None, None
 
 
