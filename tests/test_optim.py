@@ -122,6 +122,46 @@ def test_block_sparse_ops_grads_equal_dense(wrap):
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_left", [False, True])
+@pytest.mark.parametrize("n_blocks", [9, 40])  # capacity n_blocks (fewer than pairs), pairs
+def test_from_pairs_equals_a_numpy_loop(wrap, with_left, n_blocks):
+    """Slots, summed blocks and the dense gradient against plain loops over the pairs."""
+    rng = np.random.default_rng(n_blocks)
+    pairs, a, b = 14, 3, 2
+    pb = rng.integers(-3, n_blocks + 3, pairs).astype(np.int32)  # duplicates and padding
+    left = rng.standard_normal((pairs, a)).astype(np.float32) if with_left else None
+    right = rng.standard_normal((pairs, b)).astype(np.float32)
+    shape = (n_blocks, a, b) if with_left else (n_blocks, b)
+
+    def build(pb, left, right):
+        g = SparseBlockGrad.from_pairs(pb, left, right, shape=shape)
+        bare = SparseBlockGrad(  # no pair_slots: found by a search
+            g.indices, g.pair_blocks, g.left, g.right, shape=shape, block_ndim=g.block_ndim,
+            dtype=g.dtype,
+        )  # fmt: skip
+        return g.indices, g.slots(), g.blocks(), g.todense(), g.n_touched(), bare.blocks()
+
+    indices, slots, blocks, dense, n_touched, bare = wrap(build)(pb, left, right)
+    touched = sorted({int(k) for k in pb if 0 <= k < n_blocks})
+    capacity = min(pairs, n_blocks)
+    want_idx = touched + [n_blocks] * (capacity - len(touched))
+    want_blocks = np.zeros((capacity, *shape[1:]), np.float32)
+    want_dense = np.zeros(shape, np.float32)
+    for p, k in enumerate(pb):
+        if 0 <= k < n_blocks:
+            term = np.outer(left[p], right[p]) if with_left else right[p]
+            want_blocks[touched.index(k)] += term
+            want_dense[k] += term
+            assert int(slots[p]) == touched.index(k)
+        else:
+            assert int(slots[p]) == capacity  # padding
+    np.testing.assert_array_equal(np.asarray(indices), want_idx)
+    assert int(n_touched) == len(touched)
+    np.testing.assert_allclose(np.asarray(blocks), want_blocks, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bare), want_blocks, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dense), want_dense, rtol=1e-6, atol=1e-6)
+
+
 def test_embedding_grads_equal_dense_and_has_aux():
     table = jax.random.normal(jax.random.key(0), (50, 4), F32)
     ids = jnp.array([[3, 7, 3], [49, 0, 7]])

@@ -310,17 +310,30 @@ def _update_sparse(inner, state, idx_tree, treedef, i, g: SparseBlockGrad, p, en
     if gathered <= min(_VECTOR_BYTES, p.size * p.dtype.itemsize // 16):
         idx = g.indices
         gb = g.blocks()
-        pb = pv.at[idx].get(mode="clip")
-        eb = [e.at[idx].get(mode="clip") for e in ev]
+        get = dict(mode="clip", indices_are_sorted=True)
+        pb = pv.at[idx].get(**get)
+        eb = [e.at[idx].get(**get) for e in ev]
         n = len(dtypes)
         u, eb_new = _run_inner(inner, state, idx_tree, treedef, i, n, gb, pb, eb, dtype_of)
         new_p = _add(pb, u)
-        pv = pv.at[idx].set(new_p, mode="drop")
-        ev = [
-            e.at[idx].set(b.astype(e.dtype), mode="drop") for e, b in zip(ev, eb_new, strict=True)
-        ]
+        to, put = _scatter_indices(g)
+        pv = pv.at[to].set(new_p, **put)
+        ev = [e.at[to].set(b.astype(e.dtype), **put) for e, b in zip(ev, eb_new, strict=True)]
         return pv.reshape(p.shape), [e.reshape(x.shape) for e, x in zip(ev, entries, strict=True)]
     return _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, p, dtype_of)
+
+
+def _scatter_indices(g: SparseBlockGrad):
+    """Where to write the slots back: ``indices``, each padding slot a distinct dropped index.
+
+    Distinct, increasing indices let XLA write the blocks without ordering the
+    writes (``unique_indices``, ``indices_are_sorted``).
+    """
+    if g.n_blocks + g.capacity >= 2**31:  # no room above n_blocks in int32
+        return g.indices, dict(mode="drop")
+    spare = g.n_blocks + jnp.arange(g.capacity, dtype=jnp.int32)
+    to = jnp.where(g.valid, g.indices, spare)
+    return to, dict(mode="drop", unique_indices=True, indices_are_sorted=True)
 
 
 def _add(p, u):
@@ -331,11 +344,15 @@ def _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, 
     n = len(treedef.flatten_up_to(idx_tree))
     """One touched block per iteration: its gradient from its pairs, then the update, in place."""
     acc = jnp.promote_types(g.right.dtype, jnp.float32)
-    pad = lambda a: jnp.concatenate([a, jnp.zeros((_WINDOW, *a.shape[1:]), a.dtype)])
+    # The pairs grouped by slot (stable: each block's pairs keep their order).
+    order = jnp.argsort(g.slots(), stable=True)
+    slots = g.slots()[order]
+    pad = lambda a: jnp.concatenate([a[order], jnp.zeros((_WINDOW, *a.shape[1:]), a.dtype)])
     left = None if g.left is None else pad(g.left.astype(acc))
     right = pad(g.right.astype(acc))
-    starts = jnp.searchsorted(g.pair_blocks, g.indices, side="left").astype(jnp.int32)
-    ends = jnp.searchsorted(g.pair_blocks, g.indices, side="right").astype(jnp.int32)
+    every = jnp.arange(g.capacity, dtype=jnp.int32)
+    starts = jnp.searchsorted(slots, every, side="left").astype(jnp.int32)
+    ends = jnp.searchsorted(slots, every, side="right").astype(jnp.int32)
     n_touched = g.n_touched()
     zeros_idx = (jnp.zeros((), jnp.int32),) * len(g.block_shape)
 
