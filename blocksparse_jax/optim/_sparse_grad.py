@@ -133,7 +133,7 @@ class SparseBlockGrad:
         # of each run of equal sorted blocks opens the next slot.
         s = lax.sort(pb, is_stable=False)
         first = jnp.concatenate([s[:1] < n_blocks, (s[1:] != s[:-1]) & (s[1:] < n_blocks)])
-        slot = jnp.cumsum(first, dtype=jnp.int32) - 1
+        slot = lax.associative_scan(jnp.add, first.astype(jnp.int32)) - 1  # fewer ops than cumsum
         to = jnp.where(first, slot, capacity + jnp.arange(n_pairs, dtype=jnp.int32))  # distinct
         indices = jnp.full((capacity,), n_blocks, jnp.int32)
         indices = indices.at[to].set(s, mode="drop", unique_indices=True)
