@@ -313,6 +313,40 @@ def test_lazy_adam_equals_numpy_reference_step_by_step(path):
     assert int(got[-1][1][0].count) == 4  # the step count is global
 
 
+@pytest.mark.parametrize("distinct", [7, 20])  # chunks of padding skipped / every chunk run
+def test_lazy_adam_in_chunks_equals_numpy_reference(distinct, monkeypatch, optax_promotion):
+    """The vectorised update in chunks of slots (small chunks here), against the formulas."""
+    monkeypatch.setattr(_lazy, "_MIN_CHUNK", 4)
+    assert len(_lazy._chunks(20)) == 4  # slots 0:5, 5:10, 10:15, 15:20
+    rng = np.random.default_rng(distinct)
+    table = jnp.asarray(rng.standard_normal((4096, 2)), F32)
+    w = jnp.asarray([0.7, -1.3], F32)
+    loss = lambda t, ids: jnp.sum(jnp.tanh(embedding_lookup(t, ids) @ w))
+    steps = []
+    for _ in range(3):
+        rows = rng.choice(4096, distinct, replace=False)
+        steps.append(jnp.asarray(np.concatenate([rows, rng.choice(rows, 20 - distinct)])))
+    tx = lazy(optax.adam(0.05))
+
+    @jax.jit
+    def step(t, s, ids):
+        _, g = value_and_sparse_grad(loss)(t, ids)
+        assert g.capacity == 20
+        u, s = tx.update(g, s, t)
+        return apply_updates(t, u), s
+
+    t, s, got, g_steps = table, tx.init(table), [], []
+    for ids in steps:
+        g_steps.append(np.asarray(jax.grad(loss)(t, ids)))
+        t, s = step(t, s, ids)
+        got.append((t, s))
+    ref = _numpy_lazy_adam(table, g_steps, [np.unique(np.asarray(i)) for i in steps], 0.05)
+    for (gt, gs), (rp, rm, rv) in zip(got, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(gt), rp, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(gs[0].mu), rm, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(gs[0].nu), rv, rtol=1e-5, atol=1e-10)
+
+
 @pytest.mark.parametrize(
     "path_name,name",
     [("vector", "adam"), ("loop", "adam"), ("vector", "adamw"), ("vector", "lion")],

@@ -20,6 +20,10 @@ from blocksparse_jax.optim._sparse_grad import SparseBlockGrad, is_sparse
 _VECTOR_BYTES = 32 << 20
 # Pairs summed per matrix product when a block's gradient is built in the loop.
 _WINDOW = 8
+# The vectorised update runs over the slots in up to this many chunks of at least
+# _MIN_CHUNK slots, skipping the chunks that hold only padding.
+_CHUNKS = 4
+_MIN_CHUNK = 512
 
 
 @jax.tree_util.register_pytree_node_class
@@ -308,19 +312,48 @@ def _update_sparse(inner, state, idx_tree, treedef, i, g: SparseBlockGrad, p, en
     block_bytes = math.prod(g.block_shape) * max(4, p.dtype.itemsize)
     gathered = g.capacity * block_bytes * (3 + 2 * len(entries))  # grads, params, state, results
     if gathered <= min(_VECTOR_BYTES, p.size * p.dtype.itemsize // 16):
-        idx = g.indices
         gb = g.blocks()
-        get = dict(mode="clip", indices_are_sorted=True)
-        pb = pv.at[idx].get(**get)
-        eb = [e.at[idx].get(**get) for e in ev]
-        n = len(dtypes)
-        u, eb_new = _run_inner(inner, state, idx_tree, treedef, i, n, gb, pb, eb, dtype_of)
-        new_p = _add(pb, u)
         to, put = _scatter_indices(g)
-        pv = pv.at[to].set(new_p, **put)
-        ev = [e.at[to].set(b.astype(e.dtype), **put) for e, b in zip(ev, eb_new, strict=True)]
+        get = dict(mode="clip", indices_are_sorted=True)
+        n = len(dtypes)
+
+        def update(lo, hi, pv, ev):
+            """Slots ``lo:hi``: gather, run ``inner``, write back in place."""
+            idx = g.indices[lo:hi]
+            pb = pv.at[idx].get(**get)
+            eb = [e.at[idx].get(**get) for e in ev]
+            u, eb_new = _run_inner(
+                inner, state, idx_tree, treedef, i, n, gb[lo:hi], pb, eb, dtype_of
+            )
+            pv = pv.at[to[lo:hi]].set(_add(pb, u), **put)
+            ev = [
+                e.at[to[lo:hi]].set(b.astype(e.dtype), **put)
+                for e, b in zip(ev, eb_new, strict=True)
+            ]
+            return pv, ev
+
+        # The touched blocks fill the first slots: a chunk of slots past them holds only
+        # padding and is skipped.
+        n_touched = g.n_touched()
+        for k, (lo, hi) in enumerate(_chunks(g.capacity)):
+            if k == 0:
+                pv, ev = update(lo, hi, pv, ev)
+            else:
+                pv, ev = lax.cond(
+                    n_touched > lo,
+                    lambda a, lo=lo, hi=hi: update(lo, hi, *a),
+                    lambda a: a,
+                    (pv, ev),
+                )
         return pv.reshape(p.shape), [e.reshape(x.shape) for e, x in zip(ev, entries, strict=True)]
     return _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, p, dtype_of)
+
+
+def _chunks(capacity: int) -> list[tuple[int, int]]:
+    """The vectorised update's chunks of slots: up to ``_CHUNKS`` of at least ``_MIN_CHUNK``."""
+    k = max(1, min(_CHUNKS, capacity // _MIN_CHUNK))
+    edges = [capacity * j // k for j in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 def _scatter_indices(g: SparseBlockGrad):
