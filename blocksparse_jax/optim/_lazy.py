@@ -13,7 +13,7 @@ from jax import lax
 from blocksparse_jax._order import after
 from blocksparse_jax.optim._sparse_grad import SparseBlockGrad, is_sparse
 
-# A sparse leaf is updated in one vectorised gather / update / scatter when the
+# A sparse leaf is updated by vectorised gathers / updates / scatters when the
 # gathered blocks (gradient, parameter, state entries and their new values)
 # take at most this many bytes and at most 1/16 of the leaf; otherwise one
 # block at a time in a loop, in place.
