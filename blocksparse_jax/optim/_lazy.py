@@ -317,34 +317,37 @@ def _update_sparse(inner, state, idx_tree, treedef, i, g: SparseBlockGrad, p, en
         get = dict(mode="clip", indices_are_sorted=True)
         n = len(dtypes)
 
-        def update(lo, hi, pv, ev):
-            """Slots ``lo:hi``: gather, run ``inner``, write back in place."""
+        def new_blocks(lo, hi, pv, ev):
+            """Slots ``lo:hi``: the gathered blocks' new values (parameter, state entries)."""
             idx = g.indices[lo:hi]
             pb = pv.at[idx].get(**get)
             eb = [e.at[idx].get(**get) for e in ev]
             u, eb_new = _run_inner(
                 inner, state, idx_tree, treedef, i, n, gb[lo:hi], pb, eb, dtype_of
             )
-            pv = pv.at[to[lo:hi]].set(_add(pb, u), **put)
-            ev = [
-                e.at[to[lo:hi]].set(b.astype(e.dtype), **put)
-                for e, b in zip(ev, eb_new, strict=True)
-            ]
-            return pv, ev
+            return _add(pb, u), [b.astype(e.dtype) for e, b in zip(ev, eb_new, strict=True)]
+
+        def padding(lo, hi, pv, ev):  # written nowhere (every index is dropped)
+            return gb[lo:hi].astype(pv.dtype), [gb[lo:hi].astype(e.dtype) for e in ev]
 
         # The touched blocks fill the first slots: a chunk of slots past them holds only
-        # padding and is skipped.
+        # padding, and its gathers and update are skipped.  Only the small new blocks
+        # pass through lax.cond (under vmap it computes both branches and selects), the
+        # writes stay in place.
         n_touched = g.n_touched()
         for k, (lo, hi) in enumerate(_chunks(g.capacity)):
             if k == 0:
-                pv, ev = update(lo, hi, pv, ev)
+                pb, eb = new_blocks(lo, hi, pv, ev)
             else:
-                pv, ev = lax.cond(
+                pb, eb = lax.cond(
                     n_touched > lo,
-                    lambda a, lo=lo, hi=hi: update(lo, hi, *a),
-                    lambda a: a,
-                    (pv, ev),
+                    lambda pv, ev, lo=lo, hi=hi: new_blocks(lo, hi, pv, ev),
+                    lambda pv, ev, lo=lo, hi=hi: padding(lo, hi, pv, ev),
+                    pv,
+                    ev,
                 )
+            pv = pv.at[to[lo:hi]].set(pb, **put)
+            ev = [e.at[to[lo:hi]].set(b, **put) for e, b in zip(ev, eb, strict=True)]
         return pv.reshape(p.shape), [e.reshape(x.shape) for e, x in zip(ev, entries, strict=True)]
     return _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, p, dtype_of)
 
