@@ -89,13 +89,17 @@ def time_round_robin(
     repeats: int,
     slow_s: float = math.inf,
     seed: int = 0,
+    settle_s: float = 0.0,
 ) -> dict[str, list[float]]:
     """Steady-state seconds of each runner, timed alternately.
 
     Each runner is called ``warmup`` times (which also compiles it), then all are
     called once per round for ``repeats`` rounds, in a new random order each round
     (no runner always follows another).  A runner whose warm-up call took longer
-    than ``slow_s`` is timed in the first round only.
+    than ``slow_s`` is timed in the first round only.  After every call the
+    process pauses ``settle_s`` seconds (not timed), so that work a call leaves
+    running after its outputs are ready (XLA freeing a large temporary buffer)
+    finishes before the next runner starts instead of landing in its time.
 
     Returns:
       ``{name: [seconds of each timed call]}``; take the median.
@@ -103,7 +107,9 @@ def time_round_robin(
     slow = set()
     for name, run in runners.items():
         for _ in range(warmup):
-            if _timed(run) > slow_s:
+            slow_call = _timed(run) > slow_s
+            time.sleep(settle_s)
+            if slow_call:
                 slow.add(name)
                 break
     times = {name: [] for name in runners}
@@ -114,4 +120,5 @@ def time_round_robin(
         for name in order:
             if name not in slow or round_ == 0:
                 times[name].append(_timed(runners[name]))
+                time.sleep(settle_s)
     return times

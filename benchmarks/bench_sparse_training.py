@@ -18,13 +18,18 @@ Sections:
 * ``embedding``: a 4,194,304 x 64 table, 4,096 Zipf-distributed lookups per
   step, Adam: ``jax.grad`` + ``optax.adam``, lazy, and PyTorch's
   ``nn.Embedding(sparse=True)`` + ``optim.SparseAdam`` when torch is installed.
+  JAX runs with its default thread pool, PyTorch with one thread (its fastest
+  setting here); every timed call is followed by an untimed pause of
+  ``EMBEDDING_SETTLE_S`` so that no contender runs while the previous one's
+  background work (the dense step freeing its 1 GiB gradient) finishes.
 
 Run::
 
     python3 -m benchmarks.bench_sparse_training [--quick] [--sections hsoftmax,layers,embedding]
 
 Results go to ``bench_sparse_training.json`` next to this file (and a plot,
-``bench_sparse_training.png``, when matplotlib is installed).
+``bench_sparse_training.png``, when matplotlib is installed); a run of some
+sections replaces those sections of an existing results file and keeps the others.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ from blocksparse_jax.optim import apply_updates, lazy, training_classes
 HERE = os.path.dirname(os.path.abspath(__file__))
 WIDTH = 128
 LR = 1e-3
+# The embedding race pauses this long after every timed call: the dense step's 1 GiB
+# gradient is freed after its outputs are ready (tens of ms of work on one core), which
+# would otherwise run during the next contender's step.
+EMBEDDING_SETTLE_S = 0.3
 
 
 # --------------------------------------------------------------------------------------
@@ -71,10 +80,10 @@ class Contender:
         self.run = training_loop(jitted, state, *rest, state_argnum=0, state_out=1, copy=False)
 
 
-def race(contenders, *, warmup, repeats):
+def race(contenders, *, warmup, repeats, settle_s=0.0):
     """``{name: median ms}`` of the contenders, timed alternately by ``time_round_robin``."""
     runners = {c.name: c.run for c in contenders}
-    times = time_round_robin(runners, warmup=warmup, repeats=repeats)
+    times = time_round_robin(runners, warmup=warmup, repeats=repeats, settle_s=settle_s)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
@@ -271,11 +280,12 @@ def bench_embedding(n, d, lookups, *, warmup, repeats):
         "temp_bytes": {c.name: int(c.temp) for c in cs},
     }
     torch_c = _torch_contender(np.asarray(table), np.asarray(ids), np.asarray(w))
-    names = [c.name for c in cs]
     if torch_c is not None:
         cs.append(torch_c)
-    row["ms"] = race(cs, warmup=warmup, repeats=repeats)
-    del names
+        row["torch_threads"] = torch_c.torch.get_num_threads()
+    row["settle_s"] = EMBEDDING_SETTLE_S
+    row["repeats"] = repeats
+    row["ms"] = race(cs, warmup=warmup, repeats=repeats, settle_s=EMBEDDING_SETTLE_S)
     ms = row["ms"]
     row["speedup_lazy_vs_dense"] = ms["dense_adam"] / ms["lazy_adam"]
     if "torch_sparse_adam" in ms:
@@ -399,6 +409,9 @@ def main(argv=None):
         results["embedding"] = row
     if args.quick:  # a smoke test: the committed results stay
         return
+    if os.path.exists(args.out):  # keep the sections this run did not measure
+        with open(args.out) as f:
+            results = {**json.load(f), **results}
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     _plot(results, os.path.splitext(args.out)[0] + ".png")

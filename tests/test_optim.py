@@ -122,6 +122,46 @@ def test_block_sparse_ops_grads_equal_dense(wrap):
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_left", [False, True])
+@pytest.mark.parametrize("n_blocks", [9, 40])  # capacity n_blocks (fewer than pairs), pairs
+def test_from_pairs_equals_a_numpy_loop(wrap, with_left, n_blocks):
+    """Slots, summed blocks and the dense gradient against plain loops over the pairs."""
+    rng = np.random.default_rng(n_blocks)
+    pairs, a, b = 14, 3, 2
+    pb = rng.integers(-3, n_blocks + 3, pairs).astype(np.int32)  # duplicates and padding
+    left = rng.standard_normal((pairs, a)).astype(np.float32) if with_left else None
+    right = rng.standard_normal((pairs, b)).astype(np.float32)
+    shape = (n_blocks, a, b) if with_left else (n_blocks, b)
+
+    def build(pb, left, right):
+        g = SparseBlockGrad.from_pairs(pb, left, right, shape=shape)
+        bare = SparseBlockGrad(  # no pair_slots: found by a search
+            g.indices, g.pair_blocks, g.left, g.right, shape=shape, block_ndim=g.block_ndim,
+            dtype=g.dtype,
+        )  # fmt: skip
+        return g.indices, g.slots(), g.blocks(), g.todense(), g.n_touched(), bare.blocks()
+
+    indices, slots, blocks, dense, n_touched, bare = wrap(build)(pb, left, right)
+    touched = sorted({int(k) for k in pb if 0 <= k < n_blocks})
+    capacity = min(pairs, n_blocks)
+    want_idx = touched + [n_blocks] * (capacity - len(touched))
+    want_blocks = np.zeros((capacity, *shape[1:]), np.float32)
+    want_dense = np.zeros(shape, np.float32)
+    for p, k in enumerate(pb):
+        if 0 <= k < n_blocks:
+            term = np.outer(left[p], right[p]) if with_left else right[p]
+            want_blocks[touched.index(k)] += term
+            want_dense[k] += term
+            assert int(slots[p]) == touched.index(k)
+        else:
+            assert int(slots[p]) == capacity  # padding
+    np.testing.assert_array_equal(np.asarray(indices), want_idx)
+    assert int(n_touched) == len(touched)
+    np.testing.assert_allclose(np.asarray(blocks), want_blocks, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bare), want_blocks, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dense), want_dense, rtol=1e-6, atol=1e-6)
+
+
 def test_embedding_grads_equal_dense_and_has_aux():
     table = jax.random.normal(jax.random.key(0), (50, 4), F32)
     ids = jnp.array([[3, 7, 3], [49, 0, 7]])
@@ -273,6 +313,44 @@ def test_lazy_adam_equals_numpy_reference_step_by_step(path):
     np.testing.assert_array_equal(np.asarray(got[-1][0].W2)[never], np.asarray(params.W2)[never])
     assert not np.asarray(got[-1][1][0].mu.W2)[never].any()
     assert int(got[-1][1][0].count) == 4  # the step count is global
+
+
+@pytest.mark.parametrize("distinct", [7, 20])  # chunks of padding skipped / every chunk run
+def test_lazy_adam_in_chunks_equals_numpy_reference(distinct, monkeypatch, optax_promotion):
+    """The vectorised update in chunks of slots (small chunks here), against the formulas."""
+    monkeypatch.setattr(_lazy, "_MIN_CHUNK", 4)
+    assert len(_lazy._chunks(20)) == 4  # slots 0:5, 5:10, 10:15, 15:20
+    rng = np.random.default_rng(distinct)
+    table = jnp.asarray(rng.standard_normal((4096, 2)), F32)
+    w = jnp.asarray([0.7, -1.3], F32)
+    loss = lambda t, ids: jnp.sum(jnp.tanh(embedding_lookup(t, ids) @ w))
+    steps = []
+    for _ in range(3):
+        rows = rng.choice(4096, distinct, replace=False)
+        steps.append(jnp.asarray(np.concatenate([rows, rng.choice(rows, 20 - distinct)])))
+    tx = lazy(optax.adam(0.05))
+
+    @jax.jit
+    def step(t, s, ids):
+        _, g = value_and_sparse_grad(loss)(t, ids)
+        assert g.capacity == 20
+        u, s = tx.update(g, s, t)
+        return apply_updates(t, u), s
+
+    t, s, got, g_steps = table, tx.init(table), [], []
+    for ids in steps:
+        g_steps.append(np.asarray(jax.grad(loss)(t, ids)))
+        t, s = step(t, s, ids)
+        got.append((t, s))
+    ref = _numpy_lazy_adam(table, g_steps, [np.unique(np.asarray(i)) for i in steps], 0.05)
+    for (gt, gs), (rp, rm, rv) in zip(got, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(gt), rp, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(gs[0].mu), rm, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(gs[0].nu), rv, rtol=1e-5, atol=1e-10)
+    # under vmap the skipped chunks cost no copy of the table or the moments
+    batched = jax.tree.map(lambda a: a[None], (table, tx.init(table), steps[0]))
+    mem = jax.jit(jax.vmap(step), donate_argnums=(0, 1)).lower(*batched).compile()
+    assert mem.memory_analysis().temp_size_in_bytes < table.nbytes
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from jax import lax
 from blocksparse_jax._order import after
 from blocksparse_jax.optim._sparse_grad import SparseBlockGrad, is_sparse
 
-# A sparse leaf is updated in one vectorised gather / update / scatter when the
+# A sparse leaf is updated by vectorised gathers / updates / scatters when the
 # gathered blocks (gradient, parameter, state entries and their new values)
 # take at most this many bytes and at most 1/16 of the leaf; otherwise one
 # block at a time in a loop, in place.
@@ -26,6 +26,10 @@ _WINDOW = 8
 # time, their update dwarfing a loop iteration's cost.
 _CHUNK_BLOCK_BYTES = 16 << 10
 _MIN_CHUNK_BLOCKS = 16
+# The vectorised update runs over the slots in up to this many chunks of at least
+# _MIN_CHUNK slots, skipping the chunks that hold only padding.
+_CHUNKS = 4
+_MIN_CHUNK = 512
 
 
 @jax.tree_util.register_pytree_node_class
@@ -314,17 +318,42 @@ def _update_sparse(inner, state, idx_tree, treedef, i, g: SparseBlockGrad, p, en
     block_bytes = math.prod(g.block_shape) * max(4, p.dtype.itemsize)
     gathered = g.capacity * block_bytes * (3 + 2 * len(entries))  # grads, params, state, results
     if gathered <= min(_VECTOR_BYTES, p.size * p.dtype.itemsize // 16):
-        idx = g.indices
         gb = g.blocks()
-        pb = pv.at[idx].get(mode="clip")
-        eb = [e.at[idx].get(mode="clip") for e in ev]
+        to, put = _scatter_indices(g)
+        get = dict(mode="clip", indices_are_sorted=True)
         n = len(dtypes)
-        u, eb_new = _run_inner(inner, state, idx_tree, treedef, i, n, gb, pb, eb, dtype_of)
-        new_p = _add(pb, u)
-        pv = pv.at[idx].set(new_p, mode="drop")
-        ev = [
-            e.at[idx].set(b.astype(e.dtype), mode="drop") for e, b in zip(ev, eb_new, strict=True)
-        ]
+
+        def new_blocks(lo, hi, pv, ev):
+            """Slots ``lo:hi``: the gathered blocks' new values (parameter, state entries)."""
+            idx = g.indices[lo:hi]
+            pb = pv.at[idx].get(**get)
+            eb = [e.at[idx].get(**get) for e in ev]
+            u, eb_new = _run_inner(
+                inner, state, idx_tree, treedef, i, n, gb[lo:hi], pb, eb, dtype_of
+            )
+            return _add(pb, u), [b.astype(e.dtype) for e, b in zip(ev, eb_new, strict=True)]
+
+        def padding(lo, hi, pv, ev):  # written nowhere (every index is dropped)
+            return gb[lo:hi].astype(pv.dtype), [gb[lo:hi].astype(e.dtype) for e in ev]
+
+        # The touched blocks fill the first slots: a chunk of slots past them holds only
+        # padding, and its gathers and update are skipped.  Only the small new blocks
+        # pass through lax.cond (under vmap it computes both branches and selects), the
+        # writes stay in place.
+        n_touched = g.n_touched()
+        for k, (lo, hi) in enumerate(_chunks(g.capacity)):
+            if k == 0:
+                pb, eb = new_blocks(lo, hi, pv, ev)
+            else:
+                pb, eb = lax.cond(
+                    n_touched > lo,
+                    lambda pv, ev, lo=lo, hi=hi: new_blocks(lo, hi, pv, ev),
+                    lambda pv, ev, lo=lo, hi=hi: padding(lo, hi, pv, ev),
+                    pv,
+                    ev,
+                )
+            pv = pv.at[to[lo:hi]].set(pb, **put)
+            ev = [e.at[to[lo:hi]].set(b, **put) for e, b in zip(ev, eb, strict=True)]
         return pv.reshape(p.shape), [e.reshape(x.shape) for e, x in zip(ev, entries, strict=True)]
     k = _chunk_blocks(g, p, len(entries))
     if k > 1:
@@ -332,6 +361,26 @@ def _update_sparse(inner, state, idx_tree, treedef, i, g: SparseBlockGrad, p, en
             inner, state, idx_tree, treedef, i, g, pv, ev, entries, p, dtype_of, k
         )
     return _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, p, dtype_of)
+
+
+def _chunks(capacity: int) -> list[tuple[int, int]]:
+    """The vectorised update's chunks of slots: up to ``_CHUNKS`` of at least ``_MIN_CHUNK``."""
+    k = max(1, min(_CHUNKS, capacity // _MIN_CHUNK))
+    edges = [capacity * j // k for j in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def _scatter_indices(g: SparseBlockGrad):
+    """Where to write the slots back: ``indices``, each padding slot a distinct dropped index.
+
+    Distinct, increasing indices let XLA write the blocks without ordering the
+    writes (``unique_indices``, ``indices_are_sorted``).
+    """
+    if g.n_blocks + g.capacity >= 2**31:  # no room above n_blocks in int32
+        return g.indices, dict(mode="drop")
+    spare = g.n_blocks + jnp.arange(g.capacity, dtype=jnp.int32)
+    to = jnp.where(g.valid, g.indices, spare)
+    return to, dict(mode="drop", unique_indices=True, indices_are_sorted=True)
 
 
 def _add(p, u):
@@ -342,11 +391,15 @@ def _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, 
     n = len(treedef.flatten_up_to(idx_tree))
     """One touched block per iteration: its gradient from its pairs, then the update, in place."""
     acc = jnp.promote_types(g.right.dtype, jnp.float32)
-    pad = lambda a: jnp.concatenate([a, jnp.zeros((_WINDOW, *a.shape[1:]), a.dtype)])
+    # The pairs grouped by slot (stable: each block's pairs keep their order).
+    order = jnp.argsort(g.slots(), stable=True)
+    slots = g.slots()[order]
+    pad = lambda a: jnp.concatenate([a[order], jnp.zeros((_WINDOW, *a.shape[1:]), a.dtype)])
     left = None if g.left is None else pad(g.left.astype(acc))
     right = pad(g.right.astype(acc))
-    starts = jnp.searchsorted(g.pair_blocks, g.indices, side="left").astype(jnp.int32)
-    ends = jnp.searchsorted(g.pair_blocks, g.indices, side="right").astype(jnp.int32)
+    every = jnp.arange(g.capacity, dtype=jnp.int32)
+    starts = jnp.searchsorted(slots, every, side="left").astype(jnp.int32)
+    ends = jnp.searchsorted(slots, every, side="right").astype(jnp.int32)
     n_touched = g.n_touched()
     zeros_idx = (jnp.zeros((), jnp.int32),) * len(g.block_shape)
 

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from blocksparse_jax import _sparse_trace
 from blocksparse_jax._order import after
@@ -39,8 +40,11 @@ class SparseBlockGrad:
     Attributes:
       indices: ``(capacity,)`` int32, the touched blocks in increasing order,
         then ``n_blocks`` padding.
-      pair_blocks: ``(pairs,)`` int32, the block of each pair, in increasing
-        order (padding pairs ``n_blocks`` last).
+      pair_blocks: ``(pairs,)`` int32, the block of each pair, in the order the
+        ops reported the pairs (padding pairs ``n_blocks``).
+      pair_slots: ``(pairs,)`` int32, the slot of each pair's block in
+        ``indices`` (``capacity`` for a padding pair), or ``None`` (then found
+        by a binary search in ``indices`` when needed).
       left: ``(pairs, block_shape[0])`` or ``None``.
       right: ``(pairs, block_shape[-1])``.
       shape: the shape of the weight (static).
@@ -60,18 +64,21 @@ class SparseBlockGrad:
       Array([6., 8.], dtype=float32)
     """
 
-    def __init__(self, indices, pair_blocks, left, right, *, shape, block_ndim, dtype):
+    def __init__(
+        self, indices, pair_blocks, left, right, pair_slots=None, *, shape, block_ndim, dtype
+    ):
         self.indices = indices
         self.pair_blocks = pair_blocks
         self.left = left
         self.right = right
+        self.pair_slots = pair_slots
         self.shape = tuple(int(d) for d in shape)
         self.block_ndim = int(block_ndim)
         self.dtype = np.dtype(dtype)
 
     # -- pytree -------------------------------------------------------------------------
     def tree_flatten(self):
-        children = (self.indices, self.pair_blocks, self.left, self.right)
+        children = (self.indices, self.pair_blocks, self.left, self.right, self.pair_slots)
         return children, (self.shape, self.block_ndim, self.dtype)
 
     @classmethod
@@ -119,14 +126,21 @@ class SparseBlockGrad:
         right = jnp.where(ok[:, None], right, jnp.zeros((), right.dtype))
         if left is not None:
             left = jnp.where(ok[:, None], left, jnp.zeros((), left.dtype))
-        order = jnp.argsort(pb, stable=True)
-        pb = pb[order]
-        right = right[order]
-        left = None if left is None else left[order]
-        capacity = max(1, min(pb.shape[0], n_blocks))
-        indices = jnp.unique(pb, size=capacity, fill_value=n_blocks).astype(jnp.int32)
+        n_pairs = pb.shape[0]
+        capacity = max(1, min(n_pairs, n_blocks))
+        # The distinct blocks, from one sort of the block indices alone (XLA sorts a
+        # single integer array much faster than an array with a payload): the first
+        # of each run of equal sorted blocks opens the next slot.
+        s = lax.sort(pb, is_stable=False)
+        first = jnp.concatenate([s[:1] < n_blocks, (s[1:] != s[:-1]) & (s[1:] < n_blocks)])
+        slot = lax.associative_scan(jnp.add, first.astype(jnp.int32)) - 1  # fewer ops than cumsum
+        to = jnp.where(first, slot, capacity + jnp.arange(n_pairs, dtype=jnp.int32))  # distinct
+        indices = jnp.full((capacity,), n_blocks, jnp.int32)
+        indices = indices.at[to].set(s, mode="drop", unique_indices=True)
         dtype = right.dtype if dtype is None else dtype
-        return cls(indices, pb, left, right, shape=shape, block_ndim=block_ndim, dtype=dtype)
+        g = cls(indices, pb, left, right, shape=shape, block_ndim=block_ndim, dtype=dtype)
+        g.pair_slots = g._search_slots()
+        return g
 
     # -- geometry -----------------------------------------------------------------------
     @property
@@ -161,13 +175,19 @@ class SparseBlockGrad:
             return self.right
         return self.left[:, :, None] * self.right[:, None, :]
 
+    def slots(self) -> jax.Array:
+        """``(pairs,)`` int32 the slot in ``indices`` of each pair's block (``capacity`` for padding)."""
+        return self._search_slots() if self.pair_slots is None else self.pair_slots
+
+    def _search_slots(self) -> jax.Array:
+        pos = jnp.searchsorted(self.indices, self.pair_blocks).astype(jnp.int32)
+        return jnp.where(self.pair_blocks < self.n_blocks, pos, self.capacity)
+
     def blocks(self) -> jax.Array:
         """``(capacity, *block_shape)`` the summed gradient of each slot of ``indices`` (zeros at padding)."""
-        pos = jnp.searchsorted(self.indices, self.pair_blocks).astype(jnp.int32)
-        pos = jnp.where(self.pair_blocks < self.n_blocks, pos, self.capacity)
         out = jnp.zeros((self.capacity, *self.block_shape), self._acc())
         return (
-            out.at[pos]
+            out.at[self.slots()]
             .add(self.contributions().astype(self._acc()), mode="drop")
             .astype(self.dtype)
         )
