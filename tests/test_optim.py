@@ -556,6 +556,30 @@ def test_chunked_update_of_small_blocks_stays_within_its_budget(monkeypatch, opt
     assert chunked <= loop + W_bytes // 16, (chunked, loop)
 
 
+def test_every_path_gives_the_same_update_for_unsorted_pairs(monkeypatch, optax_promotion):
+    """Pairs in the order the ops report them (not by block), over many chunks of 3 blocks."""
+    rng = np.random.default_rng(3)
+    table = jnp.asarray(rng.normal(size=(50, 4)))
+    ids = jnp.asarray(rng.integers(0, 50, (3, 40)))  # ~28 distinct rows per step, unsorted
+    loss = lambda t, i: jnp.sum(jnp.sin(embedding_lookup(t, i)))
+    tx = lazy(optax.adam(0.1))
+
+    def train():
+        t, state = table, tx.init(table)
+        for i in ids:
+            _, g = value_and_sparse_grad(loss)(t, i)
+            u, state = tx.update(g, state, t)
+            t = apply_updates(t, u)
+        return t, state
+
+    want = train()
+    for name, value in [("_VECTOR_BYTES", 0), ("_chunk_blocks", lambda g, p, n: 3)]:
+        monkeypatch.setattr(_lazy, name, value)
+        chex.assert_trees_all_close(train(), want, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(_lazy, "_chunk_blocks", lambda g, p, n: 0)  # one block at a time
+    chex.assert_trees_all_close(train(), want, rtol=1e-12, atol=1e-12)
+
+
 def test_top_level_names():
     assert blocksparse_jax.value_and_sparse_grad is value_and_sparse_grad
     assert blocksparse_jax.optim.lazy is lazy

@@ -462,8 +462,8 @@ def _update_sparse_chunks(inner, state, idx_tree, treedef, i, g, pv, ev, entries
     """``k`` touched blocks per loop iteration: their gradients, the update, a scatter back in place.
 
     Chunk ``c`` holds the slots ``c * k .. c * k + k - 1`` of ``g.indices`` (padded
-    with ``n_blocks`` to whole chunks, so no block is in two chunks).  Its pairs
-    are contiguous (pairs and slots are both sorted by block); they are summed
+    with ``n_blocks`` to whole chunks, so no block is in two chunks).  Its pairs,
+    grouped by slot first, are contiguous; they are summed
     into the chunk's ``(k, *block_shape)`` gradient ``k`` pairs at a time by a
     scatter-add.  Then, as in the vectorised path, the parameter's and the
     state's blocks are gathered, ``inner`` runs on them, and they are written
@@ -475,12 +475,14 @@ def _update_sparse_chunks(inner, state, idx_tree, treedef, i, g, pv, ev, entries
     indices = jnp.concatenate(
         [g.indices, jnp.full((n_chunks * k - g.capacity,), g.n_blocks, jnp.int32)]
     )
-    # Each pair's slot (the padding pairs' is past every touched block), and each chunk's pairs.
-    slot = jnp.searchsorted(indices, g.pair_blocks).astype(jnp.int32)
+    # The pairs grouped by slot (the padding pairs' slot is past every touched block),
+    # so that each chunk's pairs are contiguous; and each chunk's first pair.
+    order = jnp.argsort(g.slots(), stable=True)
+    slot = g.slots()[order]
     bounds = jnp.searchsorted(slot, jnp.arange(n_chunks + 1, dtype=jnp.int32) * k).astype(jnp.int32)
     pad = lambda a: jnp.concatenate([a, jnp.zeros((k, *a.shape[1:]), a.dtype)])
-    left = None if g.left is None else pad(g.left.astype(acc))
-    right = pad(g.right.astype(acc))
+    left = None if g.left is None else pad(g.left[order].astype(acc))
+    right = pad(g.right[order].astype(acc))
     slot = pad(slot)
     n_used = -(-g.n_touched() // k)
 
