@@ -19,9 +19,11 @@ Sections:
   step, Adam: ``jax.grad`` + ``optax.adam``, lazy, and PyTorch's
   ``nn.Embedding(sparse=True)`` + ``optim.SparseAdam`` when torch is installed.
   JAX runs with its default thread pool, PyTorch with one thread (its fastest
-  setting here); every timed call is followed by an untimed pause of
-  ``EMBEDDING_SETTLE_S`` so that no contender runs while the previous one's
-  background work (the dense step freeing its 1 GiB gradient) finishes.
+  setting here).
+
+In every section each timed call is followed by an untimed pause of
+``SETTLE_S``, so that no contender runs while the previous one's background
+work (a dense step freeing its weight-sized gradient) finishes.
 
 Run::
 
@@ -58,10 +60,10 @@ from blocksparse_jax.optim import apply_updates, lazy, training_classes
 HERE = os.path.dirname(os.path.abspath(__file__))
 WIDTH = 128
 LR = 1e-3
-# The embedding race pauses this long after every timed call: the dense step's 1 GiB
-# gradient is freed after its outputs are ready (tens of ms of work on one core), which
+# Every race pauses this long after every timed call: a dense step's weight-sized
+# gradient is freed after its outputs are ready (tens of ms of work for 1 GiB), which
 # would otherwise run during the next contender's step.
-EMBEDDING_SETTLE_S = 0.3
+SETTLE_S = 0.3
 
 
 # --------------------------------------------------------------------------------------
@@ -215,7 +217,8 @@ def bench_hsoftmax(
     sgd_c = compile_stats(jax.jit(sgd, donate_argnums=0), shapes, x, t)
     row["sgd_step_temp_bytes"] = sgd_c["temp_bytes"]
 
-    row["ms"] = race(contenders, warmup=warmup, repeats=repeats)
+    row["settle_s"] = SETTLE_S
+    row["ms"] = race(contenders, warmup=warmup, repeats=repeats, settle_s=SETTLE_S)
     row["temp_bytes"] = {c.name: int(c.temp) for c in contenders}
     row["compile_s"] = {c.name: round(c.compile_s, 2) for c in contenders}
     ms = row["ms"]
@@ -255,7 +258,8 @@ def bench_layer(name, shape, *, warmup, repeats):
     ]
     pairs = np.unique(np.asarray(ii)[:, :, None] * ob + np.asarray(oi)[:, None, :])
     row = {"layer": name, "shape": shape, "touched_fraction": float(pairs.size / (ib * ob))}
-    row["ms"] = race(cs, warmup=warmup, repeats=repeats)
+    row["settle_s"] = SETTLE_S
+    row["ms"] = race(cs, warmup=warmup, repeats=repeats, settle_s=SETTLE_S)
     row["temp_bytes"] = {c.name: int(c.temp) for c in cs}
     row["speedup"] = row["ms"]["dense_adam"] / row["ms"]["lazy_adam"]
     return row
@@ -283,9 +287,9 @@ def bench_embedding(n, d, lookups, *, warmup, repeats):
     if torch_c is not None:
         cs.append(torch_c)
         row["torch_threads"] = torch_c.torch.get_num_threads()
-    row["settle_s"] = EMBEDDING_SETTLE_S
+    row["settle_s"] = SETTLE_S
     row["repeats"] = repeats
-    row["ms"] = race(cs, warmup=warmup, repeats=repeats, settle_s=EMBEDDING_SETTLE_S)
+    row["ms"] = race(cs, warmup=warmup, repeats=repeats, settle_s=SETTLE_S)
     ms = row["ms"]
     row["speedup_lazy_vs_dense"] = ms["dense_adam"] / ms["lazy_adam"]
     if "torch_sparse_adam" in ms:
