@@ -11,7 +11,7 @@ once, with one rounding (:func:`add_blocks`).
 
 The strategies need no change for this: :func:`outer_by_block` hands them the
 pairs as a problem of its own, one pair per example, whose "weight" is the
-buffer of distinct blocks (``gather`` and ``pallas`` run this way).  ``loop``
+buffer of distinct blocks (``gather``, and so ``pallas``, runs this way).  ``loop``
 and ``grouped`` instead walk the pairs sorted by block and carry one block's
 sum; ``ragged`` sums its groups and ``dense`` its GEMM in float32 themselves.
 """

@@ -21,14 +21,13 @@ products put them and nowhere else.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax.numpy as jnp
 from jax import lax
 
 from blocksparse_jax.blocksparse import _gather
-from blocksparse_jax.blocksparse._accumulate import is_low_precision, outer_by_block
+from blocksparse_jax.blocksparse._accumulate import is_low_precision
 from blocksparse_jax.blocksparse._carry import carry
 from blocksparse_jax.blocksparse._gather import GATHER_BUDGET_BYTES
 from blocksparse_jax.blocksparse._pairs import loop_operand
@@ -164,12 +163,8 @@ def _outer_dense_low(o, xd, yd, *, acc_dtype, budget):
 def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, budget=GATHER_BUDGET_BYTES):
     """The weight update; for a low-precision ``o`` see :func:`_outer_dense_low`.
 
-    The exact path (non-finite activations) sums per distinct block
-    (:mod:`~blocksparse_jax.blocksparse._accumulate`) when ``o`` is low precision.
+    The exact path (non-finite activations) is ``gather``'s.
     """
-    exact = _gather.outer
-    if is_low_precision(o.dtype, acc_dtype):
-        exact = functools.partial(outer_by_block, _gather.outer)
 
     def dense(o, x, y, x_idx, y_idx, valid_x, valid_y):
         return _outer_dense(o, x, y, x_idx, y_idx, acc_dtype=acc_dtype, budget=budget)
@@ -177,7 +172,7 @@ def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, budget=GATHER_B
     return lax.cond(
         _all_finite(x, y),
         dense,
-        lambda *a: exact(*a, acc_dtype=acc_dtype, budget=budget),
+        lambda *a: _gather.outer(*a, acc_dtype=acc_dtype, budget=budget),
         o,
         x,
         y,

@@ -47,7 +47,6 @@ from jax import lax
 
 from blocksparse_jax._checks import common_float_dtype
 from blocksparse_jax.blocksparse import _cost, _dense, _gather, _grouped, _loop, _pallas, _ragged
-from blocksparse_jax.blocksparse._accumulate import is_low_precision, outer_by_block
 
 STRATEGIES = ("auto", "gather", "loop", "dense", "grouped", "ragged")
 """Valid values of the ``strategy=`` keyword of the public ops."""
@@ -231,11 +230,6 @@ def outer_contract(
         name, budget, _ = p
         args = (x, y, x_idx, y_idx, valid_x, valid_y)
         kw = {} if budget is None else {"budget": budget}
-        if name in ("ragged", "dense", "grouped", "loop") or not is_low_precision(
-            o.dtype, acc_dtype
-        ):
-            out = _IMPLEMENTATIONS[name].outer(o, *args, acc_dtype=acc_dtype, **kw)
-            return out.astype(o.dtype)
-        return outer_by_block(_IMPLEMENTATIONS[name].outer, o, *args, acc_dtype=acc_dtype, **kw)
+        return _IMPLEMENTATIONS[name].outer(o, *args, acc_dtype=acc_dtype, **kw).astype(o.dtype)
 
     return _by_platform(plans, impl, o, x, y, x_idx, y_idx, valid_x, valid_y)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from blocksparse_jax.blocksparse._accumulate import is_low_precision, outer_by_block
+
 GATHER_BUDGET_BYTES = 2 * 2**20
 """Largest gathered-block buffer of the ``gather`` strategy (one chunk of the batch)."""
 
@@ -69,6 +71,9 @@ def _outer_all(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype):
 
 
 def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, budget=GATHER_BUDGET_BYTES):
+    if is_low_precision(o.dtype, acc_dtype):  # a float32 sum per distinct block, added once
+        args = (o, x, y, x_idx, y_idx, valid_x, valid_y)
+        return outer_by_block(outer, *args, acc_dtype=acc_dtype, budget=budget)
     batch, x_win, _ = x.shape
     y_win = y.shape[1]
     per_example = x_win * y_win * o.shape[2] * o.shape[3] * o.dtype.itemsize

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from blocksparse_jax.blocksparse._accumulate import is_low_precision
 from blocksparse_jax.blocksparse._carry import carry
 from blocksparse_jax.blocksparse._cost import group_rows
 from blocksparse_jax.blocksparse._pairs import (
@@ -107,7 +108,7 @@ def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, rows_per_step=N
     lane = jnp.arange(P, dtype=jnp.int32)
     z = jnp.zeros((), jnp.int32)
     ol, o_dtype = loop_operand(o)
-    low = o_dtype.itemsize < jnp.dtype(acc_dtype).itemsize
+    low = is_low_precision(o_dtype, acc_dtype)
 
     def cond(state):
         return state[0] < n_valid

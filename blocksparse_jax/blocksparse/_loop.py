@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from blocksparse_jax.blocksparse import _grouped
+from blocksparse_jax.blocksparse._accumulate import is_low_precision
 from blocksparse_jax.blocksparse._carry import carry
 from blocksparse_jax.blocksparse._pairs import (
     block,
@@ -54,7 +55,7 @@ def gemv(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype):
 
 
 def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype):
-    if jnp.dtype(o.dtype).itemsize < jnp.dtype(acc_dtype).itemsize:
+    if is_low_precision(o.dtype, acc_dtype):
         args = (o, x, y, x_idx, y_idx, valid_x, valid_y)
         return _grouped.outer(*args, acc_dtype=acc_dtype, rows_per_step=1)
     batch, x_win, _ = x.shape
