@@ -388,8 +388,14 @@ def _add(p, u):
 
 
 def _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, p, dtype_of):
+    """One touched block per iteration: its gradient from its pairs, then the update, in place.
+
+    Two loops: first the blocks that one pair touches, whose gradient (that
+    pair's term, an outer product) XLA computes inside the update's fused
+    loops, then the others, whose gradient is summed a window of pairs at a
+    time into a block first.
+    """
     n = len(treedef.flatten_up_to(idx_tree))
-    """One touched block per iteration: its gradient from its pairs, then the update, in place."""
     acc = jnp.promote_types(g.right.dtype, jnp.float32)
     # The pairs grouped by slot (stable: each block's pairs keep their order).
     order = jnp.argsort(g.slots(), stable=True)
@@ -400,7 +406,10 @@ def _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, 
     every = jnp.arange(g.capacity, dtype=jnp.int32)
     starts = jnp.searchsorted(slots, every, side="left").astype(jnp.int32)
     ends = jnp.searchsorted(slots, every, side="right").astype(jnp.int32)
-    n_touched = g.n_touched()
+    # The touched slots, those of one pair first.
+    single = (ends - starts == 1) & g.valid
+    by_kind = jnp.argsort(~single, stable=True).astype(jnp.int32)
+    n_single = jnp.sum(single, dtype=jnp.int32)
     zeros_idx = (jnp.zeros((), jnp.int32),) * len(g.block_shape)
 
     def block_grad(s, e):
@@ -417,10 +426,18 @@ def _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, 
         init = (s, jnp.zeros(g.block_shape, acc))
         return lax.while_loop(lambda c: c[0] < e, body, init)[1]
 
-    def body(u, carry):
+    def pair_grad(s):
+        """The term of pair ``s`` alone, element-wise (fused into the update)."""
+        r = lax.dynamic_index_in_dim(right, s, keepdims=False)
+        if left is None:
+            return r
+        lft = lax.dynamic_index_in_dim(left, s, keepdims=False)
+        return lft[:, None] * r[None, :]
+
+    def update_block(u, gb, carry):
         pv, ev = carry
         k = g.indices[u].astype(jnp.int32)
-        gb = block_grad(starts[u], ends[u]).astype(g.dtype)[None]
+        gb = gb.astype(g.dtype)[None]
         start = (k, *zeros_idx)
         size = (1, *g.block_shape)
         pb = lax.dynamic_slice(pv, start, size)
@@ -437,7 +454,16 @@ def _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, 
         ]
         return pv, ev
 
-    pv, ev = lax.fori_loop(0, n_touched, body, (pv, ev))
+    def one_pair(q, carry):
+        u = by_kind[q]
+        return update_block(u, pair_grad(starts[u]), carry)
+
+    def several_pairs(q, carry):
+        u = by_kind[q]
+        return update_block(u, block_grad(starts[u], ends[u]), carry)
+
+    carry = lax.fori_loop(0, n_single, one_pair, (pv, ev))
+    pv, ev = lax.fori_loop(n_single, g.n_touched(), several_pairs, carry)
     return pv.reshape(p.shape), [e.reshape(x.shape) for e, x in zip(ev, entries, strict=True)]
 
 
