@@ -42,6 +42,19 @@ def test_chunking_covers_every_class_once_within_the_budget(batch, n_classes):
     assert cols <= max(_first_level._MIN_COLS, _first_level._CHUNK_ELEMENTS // max(batch, 1))
 
 
+@pytest.mark.parametrize("elements", [None, 1 << 18, 1 << 20, 1 << 22])
+def test_chunking_takes_a_larger_budget_when_given(elements):
+    budget = max(_first_level._CHUNK_ELEMENTS, elements or 0)
+    for batch, n_classes in [(256, 2731), (256, 4608), (1024, 1941), (64, 7826)]:
+        n_chunks, cols = chunking(batch, n_classes, elements=elements)
+        assert cols <= max(_first_level._MIN_COLS, budget // batch)
+        assert n_chunks == -(-n_classes // cols)
+        # as few chunks as the budget allows (to the column multiple)
+        assert n_chunks <= -(-batch * n_classes // budget) + 1
+    assert chunking(256, 4608, elements=1 << 20) == (2, 2304)
+    assert chunking(256, 4608, elements=256 * 4608) == (1, 4608)
+
+
 def _reference(x, W1, b1, valid, classes, g):
     """``(out, dx, dW1, db1)`` of ``out[b] = log_softmax(x @ W1 + b1)[classes[b]]``, loops in float64."""
     batch, n_classes = x.shape[0], W1.shape[1]
@@ -93,6 +106,26 @@ def test_values_and_gradients_match_numpy(narrow_chunks, transform):
     np.testing.assert_allclose(dW1, ref_dW1, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(db1, ref_db1, rtol=1e-10, atol=1e-12)
     assert np.all(dW1[:, ~valid] == 0) and np.all(db1[~valid] == 0)
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 6 * 6, 6 * 11])  # 4 / 2 / 1 chunks
+def test_a_larger_chunk_budget_gives_the_same_values(narrow_chunks, chunk_elements):
+    x, W1, b1, valid, classes = _problem(5)
+    g = np.random.default_rng(6).standard_normal(6)
+    ref_out, ref_dx, ref_dW1, ref_db1 = _reference(x, W1, b1, valid, classes, g)
+    n_chunks = chunking(6, 11, elements=chunk_elements)[0]
+    assert n_chunks == {None: 4, 36: 2, 66: 1}[chunk_elements]
+
+    def weighted(x, W1, b1):
+        out = class_log_prob(x, W1, b1, valid, classes, F64, chunk_elements=chunk_elements)
+        return jnp.sum(jnp.where(valid[classes], out, 0.0) * g), out
+
+    (_, out), (dx, dW1, db1) = jax.jit(
+        jax.value_and_grad(weighted, argnums=(0, 1, 2), has_aux=True)
+    )(x, W1, b1)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12)
+    for got, want in [(dx, ref_dx), (dW1, ref_dW1), (db1, ref_db1)]:
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_second_order_matches_finite_differences(narrow_chunks):

@@ -488,13 +488,14 @@ def test_lazy_step_temp_memory_is_small(V, n_classes, optax_promotion):
     assert temp <= w2 / 8, (temp, w2)
 
 
-@pytest.mark.parametrize("batch", [256, 1024])
-def test_lazy_step_temp_memory_with_training_classes(batch, optax_promotion):
+@pytest.mark.parametrize("V,batch", [(65_536, 256), (65_536, 1024), (589_824, 256)])
+def test_lazy_step_temp_memory_with_training_classes(V, batch, optax_promotion):
     # The step of benchmarks/bench_sparse_training.py: the parameters differentiated,
-    # (params, state) donated.  The recommended classes are many (820 at batch 1,024)
-    # and W2 small (32 MiB): the first level's (batch, n_classes) arrays alone, three
-    # of them built at once, would pass W2 / 8.
-    V, n_in = 65_536, 128
+    # (params, state) donated.  At 65,536 the recommended classes are many (820 at batch
+    # 1,024) and W2 small (32 MiB): the first level's (batch, n_classes) arrays alone,
+    # three of them built at once, would pass W2 / 8.  At 589,824 the first level runs
+    # as one chunk of (batch, n_classes) logits (up to W2 / 64 of them).
+    n_in = 128
     n_classes = training_classes(V, n_in=n_in, batch=batch)
     params = jax.eval_shape(lambda: h_softmax_init(jax.random.key(0), n_in, V, n_classes=n_classes))
     tx = lazy(optax.adam(1e-3))

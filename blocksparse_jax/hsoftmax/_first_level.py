@@ -42,20 +42,27 @@ from blocksparse_jax import _checks
 
 # A chunk holds about this many logits (512 KiB in float32, a few such arrays
 # stay in the caches), and at least _MIN_COLS classes (a narrower product of
-# (batch, n_in) by (n_in, cols) would run below the machine's speed).
+# (batch, n_in) by (n_in, cols) would run below the machine's speed).  A caller
+# may allow larger chunks (``chunk_elements``): fewer chunks are faster (a loop
+# runs its products on one core, and slices W1's columns), at the price of
+# larger temporaries.
 _CHUNK_ELEMENTS = 1 << 17
 _MIN_COLS = 128
 _COL_MULTIPLE = 8
 
 
-def chunking(batch: int, n_classes: int, *, whole: bool = False) -> tuple[int, int]:
+def chunking(
+    batch: int, n_classes: int, *, whole: bool = False, elements: int | None = None
+) -> tuple[int, int]:
     """``(n_chunks, cols)``: the static chunks of classes the first level is walked in.
 
-    A chunk holds about ``_CHUNK_ELEMENTS`` logits; ``whole``: one chunk of every class.
+    A chunk holds about ``max(_CHUNK_ELEMENTS, elements)`` logits; ``whole``: one
+    chunk of every class.
     """
     if whole:
         return 1, n_classes
-    widest = max(_MIN_COLS, _CHUNK_ELEMENTS // max(1, batch))
+    budget = max(_CHUNK_ELEMENTS, elements or 0)
+    widest = max(_MIN_COLS, budget // max(1, batch))
     n_chunks = max(1, -(-n_classes // widest))
     # Chunks of about equal width: rounding each up to _COL_MULTIPLE makes the last one
     # overlap the one before by fewer than _COL_MULTIPLE classes per chunk.
@@ -97,10 +104,10 @@ def _scan(chunk, init, n_chunks):
     return lax.scan(chunk, init, jnp.arange(n_chunks, dtype=jnp.int32))[0]
 
 
-def _values(x, W1, b1, valid, classes, acc, whole):
+def _values(x, W1, b1, valid, classes, acc, elements, whole):
     """``(out, lse)``, both ``(batch,)`` in ``acc``, a chunk of classes at a time."""
     batch, n_classes = x.shape[0], W1.shape[1]
-    n_chunks, cols = chunking(batch, n_classes, whole=whole)
+    n_chunks, cols = chunking(batch, n_classes, whole=whole, elements=elements)
     neg_inf, zero = jnp.full((), -jnp.inf, acc), jnp.zeros((), acc)
 
     def chunk(carry, j):
@@ -123,10 +130,10 @@ def _values(x, W1, b1, valid, classes, acc, whole):
     return jnp.where(ok, picked - lse, neg_inf), lse
 
 
-def _grads(x, W1, b1, valid, classes, lse, g, acc, whole):
+def _grads(x, W1, b1, valid, classes, lse, g, acc, elements, whole):
     """``(dx, dW1, db1)`` in ``acc`` for the cotangent ``g`` of the output, a chunk at a time."""
     batch, n_classes = x.shape[0], W1.shape[1]
-    n_chunks, cols = chunking(batch, n_classes, whole=whole)
+    n_chunks, cols = chunking(batch, n_classes, whole=whole, elements=elements)
     zero = jnp.zeros((), acc)
 
     def chunk(carry, j):
@@ -147,7 +154,7 @@ def _grads(x, W1, b1, valid, classes, lse, g, acc, whole):
     return _scan(chunk, init, n_chunks)
 
 
-def _per_platform(fn, *args):
+def _per_platform(fn, elements, *args):
     """``fn(whole)(*args)``: chunked (``whole=False``) on CPU, one chunk on GPU and TPU.
 
     On GPU and TPU a loop's iterations run one after another, so the classes
@@ -156,40 +163,40 @@ def _per_platform(fn, *args):
     only.
     """
     x, W1 = args[0], args[1]
-    if chunking(x.shape[0], W1.shape[1])[0] == 1:
+    if chunking(x.shape[0], W1.shape[1], elements=elements)[0] == 1:
         return fn(False)(*args)
     return lax.platform_dependent(*args, cpu=fn(False), default=fn(True))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _class_log_prob(x, W1, b1, valid, classes, acc):
-    values = lambda whole: lambda *a: _values(*a, acc, whole)[0]
-    return _per_platform(values, x, W1, b1, valid, classes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _class_log_prob(x, W1, b1, valid, classes, acc, elements):
+    values = lambda whole: lambda *a: _values(*a, acc, elements, whole)[0]
+    return _per_platform(values, elements, x, W1, b1, valid, classes)
 
 
-def _class_log_prob_fwd(x, W1, b1, valid, classes, acc):
-    values = lambda whole: lambda *a: _values(*a, acc, whole)
-    out, lse = _per_platform(values, x, W1, b1, valid, classes)
+def _class_log_prob_fwd(x, W1, b1, valid, classes, acc, elements):
+    values = lambda whole: lambda *a: _values(*a, acc, elements, whole)
+    out, lse = _per_platform(values, elements, x, W1, b1, valid, classes)
     return out, (x, W1, b1, valid, classes, lse)
 
 
-def _class_log_prob_bwd(acc, res, g):
+def _class_log_prob_bwd(acc, elements, res, g):
     x, W1, b1, valid, classes, lse = res
     # An example of an empty class has the constant value -inf: no gradient.
     g = jnp.where(valid[classes], g.astype(acc), jnp.zeros((), acc))
     grads = lambda whole: (
         lambda x, W1, b1, valid, classes, lse, g: _grads(
-            x, W1, b1, valid, classes, lse, g, acc, whole
+            x, W1, b1, valid, classes, lse, g, acc, elements, whole
         )
     )
-    dx, dW1, db1 = _per_platform(grads, x, W1, b1, valid, classes, lse, g)
+    dx, dW1, db1 = _per_platform(grads, elements, x, W1, b1, valid, classes, lse, g)
     return dx.astype(x.dtype), dW1.astype(W1.dtype), db1.astype(b1.dtype), None, None
 
 
 _class_log_prob.defvjp(_class_log_prob_fwd, _class_log_prob_bwd)
 
 
-def class_log_prob(x, W1, b1, class_valid, classes, acc) -> jax.Array:
+def class_log_prob(x, W1, b1, class_valid, classes, acc, *, chunk_elements=None) -> jax.Array:
     """``log_softmax(x @ W1 + b1)[b, classes[b]]`` over the valid classes, in ``acc``.
 
     Args:
@@ -199,8 +206,11 @@ def class_log_prob(x, W1, b1, class_valid, classes, acc) -> jax.Array:
       class_valid: ``(n_classes,)`` bool, ``False`` for the empty classes (logit ``-inf``).
       classes: ``(batch,)`` int32 class of each example, in ``[0, n_classes)``.
       acc: the accumulation dtype.
+      chunk_elements: a static int: a chunk may hold this many logits when that is
+        more than the default ``_CHUNK_ELEMENTS`` (the caller's memory allows it).
 
     Returns:
       ``(batch,)`` in ``acc``; ``-inf`` for an example whose class is empty.
     """
-    return _class_log_prob(x, W1, b1, class_valid, classes.astype(jnp.int32), acc)
+    elements = None if chunk_elements is None else int(chunk_elements)
+    return _class_log_prob(x, W1, b1, class_valid, classes.astype(jnp.int32), acc, elements)

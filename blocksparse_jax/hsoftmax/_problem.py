@@ -29,6 +29,9 @@ from blocksparse_jax.blocksparse import sparse_block_dot
 from blocksparse_jax.hsoftmax._first_level import class_log_prob
 from blocksparse_jax.hsoftmax._params import check_params
 
+# The first level's chunks of logits may hold up to W2's elements over this.
+FIRST_LEVEL_SHARE = 64
+
 # --------------------------------------------------------------------------------------
 # Validation.
 # --------------------------------------------------------------------------------------
@@ -460,8 +463,13 @@ class Problem(NamedTuple):
         slot_ok = self.slot_valid(classes)
         second = _take(masked_log_softmax(act, slot_ok), slots)
         if self.model_axis is None:
-            # The first level a chunk of rows at a time: no (batch, n_classes) array kept.
-            first = class_log_prob(x, self.W1, self.b1, self.class_valid, local, self.acc)
+            # The first level a chunk of classes at a time: no (batch, n_classes) array
+            # kept.  A chunk may hold as many logits as 1/64 of W2's elements, so the
+            # temporaries stay a small fraction of the model.
+            first = class_log_prob(
+                x, self.W1, self.b1, self.class_valid, local, self.acc,
+                chunk_elements=self.W2.size // FIRST_LEVEL_SHARE,
+            )  # fmt: skip
             return neg_inf_where_invalid(first + second, use)
         logits = prob.class_logits()
         term = _take(logits, local) + second

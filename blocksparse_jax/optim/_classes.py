@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import math
 
+from blocksparse_jax.hsoftmax import _first_level, _problem
+
 
 def _touched(n_classes: int, batch: int) -> float:
     """Expected number of distinct classes among ``batch`` uniformly drawn targets."""
     return n_classes * -math.expm1(batch * math.log1p(-1.0 / n_classes)) if n_classes > 1 else 1.0
+
+
+def _one_chunk(n_outputs: int, n_classes: int, n_in: int, batch: int) -> bool:
+    """Does the first level of a lazy step run as one chunk of classes (see ``_first_level``)?"""
+    P = -(-n_outputs // n_classes)
+    elements = n_in * n_classes * P // _problem.FIRST_LEVEL_SHARE
+    return _first_level.chunking(batch, n_classes, elements=elements)[0] == 1
 
 
 def training_step_cost(
@@ -17,8 +26,8 @@ def training_step_cost(
     n_in: int,
     batch: int,
     pair_cost: float = 24.0,
-    update_cost: float = 8.0,
-    cache_elements: int = 1 << 20,
+    update_cost: float = 16.0,
+    chunked_cost: float = 3.0,
 ) -> float:
     r"""Modelled cost of one lazy training step of the hierarchical softmax.
 
@@ -27,25 +36,28 @@ def training_step_cost(
     of ``P = ceil(n_outputs / C)`` slots costs, in units of one multiply-add
     of a dense matrix product::
 
-        batch * n_in * C * (1 + batch * C / cache_elements)   first level (dense products
-                                                               over all classes; slower once
-                                                               the (batch, C) activations
-                                                               outgrow the cache)
-        + update_cost * n_in * C                               the dense update of W1
-        + pair_cost * batch * n_in * P                         second level: one block per
-                                                               example (block-sparse products)
-        + update_cost * u(C) * n_in * P                        the lazy update of the touched
-                                                               blocks of W2
+        batch * n_in * C * f                       first level (dense products over
+                                                   all classes); f = 1 when it runs
+                                                   as one chunk, else chunked_cost
+        + update_cost * n_in * C                   the dense update of W1
+        + pair_cost * batch * n_in * P             second level: one block per
+                                                   example (block-sparse products)
+        + update_cost * u(C) * n_in * P            the lazy update of the touched
+                                                   blocks of W2
 
     where ``u(C) = C * (1 - (1 - 1/C) ** batch)`` is the expected number of
     distinct classes among ``batch`` uniformly drawn targets (an upper bound
-    for a Zipf-distributed vocabulary).  The default constants were fitted to
-    lazy Adam steps measured on a CPU (``benchmarks/bench_sparse_training.py``
-    sweeps the class count); refit them for another machine.  The dense step
-    (``jax.grad`` + ``optax.adam``) instead pays ``update_cost * n_in * C * P``
-    for all of ``W2``, and its optimum is near ``sqrt(n_outputs)``; the lazy
-    step's second level shrinks with ``P`` while the first level grows with
-    ``C``, so its optimum has several times more classes.
+    for a Zipf-distributed vocabulary).  The first level runs as one chunk
+    when its ``(batch, C)`` logits number at most ``W2``'s elements over 64
+    (or the default chunk); past that it walks the classes in chunks, a loop
+    whose products run on one core.  The default constants were fitted to
+    lazy Adam steps measured on a 2-core CPU
+    (``benchmarks/bench_sparse_training.py`` sweeps the class count); refit
+    them for another machine.  The dense step (``jax.grad`` + ``optax.adam``)
+    instead pays ``update_cost * n_in * C * P`` for all of ``W2``, and its
+    optimum is near ``sqrt(n_outputs)``; the lazy step's second level shrinks
+    with ``P`` while the first level grows with ``C``, so its optimum has
+    several times more classes.
 
     Args:
       n_outputs: vocabulary size.
@@ -55,7 +67,7 @@ def training_step_cost(
       pair_cost: cost of the second level per example and weight, relative to a
         dense multiply-add.
       update_cost: optimizer cost per updated weight, relative to a dense multiply-add.
-      cache_elements: activations (``batch * C``) beyond which the first level slows down.
+      chunked_cost: the first level's cost per multiply-add when it runs in chunks.
 
     Returns:
       The modelled cost (a float; compare values, not units).
@@ -63,8 +75,9 @@ def training_step_cost(
     C = int(n_classes)
     P = -(-int(n_outputs) // C)
     u = _touched(C, int(batch))
+    f = 1.0 if _one_chunk(int(n_outputs), C, int(n_in), int(batch)) else chunked_cost
     return (
-        batch * n_in * C * (1.0 + batch * C / cache_elements)
+        batch * n_in * C * f
         + update_cost * n_in * C
         + pair_cost * batch * n_in * P
         + update_cost * u * n_in * P
@@ -77,8 +90,8 @@ def training_classes(
     n_in: int,
     batch: int,
     pair_cost: float = 24.0,
-    update_cost: float = 8.0,
-    cache_elements: int = 1 << 20,
+    update_cost: float = 16.0,
+    chunked_cost: float = 3.0,
     multiple: int = 8,
 ) -> int:
     r"""The class count that minimises a lazy training step's cost (:func:`training_step_cost`).
@@ -98,7 +111,7 @@ def training_classes(
       batch: examples per step.
       pair_cost: as in :func:`training_step_cost`.
       update_cost: as in :func:`training_step_cost`.
-      cache_elements: as in :func:`training_step_cost`.
+      chunked_cost: as in :func:`training_step_cost`.
       multiple: the slots per class are rounded to a multiple of this (SIMD-friendly
         blocks), except for vocabularies smaller than it.
 
@@ -112,7 +125,7 @@ def training_classes(
       >>> from blocksparse_jax.optim import training_classes
       >>> n = training_classes(589_824, n_in=128, batch=256)
       >>> n, -(-589_824 // n)                    # classes, slots per class
-      (2731, 216)
+      (4608, 128)
       >>> training_classes(589_824, n_in=128, batch=256) > 768     # more than sqrt(V)
       True
     """
@@ -129,7 +142,7 @@ def training_classes(
         C = -(-V // P)
         cost = training_step_cost(
             V, C, n_in=n_in, batch=batch, pair_cost=pair_cost, update_cost=update_cost,
-            cache_elements=cache_elements,
+            chunked_cost=chunked_cost,
         )  # fmt: skip
         if cost < best_cost:
             best, best_cost = C, cost

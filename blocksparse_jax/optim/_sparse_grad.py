@@ -350,98 +350,127 @@ def value_and_sparse_grad(
         raise TypeError(f"argnums must be an int or a tuple of ints; got {argnums!r}")
 
     def wrapped(*args, **kwargs):
-        for n in nums:
-            if not -len(args) <= n < len(args):
-                raise ValueError(
-                    f"argnums {n} is out of range for a call with {len(args)} positional arguments"
-                )
-        diff = tuple(args[n] for n in nums)
-        leaves, treedef = jax.tree.flatten(diff)
-        leaves = [jnp.asarray(a) if not isinstance(a, jax.Array) else a for a in leaves]
-        for i, a in enumerate(leaves):
-            if not jnp.issubdtype(a.dtype, jnp.floating):
-                raise TypeError(
-                    f"value_and_sparse_grad differentiates float arrays only; leaf {i} of the "
-                    f"differentiated arguments has dtype {a.dtype}"
-                )
-
-        def call(leaf_list, rec):
-            d = jax.tree.unflatten(treedef, leaf_list)
-            full = list(args)
-            for n, v in zip(nums, d, strict=True):
-                full[n] = v
-            with _sparse_trace.active(rec):
-                out = fun(*full, **kwargs)
-            value = out[0] if has_aux else out
-            value = jnp.asarray(value)
-            if value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
-                raise TypeError(
-                    "value_and_sparse_grad needs fun to return a real scalar"
-                    f"{' (as the first element of its output)' if has_aux else ''}; got shape "
-                    f"{value.shape} and dtype {value.dtype}"
-                )
-            return out
-
-        # 1. Discovery: which leaves do the ops claim, and which of those are also used densely?
-        holder = {}
-
-        def discover(leaf_list):
-            rec = Recorder(leaf_list, range(len(leaf_list)))
-            holder["rec"] = rec
-            out = call(leaf_list, rec)
-            return out[0] if has_aux else out
-
-        jaxpr = jax.make_jaxpr(jax.grad(discover))(leaves)
-        rec0 = holder["rec"]
-        claimed = sorted({u.leaf for u in rec0.uses})
-        tied = {i for i in claimed if not _is_zero_output(jaxpr.jaxpr, jaxpr.jaxpr.outvars[i])}
-        sparse = [i for i in claimed if i not in tied]
+        leaves, treedef = _differentiated_leaves(args, nums)
+        call = _Call(fun, args, kwargs, nums, treedef, has_aux)
+        sparse, probe_specs = _sparse_leaves(call, leaves)
         if not sparse:
             return jax.value_and_grad(fun, nums[0] if single else nums, has_aux=has_aux)(
                 *args, **kwargs
             )
-        specs = [(s, d) for s, d, owners in rec0.probe_specs if owners & set(sparse)]
-        dense_pos = [i for i in range(len(leaves)) if i not in sparse]
-
-        # 2. The differentiated run: sparse leaves held constant, probes differentiated.
-        def run(dense_leaves, probes):
-            leaf_list = list(leaves)
-            for i, v in zip(dense_pos, dense_leaves, strict=True):
-                leaf_list[i] = v
-            rec = Recorder([leaves[i] for i in sparse], sparse, probes=probes)
-            holder["rec"] = rec
-            out = call(leaf_list, rec)
-            value, aux = (out[0], out[1]) if has_aux else (out, None)
-            return value, (aux, [u.arrays for u in rec.uses])
-
-        probes0 = [jnp.zeros(s, d) for s, d in specs]
-        value, vjp, (aux, use_arrays) = jax.vjp(
-            run, [leaves[i] for i in dense_pos], probes0, has_aux=True
-        )
-        g_dense, g_probes = vjp(jnp.ones((), value.dtype))
-        rec = holder["rec"]
-
-        # Order the sparse gradients (and so any in-place update built from them) after
-        # everything the dense gradients read, e.g. a backward pass through the weights.
-        deps = [jnp.sum(g.astype(jnp.float32)) for g in g_dense if g.size]
-        out_leaves = [None] * len(leaves)
-        for i, g in zip(dense_pos, g_dense, strict=True):
-            out_leaves[i] = g
-        for i in sparse:
-            parts = [
-                u.build(g_probes[u.probe], arrays)
-                for u, arrays in zip(rec.uses, use_arrays, strict=True)
-                if u.leaf == i
-            ]
-            pb = jnp.concatenate([p[0].reshape(-1) for p in parts])
-            pb = after(pb, *deps)
-            left = None if parts[0][1] is None else jnp.concatenate([p[1] for p in parts])
-            right = jnp.concatenate([p[2] for p in parts])
-            out_leaves[i] = SparseBlockGrad.from_pairs(
-                pb, left, right, shape=leaves[i].shape, dtype=leaves[i].dtype
-            )
+        value, aux, out_leaves = _sparse_value_and_grad(call, leaves, sparse, probe_specs)
         grads = jax.tree.unflatten(treedef, out_leaves)
         grads = grads[0] if single else grads
         return ((value, aux) if has_aux else value), grads
 
     return wrapped
+
+
+def _differentiated_leaves(args, nums):
+    """The leaves of the differentiated arguments (arrays) and their treedef; checks them."""
+    for n in nums:
+        if not -len(args) <= n < len(args):
+            raise ValueError(
+                f"argnums {n} is out of range for a call with {len(args)} positional arguments"
+            )
+    leaves, treedef = jax.tree.flatten(tuple(args[n] for n in nums))
+    leaves = [jnp.asarray(a) if not isinstance(a, jax.Array) else a for a in leaves]
+    for i, a in enumerate(leaves):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(
+                f"value_and_sparse_grad differentiates float arrays only; leaf {i} of the "
+                f"differentiated arguments has dtype {a.dtype}"
+            )
+    return leaves, treedef
+
+
+class _Call:
+    """The user's function called with the differentiated leaves replaced, under a recorder."""
+
+    def __init__(self, fun, args, kwargs, nums, treedef, has_aux):
+        self.fun, self.args, self.kwargs = fun, args, kwargs
+        self.nums, self.treedef, self.has_aux = nums, treedef, has_aux
+        self.recorder: Recorder | None = None  # the recorder of the latest call
+
+    def __call__(self, leaf_list, rec: Recorder):
+        """``fun``'s output with ``leaf_list`` as the differentiated leaves; ``rec`` records."""
+        self.recorder = rec
+        full = list(self.args)
+        for n, v in zip(self.nums, jax.tree.unflatten(self.treedef, leaf_list), strict=True):
+            full[n] = v
+        with _sparse_trace.active(rec):
+            out = self.fun(*full, **self.kwargs)
+        value = jnp.asarray(out[0] if self.has_aux else out)
+        if value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
+            raise TypeError(
+                "value_and_sparse_grad needs fun to return a real scalar"
+                f"{' (as the first element of its output)' if self.has_aux else ''}; got shape "
+                f"{value.shape} and dtype {value.dtype}"
+            )
+        return out
+
+    def value(self, out):
+        return out[0] if self.has_aux else out
+
+
+def _sparse_leaves(call: _Call, leaves) -> tuple[list[int], list]:
+    """The leaves the ops claim and that ``call`` uses in no other way, and the ops' probes.
+
+    Traces the gradient of ``call`` once with every leaf tracked: a claimed leaf
+    whose gradient there is not a symbolic zero is also used densely (tied).
+    Returns the sorted positions of the sparse leaves and the recorder's
+    ``probe_specs`` (shape, dtype, owning leaves) of that trace.
+    """
+
+    def discover(leaf_list):
+        return call.value(call(leaf_list, Recorder(leaf_list, range(len(leaf_list)))))
+
+    jaxpr = jax.make_jaxpr(jax.grad(discover))(leaves)
+    claimed = sorted({u.leaf for u in call.recorder.uses})
+    sparse = [i for i in claimed if _is_zero_output(jaxpr.jaxpr, jaxpr.jaxpr.outvars[i])]
+    return sparse, call.recorder.probe_specs
+
+
+def _sparse_value_and_grad(call: _Call, leaves, sparse: list[int], probe_specs):
+    """``(value, aux, gradient leaves)``: dense leaves by ``jax.vjp``, sparse ones from the probes.
+
+    The sparse leaves are held constant; each op adds a zero probe to its output,
+    and the probe's cotangent with the op's inputs gives the leaf's pairs.
+    """
+    specs = [(s, d) for s, d, owners in probe_specs if owners & set(sparse)]
+    dense_pos = [i for i in range(len(leaves)) if i not in sparse]
+
+    def run(dense_leaves, probes):
+        leaf_list = list(leaves)
+        for i, v in zip(dense_pos, dense_leaves, strict=True):
+            leaf_list[i] = v
+        rec = Recorder([leaves[i] for i in sparse], sparse, probes=probes)
+        out = call(leaf_list, rec)
+        value, aux = (out[0], out[1]) if call.has_aux else (out, None)
+        return value, (aux, [u.arrays for u in rec.uses])
+
+    probes0 = [jnp.zeros(s, d) for s, d in specs]
+    value, vjp, (aux, use_arrays) = jax.vjp(
+        run, [leaves[i] for i in dense_pos], probes0, has_aux=True
+    )
+    g_dense, g_probes = vjp(jnp.ones((), value.dtype))
+    uses = call.recorder.uses
+
+    # Order the sparse gradients (and so any in-place update built from them) after
+    # everything the dense gradients read, e.g. a backward pass through the weights.
+    deps = [jnp.sum(g.astype(jnp.float32)) for g in g_dense if g.size]
+    out_leaves = [None] * len(leaves)
+    for i, g in zip(dense_pos, g_dense, strict=True):
+        out_leaves[i] = g
+    for i in sparse:
+        parts = [
+            u.build(g_probes[u.probe], arrays)
+            for u, arrays in zip(uses, use_arrays, strict=True)
+            if u.leaf == i
+        ]
+        pb = after(jnp.concatenate([p[0].reshape(-1) for p in parts]), *deps)
+        left = None if parts[0][1] is None else jnp.concatenate([p[1] for p in parts])
+        right = jnp.concatenate([p[2] for p in parts])
+        out_leaves[i] = SparseBlockGrad.from_pairs(
+            pb, left, right, shape=leaves[i].shape, dtype=leaves[i].dtype
+        )
+    return value, aux, out_leaves
