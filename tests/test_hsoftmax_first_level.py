@@ -108,16 +108,21 @@ def test_values_and_gradients_match_numpy(narrow_chunks, transform):
     assert np.all(dW1[:, ~valid] == 0) and np.all(db1[~valid] == 0)
 
 
+@pytest.mark.parametrize("all_valid", [False, True])
 @pytest.mark.parametrize("chunk_elements", [None, 6 * 6, 6 * 11])  # 4 / 2 / 1 chunks
-def test_a_larger_chunk_budget_gives_the_same_values(narrow_chunks, chunk_elements):
+def test_a_larger_chunk_budget_gives_the_same_values(narrow_chunks, chunk_elements, all_valid):
     x, W1, b1, valid, classes = _problem(5)
+    if all_valid:  # no class empty: the masks are left out
+        valid = np.ones_like(valid)
     g = np.random.default_rng(6).standard_normal(6)
     ref_out, ref_dx, ref_dW1, ref_db1 = _reference(x, W1, b1, valid, classes, g)
     n_chunks = chunking(6, 11, elements=chunk_elements)[0]
     assert n_chunks == {None: 4, 36: 2, 66: 1}[chunk_elements]
 
     def weighted(x, W1, b1):
-        out = class_log_prob(x, W1, b1, valid, classes, F64, chunk_elements=chunk_elements)
+        out = class_log_prob(
+            x, W1, b1, valid, classes, F64, chunk_elements=chunk_elements, all_valid=all_valid
+        )
         return jnp.sum(jnp.where(valid[classes], out, 0.0) * g), out
 
     (_, out), (dx, dW1, db1) = jax.jit(

@@ -33,9 +33,11 @@ sums.  So the backward pass is itself reverse-differentiable and
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from blocksparse_jax import _checks
@@ -76,13 +78,20 @@ def _chunk_start(j, cols: int, n_classes: int):
     return jnp.minimum(j * cols, n_classes - cols)
 
 
-def _chunk(x, W1, b1, valid, classes, j, cols, acc):
-    """Chunk ``j``'s ``(start, logits, ok, keep, hit)``.
+class _Static(NamedTuple):
+    """The static options of the custom VJP: accumulation dtype, chunk budget, all classes valid."""
+
+    acc: np.dtype
+    elements: int | None
+    all_valid: bool
+
+
+def _chunk(x, W1, b1, valid, j, cols, acc):
+    """Chunk ``j``'s ``(start, logits, ok, keep)``.
 
     ``logits`` is ``(batch, cols)``, not yet masked (each caller applies its
     masks in one fused pass); ``ok`` ``(cols,)`` marks the valid classes,
-    ``keep`` ``(cols,)`` the classes no earlier chunk holds, ``hit`` ``(batch,
-    cols)`` the example's own class if it is valid.
+    ``keep`` ``(cols,)`` the classes no earlier chunk holds.
     """
     n_classes = W1.shape[1]
     start = _chunk_start(j, cols, n_classes)
@@ -93,8 +102,7 @@ def _chunk(x, W1, b1, valid, classes, j, cols, acc):
     ids = start + jnp.arange(cols, dtype=jnp.int32)
     ok = lax.dynamic_slice_in_dim(valid, start, cols)
     keep = ids >= j * cols
-    hit = (ids[None, :] == classes[:, None]) & ok[None, :]
-    return start, logits, ok, keep, hit
+    return start, logits, ok, keep
 
 
 def _scan(chunk, init, n_chunks):
@@ -104,20 +112,31 @@ def _scan(chunk, init, n_chunks):
     return lax.scan(chunk, init, jnp.arange(n_chunks, dtype=jnp.int32))[0]
 
 
-def _values(x, W1, b1, valid, classes, acc, elements, whole):
-    """``(out, lse)``, both ``(batch,)`` in ``acc``, a chunk of classes at a time."""
+def _values(x, W1, b1, valid, classes, st: _Static, whole):
+    """``(out, lse)``, both ``(batch,)`` in ``acc``, a chunk of classes at a time.
+
+    With one chunk of classes that are all valid the logits are used as the
+    product leaves them: no masked copy of a ``(batch, n_classes)`` array.
+    """
+    acc = st.acc
     batch, n_classes = x.shape[0], W1.shape[1]
-    n_chunks, cols = chunking(batch, n_classes, whole=whole, elements=elements)
+    n_chunks, cols = chunking(batch, n_classes, whole=whole, elements=st.elements)
     neg_inf, zero = jnp.full((), -jnp.inf, acc), jnp.zeros((), acc)
 
     def chunk(carry, j):
         m, s, picked = carry
-        _, logits, ok, keep, hit = _chunk(x, W1, b1, valid, classes, j, cols, acc)
-        logits = jnp.where((ok & keep)[None, :], logits, neg_inf)
+        start, logits, ok, keep = _chunk(x, W1, b1, valid, j, cols, acc)
+        if not (st.all_valid and n_chunks == 1):
+            counted = keep if st.all_valid else ok & keep
+            logits = jnp.where(counted[None, :], logits, neg_inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         shift = jnp.where(jnp.isneginf(m_new), zero, m_new)  # no class yet: nothing to shift
         s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(logits - shift[:, None]), axis=1)
-        picked = picked + jnp.sum(jnp.where(hit & keep[None, :], logits, zero), axis=1)
+        # The example's own logit, from the chunk that holds its class first.
+        local = classes - start
+        own = (classes >= j * cols) & (local < cols)
+        mine = jnp.take_along_axis(logits, jnp.clip(local, 0, cols - 1)[:, None], axis=1)[:, 0]
+        picked = picked + jnp.where(own, mine, zero)
         return (m_new, s, picked), None
 
     init = (jnp.full((batch,), -jnp.inf, acc), jnp.zeros((batch,), acc), jnp.zeros((batch,), acc))
@@ -125,28 +144,35 @@ def _values(x, W1, b1, valid, classes, acc, elements, whole):
     lse = jnp.where(jnp.isneginf(m), zero, m) + jnp.log(s)
     # A row with no class at all gets lse 0, so that its log-probabilities are -inf, not NaN.
     lse = jnp.where(jnp.isneginf(lse), zero, lse)
-    # The class is empty (its logit -inf): the pick above added 0, the result is -inf.
-    ok = valid[classes]
-    return jnp.where(ok, picked - lse, neg_inf), lse
+    # The class is empty: whatever was picked, the result is -inf.
+    return jnp.where(valid[classes], picked - lse, neg_inf), lse
 
 
-def _grads(x, W1, b1, valid, classes, lse, g, acc, elements, whole):
-    """``(dx, dW1, db1)`` in ``acc`` for the cotangent ``g`` of the output, a chunk at a time."""
+def _grads(x, W1, b1, valid, classes, lse, g, st: _Static, whole):
+    """``(dx, dW1, db1)`` in ``acc`` for the cotangent ``g`` of the output, a chunk at a time.
+
+    ``g`` is 0 for the examples of empty classes.
+    """
+    acc = st.acc
     batch, n_classes = x.shape[0], W1.shape[1]
-    n_chunks, cols = chunking(batch, n_classes, whole=whole, elements=elements)
+    n_chunks, cols = chunking(batch, n_classes, whole=whole, elements=st.elements)
     zero = jnp.zeros((), acc)
 
     def chunk(carry, j):
         dx, dW1, db1 = carry
-        start, logits, ok, keep, hit = _chunk(x, W1, b1, valid, classes, j, cols, acc)
-        p = jnp.where(ok[None, :], jnp.exp(logits - lse[:, None]), zero)
+        start, logits, ok, keep = _chunk(x, W1, b1, valid, j, cols, acc)
+        p = jnp.exp(logits - lse[:, None])
+        if not st.all_valid:
+            p = jnp.where(ok[None, :], p, zero)
+        ids = start + jnp.arange(cols, dtype=jnp.int32)
+        hit = ids[None, :] == classes[:, None]  # an empty class's example has g = 0
         G = g[:, None] * (hit.astype(acc) - p)  # (batch, cols)
         # Every column of the chunk is (re)written whole; the sum into dx takes the kept ones.
         dW1 = lax.dynamic_update_slice_in_dim(
             dW1, jnp.dot(x.astype(acc).T, G, preferred_element_type=acc), start, axis=1
         )
         db1 = lax.dynamic_update_slice_in_dim(db1, jnp.sum(G, axis=0), start, axis=0)
-        Gk = jnp.where(keep[None, :], G, zero)
+        Gk = G if n_chunks == 1 else jnp.where(keep[None, :], G, zero)
         Wc = lax.dynamic_slice_in_dim(W1, start, cols, axis=1).astype(acc)
         return (dx + jnp.dot(Gk, Wc.T, preferred_element_type=acc), dW1, db1), None
 
@@ -168,35 +194,34 @@ def _per_platform(fn, elements, *args):
     return lax.platform_dependent(*args, cpu=fn(False), default=fn(True))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _class_log_prob(x, W1, b1, valid, classes, acc, elements):
-    values = lambda whole: lambda *a: _values(*a, acc, elements, whole)[0]
-    return _per_platform(values, elements, x, W1, b1, valid, classes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _class_log_prob(x, W1, b1, valid, classes, st):
+    values = lambda whole: lambda *a: _values(*a, st, whole)[0]
+    return _per_platform(values, st.elements, x, W1, b1, valid, classes)
 
 
-def _class_log_prob_fwd(x, W1, b1, valid, classes, acc, elements):
-    values = lambda whole: lambda *a: _values(*a, acc, elements, whole)
-    out, lse = _per_platform(values, elements, x, W1, b1, valid, classes)
+def _class_log_prob_fwd(x, W1, b1, valid, classes, st):
+    values = lambda whole: lambda *a: _values(*a, st, whole)
+    out, lse = _per_platform(values, st.elements, x, W1, b1, valid, classes)
     return out, (x, W1, b1, valid, classes, lse)
 
 
-def _class_log_prob_bwd(acc, elements, res, g):
+def _class_log_prob_bwd(st, res, g):
     x, W1, b1, valid, classes, lse = res
+    acc = st.acc
     # An example of an empty class has the constant value -inf: no gradient.
     g = jnp.where(valid[classes], g.astype(acc), jnp.zeros((), acc))
-    grads = lambda whole: (
-        lambda x, W1, b1, valid, classes, lse, g: _grads(
-            x, W1, b1, valid, classes, lse, g, acc, elements, whole
-        )
-    )
-    dx, dW1, db1 = _per_platform(grads, elements, x, W1, b1, valid, classes, lse, g)
+    grads = lambda whole: lambda *a: _grads(*a, st, whole)
+    dx, dW1, db1 = _per_platform(grads, st.elements, x, W1, b1, valid, classes, lse, g)
     return dx.astype(x.dtype), dW1.astype(W1.dtype), db1.astype(b1.dtype), None, None
 
 
 _class_log_prob.defvjp(_class_log_prob_fwd, _class_log_prob_bwd)
 
 
-def class_log_prob(x, W1, b1, class_valid, classes, acc, *, chunk_elements=None) -> jax.Array:
+def class_log_prob(
+    x, W1, b1, class_valid, classes, acc, *, chunk_elements=None, all_valid=False
+) -> jax.Array:
     """``log_softmax(x @ W1 + b1)[b, classes[b]]`` over the valid classes, in ``acc``.
 
     Args:
@@ -208,9 +233,12 @@ def class_log_prob(x, W1, b1, class_valid, classes, acc, *, chunk_elements=None)
       acc: the accumulation dtype.
       chunk_elements: a static int: a chunk may hold this many logits when that is
         more than the default ``_CHUNK_ELEMENTS`` (the caller's memory allows it).
+      all_valid: a static bool: ``True`` when every class is known to be valid
+        (``class_valid`` all ``True``), so that no mask is applied.
 
     Returns:
       ``(batch,)`` in ``acc``; ``-inf`` for an example whose class is empty.
     """
     elements = None if chunk_elements is None else int(chunk_elements)
-    return _class_log_prob(x, W1, b1, class_valid, classes.astype(jnp.int32), acc, elements)
+    st = _Static(np.dtype(acc), elements, bool(all_valid))
+    return _class_log_prob(x, W1, b1, class_valid, classes.astype(jnp.int32), st)

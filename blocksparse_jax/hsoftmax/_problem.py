@@ -366,6 +366,15 @@ class Problem(NamedTuple):
     def per_class(self) -> int:
         return self.W2.shape[2]
 
+    def all_valid(self) -> bool:
+        """Is every class known at trace time to hold an output (no ``class_sizes``, no empty class)?"""
+        n_classes = self.W1.shape[1]
+        return (
+            self.class_sizes is None
+            and self.model_axis is None
+            and ((n_classes - 1) * self.per_class < self.n_outputs)
+        )
+
     def first_class(self):
         """The global id of this shard's first class (0 without ``model_axis``)."""
         if self.model_axis is None:
@@ -468,7 +477,7 @@ class Problem(NamedTuple):
             # temporaries stay a small fraction of the model.
             first = class_log_prob(
                 x, self.W1, self.b1, self.class_valid, local, self.acc,
-                chunk_elements=self.W2.size // FIRST_LEVEL_SHARE,
+                chunk_elements=self.W2.size // FIRST_LEVEL_SHARE, all_valid=self.all_valid(),
             )  # fmt: skip
             return neg_inf_where_invalid(first + second, use)
         logits = prob.class_logits()
