@@ -178,6 +178,34 @@ def test_embedding_grads_equal_dense_and_has_aux():
     chex.assert_trees_all_close((v, _dense(g)), (wv, wg), rtol=1e-6, atol=1e-6)
 
 
+def test_sparse_updates_wait_only_for_the_gradients_that_read_the_weight():
+    """W2's pairs are ordered after x's gradient (computed through W2), not after W1's."""
+    from blocksparse_jax.optim import _sparse_grad
+
+    jaxpr = jax.make_jaxpr(lambda a, b, c: (a * 2.0, b + 1.0, a + b, c))(1.0, 2.0, 3.0)
+    assert _sparse_grad._reaches(jaxpr.jaxpr, 0) == [True, False, True, False]
+    assert _sparse_grad._reaches(jaxpr.jaxpr, 2) == [False, False, False, True]
+
+    params, x, t = _hs_case(V=64, n_in=8, batch=6)
+    seen = {}
+    real = _sparse_grad._sparse_leaves
+
+    def spy(call, leaves):
+        out = real(call, leaves)
+        seen["readers"] = out[2]
+        return out
+
+    loss = lambda p, x: h_softmax_loss(x, p, t, n_outputs=64)
+    try:
+        _sparse_grad._sparse_leaves = spy
+        _, (g, gx) = value_and_sparse_grad(loss, argnums=(0, 1))(params, x)
+    finally:
+        _sparse_grad._sparse_leaves = real
+    # leaves: W1, b1, W2, b2 of params, then x (whose gradient goes through both)
+    assert seen["readers"] == {2: [4], 3: [4]}
+    np.testing.assert_allclose(gx, jax.grad(loss, argnums=1)(params, x), rtol=1e-6, atol=1e-7)
+
+
 def test_tied_leaf_gets_the_full_dense_gradient():
     """An embedding table also used as an output layer: its gradient is dense and complete."""
     table = jax.random.normal(jax.random.key(0), (20, 4), F32)

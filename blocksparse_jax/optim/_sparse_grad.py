@@ -352,12 +352,12 @@ def value_and_sparse_grad(
     def wrapped(*args, **kwargs):
         leaves, treedef = _differentiated_leaves(args, nums)
         call = _Call(fun, args, kwargs, nums, treedef, has_aux)
-        sparse, probe_specs = _sparse_leaves(call, leaves)
+        sparse, probe_specs, readers = _sparse_leaves(call, leaves)
         if not sparse:
             return jax.value_and_grad(fun, nums[0] if single else nums, has_aux=has_aux)(
                 *args, **kwargs
             )
-        value, aux, out_leaves = _sparse_value_and_grad(call, leaves, sparse, probe_specs)
+        value, aux, out_leaves = _sparse_value_and_grad(call, leaves, sparse, probe_specs, readers)
         grads = jax.tree.unflatten(treedef, out_leaves)
         grads = grads[0] if single else grads
         return ((value, aux) if has_aux else value), grads
@@ -412,13 +412,15 @@ class _Call:
         return out[0] if self.has_aux else out
 
 
-def _sparse_leaves(call: _Call, leaves) -> tuple[list[int], list]:
-    """The leaves the ops claim and that ``call`` uses in no other way, and the ops' probes.
+def _sparse_leaves(call: _Call, leaves) -> tuple[list[int], list, dict[int, list[int]]]:
+    """The leaves the ops claim and that ``call`` uses in no other way, the ops' probes, the readers.
 
     Traces the gradient of ``call`` once with every leaf tracked: a claimed leaf
     whose gradient there is not a symbolic zero is also used densely (tied).
-    Returns the sorted positions of the sparse leaves and the recorder's
-    ``probe_specs`` (shape, dtype, owning leaves) of that trace.
+    Returns the sorted positions of the sparse leaves, the recorder's
+    ``probe_specs`` (shape, dtype, owning leaves) of that trace, and for each
+    sparse leaf the other leaves whose gradient is computed from its value (a
+    backward pass through the weight).
     """
 
     def discover(leaf_list):
@@ -427,10 +429,61 @@ def _sparse_leaves(call: _Call, leaves) -> tuple[list[int], list]:
     jaxpr = jax.make_jaxpr(jax.grad(discover))(leaves)
     claimed = sorted({u.leaf for u in call.recorder.uses})
     sparse = [i for i in claimed if _is_zero_output(jaxpr.jaxpr, jaxpr.jaxpr.outvars[i])]
-    return sparse, call.recorder.probe_specs
+    readers = {}
+    for i in sparse:
+        reached = _reaches(jaxpr.jaxpr, i)
+        readers[i] = [j for j in range(len(leaves)) if j not in sparse and reached[j]]
+    return sparse, call.recorder.probe_specs, readers
 
 
-def _sparse_value_and_grad(call: _Call, leaves, sparse: list[int], probe_specs):
+def _reaches(jaxpr, source: int) -> list[bool]:
+    """For each output of ``jaxpr``: is it computed from input ``source``?"""
+    return _flow(jaxpr, [i == source for i in range(len(jaxpr.invars))])
+
+
+def _flow(jaxpr, tainted: list[bool]) -> list[bool]:
+    """Which outputs of ``jaxpr`` are computed from the ``tainted`` inputs.
+
+    A data-flow pass that follows nested calls (``jit``, custom rules) inside;
+    every output of any other equation with a tainted input (loops,
+    conditionals) is tainted: an over-approximation, never an under-approximation.
+    """
+    seen = {v for v, t in zip(jaxpr.invars, tainted, strict=True) if t}
+    is_var = lambda v: type(v).__name__ != "Literal"
+    for eqn in jaxpr.eqns:
+        ins = [is_var(v) and v in seen for v in eqn.invars]
+        if not any(ins):
+            continue
+        sub = _sub_jaxpr(eqn)
+        outs = _flow(sub, ins) if sub is not None else [True] * len(eqn.outvars)
+        seen.update(v for v, t in zip(eqn.outvars, outs, strict=True) if t)
+    return [is_var(v) and v in seen for v in jaxpr.outvars]
+
+
+# Primitives that call a sub-jaxpr once, on their own inputs and outputs in order.
+_CALLS = frozenset(
+    {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "custom_jvp_call",
+     "custom_vjp_call", "custom_vjp_call_jaxpr"}
+)  # fmt: skip
+
+
+def _sub_jaxpr(eqn):
+    """The jaxpr a call equation runs once on its own inputs and outputs, else ``None``."""
+    if eqn.primitive.name not in _CALLS:
+        return None
+    for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr's jaxpr
+        if (
+            type(inner).__name__ == "Jaxpr"
+            and len(inner.invars) == len(eqn.invars)
+            and len(inner.outvars) == len(eqn.outvars)
+            and not inner.constvars
+        ):
+            return inner
+    return None
+
+
+def _sparse_value_and_grad(call: _Call, leaves, sparse: list[int], probe_specs, readers):
     """``(value, aux, gradient leaves)``: dense leaves by ``jax.vjp``, sparse ones from the probes.
 
     The sparse leaves are held constant; each op adds a zero probe to its output,
@@ -455,9 +508,11 @@ def _sparse_value_and_grad(call: _Call, leaves, sparse: list[int], probe_specs):
     g_dense, g_probes = vjp(jnp.ones((), value.dtype))
     uses = call.recorder.uses
 
-    # Order the sparse gradients (and so any in-place update built from them) after
-    # everything the dense gradients read, e.g. a backward pass through the weights.
-    deps = [jnp.sum(g.astype(jnp.float32)) for g in g_dense if g.size]
+    # Order each sparse gradient (and so any in-place update built from it) after the
+    # dense gradients computed from the weight's value (a backward pass through it), so
+    # that XLA updates the weight in place instead of copying it; the others (a layer
+    # the weight does not feed) may run alongside the update.
+    dense_of = dict(zip(dense_pos, g_dense, strict=True))
     out_leaves = [None] * len(leaves)
     for i, g in zip(dense_pos, g_dense, strict=True):
         out_leaves[i] = g
@@ -467,6 +522,7 @@ def _sparse_value_and_grad(call: _Call, leaves, sparse: list[int], probe_specs):
             for u, arrays in zip(uses, use_arrays, strict=True)
             if u.leaf == i
         ]
+        deps = [jnp.sum(dense_of[j].astype(jnp.float32)) for j in readers[i] if dense_of[j].size]
         pb = after(jnp.concatenate([p[0].reshape(-1) for p in parts]), *deps)
         left = None if parts[0][1] is None else jnp.concatenate([p[1] for p in parts])
         right = jnp.concatenate([p[2] for p in parts])
