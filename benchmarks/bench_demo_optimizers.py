@@ -89,7 +89,8 @@ def main(argv=None):
             key=models.key_data,
             sparse=sparse,
         )
-        compiled[name] = compile_stats(step_fn, params, opt_state, tokens, jnp.int32(0))
+        stats = compile_stats(step_fn, params, opt_state, tokens, jnp.int32(0))
+        compiled[name] = {k: v for k, v in stats.items() if k != "compiled"}  # JSON-able
         runners[name], states[name] = _runner(step_fn, params, opt_state, tokens)
 
     info = machine_info()

@@ -22,9 +22,12 @@ backward:
   computed once, so nothing is accumulated there) and adds the chunk's term to
   ``x``'s gradient.
 
-On CPU the chunks are a ``lax.scan``; on GPU and TPU, where a loop's
-iterations run one after another, the classes are one chunk (no loop)
-(:func:`_per_platform`).  The last chunk is moved back to end at the last
+A chunk holds about ``_CHUNK_ELEMENTS`` logits, or as many as the caller
+allows (``chunk_elements``: the hierarchical softmax allows ``W2``'s elements
+over 64); classes that fit one chunk are computed without a loop, and when
+every class is valid (``all_valid``) without masks.  On CPU the chunks are a
+``lax.scan``; on GPU and TPU, where a loop's iterations run one after another,
+the classes are one chunk (no loop) (:func:`_per_platform`).  The last chunk is moved back to end at the last
 class, and the classes it shares with the chunk before are left out of its
 sums.  So the backward pass is itself reverse-differentiable and
 ``jax.jacrev`` of ``jax.jacrev`` works.
