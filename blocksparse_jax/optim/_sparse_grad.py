@@ -508,25 +508,32 @@ def _sparse_value_and_grad(call: _Call, leaves, sparse: list[int], probe_specs, 
     g_dense, g_probes = vjp(jnp.ones((), value.dtype))
     uses = call.recorder.uses
 
-    # Order each sparse gradient (and so any in-place update built from it) after the
-    # dense gradients computed from the weight's value (a backward pass through it), so
-    # that XLA updates the weight in place instead of copying it; the others (a layer
-    # the weight does not feed) may run alongside the update.
-    dense_of = dict(zip(dense_pos, g_dense, strict=True))
     out_leaves = [None] * len(leaves)
     for i, g in zip(dense_pos, g_dense, strict=True):
         out_leaves[i] = g
+    pairs = {}
     for i in sparse:
         parts = [
             u.build(g_probes[u.probe], arrays)
             for u, arrays in zip(uses, use_arrays, strict=True)
             if u.leaf == i
         ]
-        deps = [jnp.sum(dense_of[j].astype(jnp.float32)) for j in readers[i] if dense_of[j].size]
-        pb = after(jnp.concatenate([p[0].reshape(-1) for p in parts]), *deps)
+        pb = jnp.concatenate([p[0].reshape(-1) for p in parts])
         left = None if parts[0][1] is None else jnp.concatenate([p[1] for p in parts])
-        right = jnp.concatenate([p[2] for p in parts])
+        pairs[i] = (pb, left, jnp.concatenate([p[2] for p in parts]))
+
+    # Order each sparse gradient (and so any in-place update built from it) after the
+    # backward passes through the weight, so that XLA updates the weight in place
+    # instead of copying it: after the dense gradients computed from its value, and
+    # after the other sparse leaves' pairs (a sparse layer below, whose cotangent came
+    # through this weight). The other dense gradients (a layer the weight does not
+    # feed) may run alongside the update.
+    dense_of = dict(zip(dense_pos, g_dense, strict=True))
+    for i in sparse:
+        pb, left, right = pairs[i]
+        deps = [dense_of[j] for j in readers[i]] + [pairs[j][2] for j in sparse if j != i]
+        deps = [jnp.sum(d.astype(jnp.float32)) for d in deps if d.size]
         out_leaves[i] = SparseBlockGrad.from_pairs(
-            pb, left, right, shape=leaves[i].shape, dtype=leaves[i].dtype
+            after(pb, *deps), left, right, shape=leaves[i].shape, dtype=leaves[i].dtype
         )
     return value, aux, out_leaves
