@@ -90,9 +90,9 @@ class _Static(NamedTuple):
 
 
 def _chunk(x, W1, b1, valid, j, cols, acc):
-    """Chunk ``j``'s ``(start, logits, ok, keep)``.
+    """Chunk ``j``'s ``(start, ids, logits, ok, keep)``.
 
-    ``logits`` is ``(batch, cols)``, not yet masked (each caller applies its
+    ``ids`` ``(cols,)`` are the chunk's classes; ``logits`` is ``(batch, cols)``, not yet masked (each caller applies its
     masks in one fused pass); ``ok`` ``(cols,)`` marks the valid classes,
     ``keep`` ``(cols,)`` the classes no earlier chunk holds.
     """
@@ -105,7 +105,7 @@ def _chunk(x, W1, b1, valid, j, cols, acc):
     ids = start + jnp.arange(cols, dtype=jnp.int32)
     ok = lax.dynamic_slice_in_dim(valid, start, cols)
     keep = ids >= j * cols
-    return start, logits, ok, keep
+    return start, ids, logits, ok, keep
 
 
 def _scan(chunk, init, n_chunks):
@@ -128,7 +128,7 @@ def _values(x, W1, b1, valid, classes, st: _Static, whole):
 
     def chunk(carry, j):
         m, s, picked = carry
-        start, logits, ok, keep = _chunk(x, W1, b1, valid, j, cols, acc)
+        start, _, logits, ok, keep = _chunk(x, W1, b1, valid, j, cols, acc)
         if not (st.all_valid and n_chunks == 1):
             counted = keep if st.all_valid else ok & keep
             logits = jnp.where(counted[None, :], logits, neg_inf)
@@ -163,11 +163,10 @@ def _grads(x, W1, b1, valid, classes, lse, g, st: _Static, whole):
 
     def chunk(carry, j):
         dx, dW1, db1 = carry
-        start, logits, ok, keep = _chunk(x, W1, b1, valid, j, cols, acc)
+        start, ids, logits, ok, keep = _chunk(x, W1, b1, valid, j, cols, acc)
         p = jnp.exp(logits - lse[:, None])
         if not st.all_valid:
             p = jnp.where(ok[None, :], p, zero)
-        ids = start + jnp.arange(cols, dtype=jnp.int32)
         hit = ids[None, :] == classes[:, None]  # an empty class's example has g = 0
         G = g[:, None] * (hit.astype(acc) - p)  # (batch, cols)
         # Every column of the chunk is (re)written whole; the sum into dx takes the kept ones.

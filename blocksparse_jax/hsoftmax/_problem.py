@@ -32,6 +32,12 @@ from blocksparse_jax.hsoftmax._params import check_params
 # The first level's chunks of logits may hold up to W2's elements over this.
 FIRST_LEVEL_SHARE = 64
 
+
+def first_level_chunk_elements(w2_elements: int) -> int:
+    """The logits a chunk of the first level may hold, for a ``W2`` of this many elements."""
+    return int(w2_elements) // FIRST_LEVEL_SHARE
+
+
 # --------------------------------------------------------------------------------------
 # Validation.
 # --------------------------------------------------------------------------------------
@@ -472,12 +478,13 @@ class Problem(NamedTuple):
         slot_ok = self.slot_valid(classes)
         second = _take(masked_log_softmax(act, slot_ok), slots)
         if self.model_axis is None:
-            # The first level a chunk of classes at a time: no (batch, n_classes) array
-            # kept.  A chunk may hold as many logits as 1/64 of W2's elements, so the
-            # temporaries stay a small fraction of the model.
+            # The first level in chunks of classes of at most 1/64 of W2's elements in
+            # logits (one chunk when they fit), so its temporaries stay a small
+            # fraction of the model.
             first = class_log_prob(
                 x, self.W1, self.b1, self.class_valid, local, self.acc,
-                chunk_elements=self.W2.size // FIRST_LEVEL_SHARE, all_valid=self.all_valid(),
+                chunk_elements=first_level_chunk_elements(self.W2.size),
+                all_valid=self.all_valid(),
             )  # fmt: skip
             return neg_inf_where_invalid(first + second, use)
         logits = prob.class_logits()

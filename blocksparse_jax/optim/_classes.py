@@ -15,7 +15,7 @@ def _touched(n_classes: int, batch: int) -> float:
 def _one_chunk(n_outputs: int, n_classes: int, n_in: int, batch: int) -> bool:
     """Does the first level of a lazy step run as one chunk of classes (see ``_first_level``)?"""
     P = -(-n_outputs // n_classes)
-    elements = n_in * n_classes * P // _problem.FIRST_LEVEL_SHARE
+    elements = _problem.first_level_chunk_elements(n_in * n_classes * P)
     return _first_level.chunking(batch, n_classes, elements=elements)[0] == 1
 
 

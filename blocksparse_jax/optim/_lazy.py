@@ -387,6 +387,19 @@ def _add(p, u):
     return (p.astype(jnp.promote_types(p.dtype, jnp.float32)) + u).astype(p.dtype)
 
 
+def _pairs_by_slot(g: SparseBlockGrad, acc, pad_rows: int):
+    """``(slots, left, right)``: the pairs grouped by slot, their factors in ``acc``.
+
+    Stable: each block's pairs keep their order.  ``left`` (``None`` without a
+    left factor) and ``right`` get ``pad_rows`` zero rows at the end, so that a
+    window of pairs can be sliced at any pair.
+    """
+    order = jnp.argsort(g.slots(), stable=True)
+    pad = lambda a: jnp.concatenate([a[order], jnp.zeros((pad_rows, *a.shape[1:]), a.dtype)])
+    left = None if g.left is None else pad(g.left.astype(acc))
+    return g.slots()[order], left, pad(g.right.astype(acc))
+
+
 def _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, p, dtype_of):
     """One touched block per iteration: its gradient from its pairs, then the update, in place.
 
@@ -397,12 +410,7 @@ def _update_sparse_loop(inner, state, idx_tree, treedef, i, g, pv, ev, entries, 
     """
     n = len(treedef.flatten_up_to(idx_tree))
     acc = jnp.promote_types(g.right.dtype, jnp.float32)
-    # The pairs grouped by slot (stable: each block's pairs keep their order).
-    order = jnp.argsort(g.slots(), stable=True)
-    slots = g.slots()[order]
-    pad = lambda a: jnp.concatenate([a[order], jnp.zeros((_WINDOW, *a.shape[1:]), a.dtype)])
-    left = None if g.left is None else pad(g.left.astype(acc))
-    right = pad(g.right.astype(acc))
+    slots, left, right = _pairs_by_slot(g, acc, _WINDOW)
     every = jnp.arange(g.capacity, dtype=jnp.int32)
     starts = jnp.searchsorted(slots, every, side="left").astype(jnp.int32)
     ends = jnp.searchsorted(slots, every, side="right").astype(jnp.int32)
@@ -503,13 +511,9 @@ def _update_sparse_chunks(inner, state, idx_tree, treedef, i, g, pv, ev, entries
     )
     # The pairs grouped by slot (the padding pairs' slot is past every touched block),
     # so that each chunk's pairs are contiguous; and each chunk's first pair.
-    order = jnp.argsort(g.slots(), stable=True)
-    slot = g.slots()[order]
+    slot, left, right = _pairs_by_slot(g, acc, k)
     bounds = jnp.searchsorted(slot, jnp.arange(n_chunks + 1, dtype=jnp.int32) * k).astype(jnp.int32)
-    pad = lambda a: jnp.concatenate([a, jnp.zeros((k, *a.shape[1:]), a.dtype)])
-    left = None if g.left is None else pad(g.left[order].astype(acc))
-    right = pad(g.right[order].astype(acc))
-    slot = pad(slot)
+    slot = jnp.concatenate([slot, jnp.zeros((k,), slot.dtype)])
     n_used = -(-g.n_touched() // k)
 
     def chunk_grad(c):
