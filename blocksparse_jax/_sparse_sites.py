@@ -1,0 +1,182 @@
+"""Sparse-use markers: how an op tells :func:`~blocksparse_jax.value_and_sparse_grad` which blocks it reads.
+
+An op that reads only some blocks of a weight (``sparse_block_gemv`` reads
+the blocks its indices select, an embedding lookup the rows of its ids) marks
+that use with two identity primitives:
+
+* ``w = mark_weight(W)`` on the way in: the op reads ``W`` only through ``w``;
+* ``out = mark_use(out, w, inputs, rule)`` on the way out: ``out`` is what the
+  op computed from ``w`` and ``inputs``, and ``rule`` (a :class:`SparseRule`,
+  defined beside the op) says how the gradient of ``W`` follows from the
+  cotangent of ``out`` and ``inputs``: a list of *pairs*, each a block of
+  ``W`` and that pair's contribution to it (an outer product of two factors).
+
+Both markers are identities for every JAX transformation (``jit``, ``grad``,
+``vmap``, ``scan``, ``cond``, ``checkpoint``, export to any platform) and
+compile to nothing.  ``value_and_sparse_grad`` finds them in the jaxpr of the
+function it differentiates (:mod:`blocksparse_jax.optim._trace`) and builds the
+weight's gradient from the rule instead of from a dense cotangent.  Nothing
+else reads them: an op calls forward only, into this module.
+
+This module imports nothing from the package, so that every op can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
+from jax.interpreters import ad, batching, mlir
+
+
+class BlockLayout(NamedTuple):
+    """How a weight splits into blocks: ``weight.reshape(view)``, blocks along ``axis``.
+
+    ``view`` has the weight's size; block ``k`` is ``weight.reshape(view)``
+    indexed by ``k`` along ``axis`` (``W (i_blocks, o_blocks, i_size, o_size)``
+    of the block-sparse ops: ``view = (i_blocks * o_blocks, i_size, o_size)``,
+    ``axis = 0``; an embedding table ``(n_rows, dim)``: itself, ``axis = 0``).
+    """
+
+    shape: tuple[int, ...]  # the weight's shape
+    view: tuple[int, ...]
+    axis: int = 0
+
+    @property
+    def n_blocks(self) -> int:
+        return self.view[self.axis]
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return self.view[: self.axis] + self.view[self.axis + 1 :]
+
+    @classmethod
+    def leading(cls, shape, block_ndim: int) -> BlockLayout:
+        """Blocks indexed by the leading axes, each the trailing ``block_ndim`` axes."""
+        shape = tuple(int(d) for d in shape)
+        lead = shape[: len(shape) - block_ndim]
+        return cls(shape, (math.prod(lead), *shape[len(shape) - block_ndim :]), 0)
+
+
+class BlockPairs(NamedTuple):
+    """The terms of a weight's gradient, one per *pair* (an example and a block it read).
+
+    ``grad[blocks[p]] += left[p] (outer) right[p]`` (``right[p]`` alone when
+    ``left`` is ``None``), reshaped to the block shape.  A pair whose block is
+    outside ``[0, n_blocks)`` contributes nothing (padding, a masked example).
+
+    Attributes:
+      blocks: ``(pairs,)`` integer block index of each pair.
+      left: ``(pairs, block_shape[0])`` or ``None``.
+      right: ``(pairs, prod(block_shape[1:]))`` with ``left``, else
+        ``(pairs, prod(block_shape))``.
+    """
+
+    blocks: jax.Array
+    left: jax.Array | None
+    right: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseRule:
+    """How an op's use of a weight turns its output's cotangent into the weight's gradient.
+
+    Subclasses are frozen dataclasses (a rule is a static parameter of the
+    :func:`mark_use` equation: hashable, compared by value), defined beside
+    the op they belong to.
+    """
+
+    def layout(self, weight_shape: tuple[int, ...]) -> BlockLayout:
+        """The blocks of a weight of this shape."""
+        raise NotImplementedError
+
+    def pairs(self, cotangent: jax.Array, *inputs: jax.Array) -> BlockPairs:
+        """The gradient's pairs for one call: ``cotangent`` is that of the output."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------
+# mark_weight: W -> W
+# --------------------------------------------------------------------------------------
+
+weight_p = jex.Primitive("sparse_weight")
+weight_p.def_impl(lambda w, **_: w)
+weight_p.def_abstract_eval(lambda w, **_: w)
+mlir.register_lowering(weight_p, lambda ctx, w, **_: [w])
+
+
+def _weight_jvp(primals, tangents, **params):
+    return weight_p.bind(*primals, **params), tangents[0]
+
+
+def _weight_batch(args, dims, *, batched):
+    # A weight batched by vmap (one per example) is no longer one weight: the
+    # equation records it, and value_and_sparse_grad gives that leaf a dense gradient.
+    return weight_p.bind(args[0], batched=True), dims[0]
+
+
+ad.primitive_jvps[weight_p] = _weight_jvp
+batching.primitive_batchers[weight_p] = _weight_batch
+
+
+def mark_weight(w: jax.Array) -> jax.Array:
+    """``w`` itself, marked as a weight that the calling op reads only in part."""
+    return weight_p.bind(w, batched=False)
+
+
+# --------------------------------------------------------------------------------------
+# mark_use: (out, w, *inputs) -> out
+# --------------------------------------------------------------------------------------
+
+use_p = jex.Primitive("sparse_use")
+use_p.def_impl(lambda out, *_, **__: out)
+use_p.def_abstract_eval(lambda out, *_, **__: out)
+mlir.register_lowering(use_p, lambda ctx, out, *_, **__: [out])
+
+
+def _use_jvp(primals, tangents, **params):
+    t = tangents[0]
+    if type(t) is ad.Zero:
+        t = ad.instantiate_zeros(t)
+    return use_p.bind(*primals, **params), t
+
+
+def _use_batch(args, dims, *, rule, instance_dims):
+    """Under ``vmap``: the mapped axis becomes a leading *instance* axis of every operand.
+
+    An instance is one call of the op; the rule runs once per instance.  A
+    weight that is itself mapped is no longer one weight: the marker is dropped.
+    """
+    out, w, *inputs = args
+    if dims[1] is not None:
+        return out, dims[0]
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+
+    def to_front(a, d):
+        if d is None:
+            return jnp.broadcast_to(a, (size, *a.shape))
+        return jnp.moveaxis(a, d, 0)
+
+    moved = [to_front(a, d) for a, d in zip([out, *inputs], [dims[0], *dims[2:]], strict=True)]
+    out = use_p.bind(moved[0], w, *moved[1:], rule=rule, instance_dims=instance_dims + 1)
+    return out, 0
+
+
+ad.primitive_jvps[use_p] = _use_jvp
+batching.primitive_batchers[use_p] = _use_batch
+
+
+def mark_use(out: jax.Array, w: jax.Array, inputs, rule: SparseRule) -> jax.Array:
+    """``out`` itself, marked as computed from the marked weight ``w`` and ``inputs``.
+
+    Args:
+      out: the op's output (or the intermediate whose cotangent the rule takes).
+      w: the result of :func:`mark_weight` that the op read.
+      inputs: the arrays ``rule.pairs`` needs besides the cotangent.
+      rule: a :class:`SparseRule`.
+    """
+    return use_p.bind(out, w, *inputs, rule=rule, instance_dims=0)
