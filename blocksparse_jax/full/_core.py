@@ -1,0 +1,319 @@
+"""The softmax's per-example statistics without the logits: a custom VJP over chunks of outputs.
+
+For ``x (batch, n_in)``, ``W (n_in, n_outputs)``, ``b (n_outputs,)`` and one
+target per example, with ``z = x @ W + b`` (soft-capped to ``softcap *
+tanh(z / softcap)`` when asked)::
+
+    lse[n]          = logsumexp_j z[n, j]
+    target[n]       = z[n, target[n]]
+    total[n]        = sum_j z[n, j]                     (label smoothing only)
+    chunk_max[n, k] = max_{j in chunk k} z[n, j]        (gradient filter only)
+
+The outputs are walked in chunks of ``chunk`` columns, so that no ``(batch,
+n_outputs)`` array exists in either pass:
+
+* forward: each chunk's logits ``(batch, chunk)`` feed a running maximum and
+  sum per example (an online log-sum-exp); the target's logit is a gather of
+  ``batch`` columns of ``W``.  The saved residuals are the inputs and ``lse``.
+* backward: each chunk's logits are recomputed and turned into their cotangent
+  ``G = g_lse * softmax (+ g_total) (* the soft cap's derivative)``; ``G @ W_c^T``
+  is added to ``dx``, ``x^T @ G`` is written into ``dW``'s chunk (each column
+  is computed once: written, not accumulated) and ``sum(G)`` into ``db``'s.
+  The target's ``g_target`` goes to its column by a scatter after the loop.
+
+The matrix products run in the inputs' common dtype (bfloat16 stays bfloat16)
+with float32 accumulation (float64 for float64 inputs); exponentials and
+sums run in the accumulation dtype.
+
+The last chunk is moved back to end at ``n_outputs`` when ``chunk`` does not
+divide it; the columns it shares with the chunk before count in that chunk
+only.  The backward pass walks the chunks last to first, so that the earlier
+chunk's columns overwrite the shared ones in ``dW`` and ``db``.
+
+With ``filter_eps`` (Cut Cross-Entropy's gradient filter) the backward pass
+skips every chunk whose softmax is below ``filter_eps`` for every example with
+a cotangent: ``chunk_max[n, k] - lse[n] < log(filter_eps)``.  Such a chunk's
+columns of ``dW`` and ``db`` are zero and it adds nothing to ``dx``; the
+values are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from blocksparse_jax import _checks
+
+# A chunk's logits hold about this many elements (4 MiB in float32): a few such
+# (batch, chunk) tiles stay in the caches, and at width 128 the chunk's products
+# run at the speed of the whole product (benchmarks/README.md, "Output heads").
+CHUNK_ELEMENTS = 1 << 20
+# Chunks are at least this many columns wide (narrower products run slower) and at most
+# this many (wider ones run no faster).
+MIN_CHUNK = 256
+MAX_CHUNK = 8192
+
+
+def chunk_size(batch: int, n_outputs: int, chunk: int | None = None) -> int:
+    """The columns per chunk: ``chunk`` if given, else about ``CHUNK_ELEMENTS / batch``.
+
+    A divisor of ``n_outputs`` within a factor two of the target width is
+    preferred, so that the chunks tile the outputs exactly.
+    """
+    if chunk is not None:
+        return min(int(chunk), n_outputs)
+    width = CHUNK_ELEMENTS // max(1, batch)
+    width = min(MAX_CHUNK, max(MIN_CHUNK, 1 << max(0, width.bit_length() - 1)))
+    if width >= n_outputs:
+        return n_outputs
+    for c in range(width, width // 2, -1):
+        if n_outputs % c == 0:
+            return c
+    return width
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static configuration of one call (a ``nondiff_argnums`` argument: hashable).
+
+    Attributes:
+      n_outputs: the number of outputs (columns of ``W``).
+      chunk: the columns per chunk.
+      softcap: the soft cap ``c`` of ``c * tanh(z / c)``, or ``None``.
+      with_total: also compute ``total`` (the sum of the logits, for label smoothing).
+      filter_eps: the gradient filter's threshold, or ``None`` (exact gradient).
+    """
+
+    n_outputs: int
+    chunk: int
+    softcap: float | None = None
+    with_total: bool = False
+    filter_eps: float | None = None
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_outputs // self.chunk)
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the last chunk overlaps the one before it."""
+        return self.n_outputs % self.chunk != 0
+
+    def start(self, k):
+        """The first column of chunk ``k``; the last chunk is moved back to end at ``n_outputs``."""
+        return jnp.minimum(k * self.chunk, self.n_outputs - self.chunk)
+
+    def fresh(self, k):
+        """``(chunk,)`` bool: the columns of chunk ``k`` that no earlier chunk holds."""
+        return self.start(k) + jnp.arange(self.chunk, dtype=jnp.int32) >= k * self.chunk
+
+
+class Stats(NamedTuple):
+    """The per-example statistics of the logits (see the module's docstring)."""
+
+    lse: jax.Array  # (batch,)
+    target: jax.Array  # (batch,)
+    total: jax.Array | None  # (batch,), with_total only
+    chunk_max: jax.Array | None  # (batch, n_chunks), filter_eps only
+
+
+def dtypes(x, W, b=None) -> tuple[np.dtype, np.dtype]:
+    """``(dtype of the products' operands, accumulation dtype)``; ``b`` may be ``None``."""
+    extra = () if b is None else (b.dtype,)
+    return (
+        _checks.common_float_dtype(x.dtype, W.dtype),
+        _checks.accumulation_dtype(x.dtype, W.dtype, *extra),
+    )
+
+
+def cap(raw: jax.Array, softcap: float | None) -> jax.Array:
+    """``softcap * tanh(raw / softcap)``, or ``raw``."""
+    if softcap is None:
+        return raw
+    c = jnp.asarray(softcap, raw.dtype)
+    return c * jnp.tanh(raw / c)
+
+
+def cap_slope(z: jax.Array, softcap: float | None) -> jax.Array | None:
+    """``d z / d raw`` at the capped logit ``z``: ``1 - (z / softcap)**2``, or ``None``."""
+    if softcap is None:
+        return None
+    r = z / jnp.asarray(softcap, z.dtype)
+    return 1 - r * r
+
+
+def chunk_logits(x, W, b, k, plan: Plan) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Chunk ``k``'s ``(start, W's columns (n_in, chunk), capped logits (batch, chunk))``."""
+    dt, acc = dtypes(x, W, b)
+    start = plan.start(k)
+    Wc = lax.dynamic_slice_in_dim(W, start, plan.chunk, axis=1).astype(dt)
+    raw = jnp.dot(x.astype(dt), Wc, preferred_element_type=acc)
+    raw = raw + lax.dynamic_slice_in_dim(b, start, plan.chunk).astype(acc)[None, :]
+    return start, Wc, cap(raw, plan.softcap)
+
+
+def target_logits(x, W, b, target, plan: Plan) -> tuple[jax.Array, jax.Array]:
+    """``(W's target columns (n_in, batch), the targets' capped logits (batch,))``."""
+    dt, acc = dtypes(x, W, b)
+    Wt = jnp.take(W, target, axis=1).astype(dt)
+    raw = jnp.einsum("nd,dn->n", x.astype(dt), Wt, preferred_element_type=acc)
+    return Wt, cap(raw + b[target].astype(acc), plan.softcap)
+
+
+def logits_cotangent(z, k, lse, g_lse, g_total, plan: Plan) -> jax.Array:
+    """The cotangent of chunk ``k``'s raw logits ``(batch, chunk)`` from that of ``lse`` and ``total``.
+
+    ``g_lse * softmax(z) + g_total``, times the soft cap's slope; zero on the
+    columns an earlier chunk holds.  The target's ``g_target`` is not in it.
+    """
+    G = g_lse[:, None] * jnp.exp(z - lse[:, None])
+    if g_total is not None:
+        G = G + g_total[:, None]
+    slope = cap_slope(z, plan.softcap)
+    if slope is not None:
+        G = G * slope
+    if plan.ragged:
+        G = jnp.where(plan.fresh(k)[None, :], G, jnp.zeros((), G.dtype))
+    return G
+
+
+def touched_chunks(chunk_max, lse, g_lse, plan: Plan) -> jax.Array:
+    """``(n_chunks,)`` bool: the chunks the gradient filter keeps.
+
+    A chunk is kept if some example with a non-zero cotangent gives one of its
+    outputs a probability of at least ``filter_eps``.
+    """
+    live = g_lse != 0
+    near = chunk_max - lse[:, None] >= math.log(plan.filter_eps)
+    return jnp.any(near & live[:, None], axis=0)
+
+
+def loop(body, init, n: int):
+    """``lax.fori_loop(0, n, body, init)``; one step runs without a loop."""
+    if n == 1:
+        return body(jnp.int32(0), init)
+    return lax.fori_loop(0, n, body, init)
+
+
+def _values(plan: Plan, x, W, b, target) -> Stats:
+    _, acc = dtypes(x, W, b)
+    batch = x.shape[0]
+    zero = jnp.zeros((), acc)
+
+    def body(k, carry):
+        m, s, total, chunk_max = carry
+        _, _, z = chunk_logits(x, W, b, k, plan)
+        if plan.ragged:
+            z = jnp.where(plan.fresh(k)[None, :], z, jnp.full((), -jnp.inf, acc))
+        z_max = jnp.max(z, axis=1)
+        m_new = jnp.maximum(m, z_max)
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        if total is not None:
+            total = total + jnp.sum(jnp.where(jnp.isneginf(z), zero, z), axis=1)
+        if chunk_max is not None:
+            chunk_max = lax.dynamic_update_slice_in_dim(chunk_max, z_max[:, None], k, axis=1)
+        return m_new, s, total, chunk_max
+
+    init = (
+        jnp.full((batch,), -jnp.inf, acc),
+        jnp.zeros((batch,), acc),
+        jnp.zeros((batch,), acc) if plan.with_total else None,
+        jnp.zeros((batch, plan.n_chunks), acc) if plan.filter_eps is not None else None,
+    )
+    m, s, total, chunk_max = loop(body, init, plan.n_chunks)
+    _, picked = target_logits(x, W, b, target, plan)
+    return Stats(m + jnp.log(s), picked, total, chunk_max)
+
+
+def grads(plan: Plan, x, W, b, target, lse, chunk_max, cotangent: Stats):
+    """``(dx, dW, db)`` for the cotangent of the statistics, a chunk at a time."""
+    _, acc = dtypes(x, W, b)
+    dt = _checks.common_float_dtype(x.dtype, W.dtype)
+    g_lse = cotangent.lse.astype(acc)
+    g_total = None if cotangent.total is None else cotangent.total.astype(acc)
+    n = plan.n_chunks
+    kept = None
+    if plan.filter_eps is not None:
+        kept = touched_chunks(chunk_max, lse, g_lse, plan)
+
+    def chunk_terms(k):
+        start, Wc, z = chunk_logits(x, W, b, k, plan)
+        G = logits_cotangent(z, k, lse, g_lse, g_total, plan).astype(dt)
+        dx_k = jnp.dot(G, Wc.T, preferred_element_type=acc)
+        dW_k = jnp.dot(x.astype(dt).T, G, preferred_element_type=acc).astype(W.dtype)
+        return start, dx_k, dW_k, jnp.sum(G, axis=0, dtype=acc).astype(b.dtype)
+
+    def skipped(k):
+        return (
+            plan.start(k),
+            jnp.zeros(x.shape, acc),
+            jnp.zeros((W.shape[0], plan.chunk), W.dtype),
+            jnp.zeros((plan.chunk,), b.dtype),
+        )
+
+    def body(i, carry):
+        dx, dW, db = carry
+        k = n - 1 - i  # last to first: see the module's docstring
+        if kept is None:
+            start, dx_k, dW_k, db_k = chunk_terms(k)
+        else:
+            # Only the chunk's terms pass through the cond; the writes stay outside it.
+            start, dx_k, dW_k, db_k = lax.cond(kept[k], chunk_terms, skipped, k)
+        dW = lax.dynamic_update_slice_in_dim(dW, dW_k, start, axis=1)
+        db = lax.dynamic_update_slice_in_dim(db, db_k, start, axis=0)
+        return dx + dx_k, dW, db
+
+    init = (jnp.zeros(x.shape, acc), jnp.zeros(W.shape, W.dtype), jnp.zeros(b.shape, b.dtype))
+    dx, dW, db = loop(body, init, n)
+    # The targets' own term: g_target at each target's column.
+    Wt, picked = target_logits(x, W, b, target, plan)
+    g_t = cotangent.target.astype(acc)
+    slope = cap_slope(picked, plan.softcap)
+    if slope is not None:
+        g_t = g_t * slope
+    dx = dx + g_t[:, None] * Wt.T.astype(acc)
+    dW = dW.at[:, target].add((g_t[None, :] * x.T.astype(acc)).astype(W.dtype))
+    db = db.at[target].add(g_t.astype(b.dtype))
+    return dx.astype(x.dtype), dW, db
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _logit_stats(plan: Plan, x, W, b, target) -> Stats:
+    return _values(plan, x, W, b, target)
+
+
+def _logit_stats_fwd(plan: Plan, x, W, b, target):
+    stats = _values(plan, x, W, b, target)
+    return stats, (x, W, b, target, stats.lse, stats.chunk_max)
+
+
+def _logit_stats_bwd(plan: Plan, residuals, cotangent: Stats):
+    x, W, b, target, lse, chunk_max = residuals
+    dx, dW, db = grads(plan, x, W, b, target, lse, chunk_max, cotangent)
+    return dx, dW, db, None
+
+
+_logit_stats.defvjp(_logit_stats_fwd, _logit_stats_bwd)
+
+
+def logit_stats(x, W, b, target, plan: Plan) -> Stats:
+    """The :class:`Stats` of ``cap(x @ W + b)``, differentiable in ``x``, ``W`` and ``b``.
+
+    Args:
+      x: ``(batch, n_in)`` floats.
+      W: ``(n_in, n_outputs)`` floats.
+      b: ``(n_outputs,)`` floats.
+      target: ``(batch,)`` int32 in ``[0, n_outputs)``.
+      plan: the static :class:`Plan`.
+
+    Returns:
+      :class:`Stats` in the accumulation dtype; ``chunk_max`` carries no gradient.
+    """
+    return _logit_stats(plan, x, W, b, target)
