@@ -113,14 +113,15 @@ def test_reduction_none_follows_any_per_example_weights():
     params, x, t = make_params(), make_x(), make_target()
     w = jnp.asarray(np.random.default_rng(5).uniform(-1, 3, 7))
     for kw in (OPTIONS["all"], dict(filter_eps=1e-300)):
-        got = jax.grad(
-            lambda x, p: jnp.sum(
-                w * full_softmax_loss(x, p, t, reduction="none", chunk_size=16, **kw)  # noqa: B023
-            ),
-            argnums=(0, 1),
-        )(x, params)
         ref_kw = {k: v for k, v in kw.items() if k != "filter_eps"}
-        ref = lambda x, p, kw=ref_kw: jnp.sum(w * ref_loss(x, p, t, **kw))
+
+        def weighted(x, p, kw=kw):
+            return jnp.sum(w * full_softmax_loss(x, p, t, reduction="none", chunk_size=16, **kw))
+
+        def ref(x, p, kw=ref_kw):
+            return jnp.sum(w * ref_loss(x, p, t, **kw))
+
+        got = jax.grad(weighted, argnums=(0, 1))(x, params)
         want = jax.grad(ref, argnums=(0, 1))(x, params)
         chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-12)
     assert full_softmax_loss(x, params, t, reduction="sum").shape == ()
