@@ -263,20 +263,23 @@ def densify(pairs, layout, dtype):
     return jnp.moveaxis(out, 0, layout.axis).reshape(layout.shape)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("n_outputs,chunk", [(96, 16), (90, 16)], ids=["divides", "ragged"])
-def test_filtered_sparse_rule_equals_the_custom_vjp(n_outputs, chunk):
+def test_filtered_sparse_rule_equals_the_custom_vjp(n_outputs, chunk, bias):
     """The rule's pairs, densified, are the filtered gradient; its blocks are the kept ones."""
     params, x, t = peaked_problem(n_outputs)
-    params = params._replace(b=jnp.zeros((n_outputs,), jnp.float64))
+    if bias:
+        params = params._replace(b=jnp.asarray(np.random.default_rng(6).normal(size=n_outputs)))
     plan = _core.Plan(n_outputs, chunk, None, False, 1e-4)
     cot = jnp.asarray(np.random.default_rng(4).uniform(0.5, 2.0, (6, 2)))
     cot = cot.at[3].set(0.0)  # an example with no cotangent: keeps no chunk
     stats, vjp = jax.vjp(lambda W: _core.logit_stats(x, W, params.b, t, plan), params.W)
     (dW,) = vjp(_core.Stats(cot[:, 0], cot[:, 1], None, jnp.zeros_like(stats.chunk_max)))
-    rule = FilteredChunksRule(plan)
+    rule = FilteredChunksRule(plan, has_bias=bias)
     layout = rule.layout(params.W.shape)
     assert layout.view == (N_IN, n_outputs // rule.block, rule.block) and layout.axis == 1
-    pairs = rule.pairs(cot, x, params.W, params.b, t, stats.lse, stats.chunk_max)
+    b = (params.b,) if bias else ()
+    pairs = rule.pairs(cot, x, params.W, *b, t, stats.lse, stats.chunk_max)
     np.testing.assert_allclose(densify(pairs, layout, jnp.float64), dW, atol=1e-14)
     touched = np.asarray(pairs.blocks) < layout.n_blocks
     nonzero = np.any(np.asarray(dW).reshape(N_IN, -1, rule.block) != 0, axis=(0, 2))

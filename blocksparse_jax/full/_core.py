@@ -155,7 +155,8 @@ def chunk_logits(x, W, b, k, plan: Plan) -> tuple[jax.Array, jax.Array, jax.Arra
     start = plan.start(k)
     Wc = lax.dynamic_slice_in_dim(W, start, plan.chunk, axis=1).astype(dt)
     raw = jnp.dot(x.astype(dt), Wc, preferred_element_type=acc)
-    raw = raw + lax.dynamic_slice_in_dim(b, start, plan.chunk).astype(acc)[None, :]
+    if b is not None:
+        raw = raw + lax.dynamic_slice_in_dim(b, start, plan.chunk).astype(acc)[None, :]
     return start, Wc, cap(raw, plan.softcap)
 
 
@@ -164,7 +165,9 @@ def target_logits(x, W, b, target, plan: Plan) -> tuple[jax.Array, jax.Array]:
     dt, acc = dtypes(x, W, b)
     Wt = jnp.take(W, target, axis=1).astype(dt)
     raw = jnp.einsum("nd,dn->n", x.astype(dt), Wt, preferred_element_type=acc)
-    return Wt, cap(raw + b[target].astype(acc), plan.softcap)
+    if b is not None:
+        raw = raw + b[target].astype(acc)
+    return Wt, cap(raw, plan.softcap)
 
 
 def logits_cotangent(z, k, lse, g_lse, g_total, plan: Plan) -> jax.Array:
@@ -248,14 +251,15 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_max, cotangent: Stats):
         G = logits_cotangent(z, k, lse, g_lse, g_total, plan).astype(dt)
         dx_k = jnp.dot(G, Wc.T, preferred_element_type=acc)
         dW_k = jnp.dot(x.astype(dt).T, G, preferred_element_type=acc).astype(W.dtype)
-        return start, dx_k, dW_k, jnp.sum(G, axis=0, dtype=acc).astype(b.dtype)
+        db_k = None if b is None else jnp.sum(G, axis=0, dtype=acc).astype(b.dtype)
+        return start, dx_k, dW_k, db_k
 
     def skipped(k):
         return (
             plan.start(k),
             jnp.zeros(x.shape, acc),
             jnp.zeros((W.shape[0], plan.chunk), W.dtype),
-            jnp.zeros((plan.chunk,), b.dtype),
+            None if b is None else jnp.zeros((plan.chunk,), b.dtype),
         )
 
     def body(i, carry):
@@ -267,10 +271,12 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_max, cotangent: Stats):
             # Only the chunk's terms pass through the cond; the writes stay outside it.
             start, dx_k, dW_k, db_k = lax.cond(kept[k], chunk_terms, skipped, k)
         dW = lax.dynamic_update_slice_in_dim(dW, dW_k, start, axis=1)
-        db = lax.dynamic_update_slice_in_dim(db, db_k, start, axis=0)
+        if db is not None:
+            db = lax.dynamic_update_slice_in_dim(db, db_k, start, axis=0)
         return dx + dx_k, dW, db
 
-    init = (jnp.zeros(x.shape, acc), jnp.zeros(W.shape, W.dtype), jnp.zeros(b.shape, b.dtype))
+    db = None if b is None else jnp.zeros(b.shape, b.dtype)
+    init = (jnp.zeros(x.shape, acc), jnp.zeros(W.shape, W.dtype), db)
     dx, dW, db = loop(body, init, n)
     # The targets' own term: g_target at each target's column.
     Wt, picked = target_logits(x, W, b, target, plan)
@@ -280,7 +286,8 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_max, cotangent: Stats):
         g_t = g_t * slope
     dx = dx + g_t[:, None] * Wt.T.astype(acc)
     dW = dW.at[:, target].add((g_t[None, :] * x.T.astype(acc)).astype(W.dtype))
-    db = db.at[target].add(g_t.astype(b.dtype))
+    if db is not None:
+        db = db.at[target].add(g_t.astype(b.dtype))
     return dx.astype(x.dtype), dW, db
 
 
@@ -309,7 +316,7 @@ def logit_stats(x, W, b, target, plan: Plan) -> Stats:
     Args:
       x: ``(batch, n_in)`` floats.
       W: ``(n_in, n_outputs)`` floats.
-      b: ``(n_outputs,)`` floats.
+      b: ``(n_outputs,)`` floats, or ``None`` (no bias; its cotangent is then ``None``).
       target: ``(batch,)`` int32 in ``[0, n_outputs)``.
       plan: the static :class:`Plan`.
 

@@ -18,7 +18,7 @@ from jax.typing import ArrayLike
 from blocksparse_jax._scope import named
 from blocksparse_jax.full import _core
 from blocksparse_jax.full._loss import make_plan
-from blocksparse_jax.full._params import FullSoftmaxParams, bias_or_zeros, prepare
+from blocksparse_jax.full._params import FullSoftmaxParams, prepare
 
 
 def _masked_chunk(x, W, b, k, plan: _core.Plan):
@@ -149,7 +149,7 @@ def full_softmax_top_k(
     if not 1 <= k <= params.n_outputs:
         raise ValueError(f"k must be in [1, n_outputs] = [1, {params.n_outputs}]; got k={k}")
     plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap)
-    vals, ids = _top_k_jit(x, params.W, bias_or_zeros(params), k=k, plan=plan)
+    vals, ids = _top_k_jit(x, params.W, params.b, k=k, plan=plan)
     return vals.reshape(lead + (k,)), ids.reshape(lead + (k,))
 
 
@@ -195,4 +195,4 @@ def full_softmax_sample(
     """
     x, params, lead = prepare(x, params)
     plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap)
-    return _sample_jit(key, x, params.W, bias_or_zeros(params), plan=plan).reshape(lead)
+    return _sample_jit(key, x, params.W, params.b, plan=plan).reshape(lead)

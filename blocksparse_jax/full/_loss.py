@@ -48,7 +48,6 @@ class Used(NamedTuple):
     """What the core was called with, the examples that take no part taken out, and its stats."""
 
     x: jax.Array  # (batch, n_in), zeros where not used
-    b: jax.Array  # (n_outputs,), zeros for a head without a bias
     target: jax.Array  # (batch,) int32, 0 where not used
     valid: jax.Array  # (batch,) bool: the target is in range
     stats: _core.Stats
@@ -65,8 +64,7 @@ def _used_stats(x, W, b, target, mask, plan: _core.Plan) -> Used:
     keep = valid & mask
     x = jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
     t = jnp.where(keep, t, jnp.zeros((), t.dtype))
-    b = jnp.zeros((W.shape[1],), W.dtype) if b is None else b
-    return Used(x, b, t, valid, _core.logit_stats(x, W, b, t, plan))
+    return Used(x, t, valid, _core.logit_stats(x, W, b, t, plan))
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -309,11 +307,12 @@ def full_softmax_loss(
         w = sites.mark_weight(params.W)
         used = _used_stats_jit(x, w, params.b, t, flat_mask, plan=plan)
         s = used.stats
+        bias = () if params.b is None else (params.b,)
         pair = sites.mark_use(
             jnp.stack([s.lse, s.target], axis=1),
             w,
-            (used.x, w, used.b, used.target, s.lse, s.chunk_max),
-            FilteredChunksRule(plan),
+            (used.x, w, *bias, used.target, s.lse, s.chunk_max),
+            FilteredChunksRule(plan, has_bias=params.b is not None),
         )
         loss = _reduce_jit(
             pair[:, 0], pair[:, 1], None, used.valid, flat_mask,

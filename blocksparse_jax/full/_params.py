@@ -121,13 +121,6 @@ def check_params(params) -> FullSoftmaxParams:
     return FullSoftmaxParams(W, b)
 
 
-def bias_or_zeros(params: FullSoftmaxParams) -> jax.Array:
-    """``b``, or zeros of ``W``'s dtype for a head without a bias."""
-    if params.b is not None:
-        return params.b
-    return jnp.zeros((params.W.shape[1],), params.W.dtype)
-
-
 def check_x(x, n_in: int) -> jax.Array:
     """``x`` of shape ``(..., n_in)``."""
     x = _as_array("x", x)

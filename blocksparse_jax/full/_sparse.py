@@ -35,10 +35,12 @@ class FilteredChunksRule(sites.SparseRule):
 
     ``pairs(cotangent, x, W, b, target, lse, chunk_max)``: ``cotangent`` is the
     ``(batch, 2)`` cotangent of ``(lse, target logit)``; the other inputs are
-    those of :func:`~blocksparse_jax.full._core.logit_stats` and its outputs.
+    those of :func:`~blocksparse_jax.full._core.logit_stats` and its outputs
+    (``b`` left out when ``has_bias`` is ``False``).
     """
 
     plan: Plan
+    has_bias: bool = True
 
     @property
     def block(self) -> int:
@@ -67,7 +69,8 @@ class FilteredChunksRule(sites.SparseRule):
         )
         return in_kept_chunk | (hits > 0)
 
-    def pairs(self, cotangent, x, W, b, target, lse, chunk_max) -> sites.BlockPairs:
+    def pairs(self, cotangent, x, W, *inputs) -> sites.BlockPairs:
+        b, target, lse, chunk_max = inputs if self.has_bias else (None, *inputs)
         ct = Stats(cotangent[:, 0], cotangent[:, 1], None, None)
         _, dW, _ = grads(self.plan, x, W, b, target, lse, chunk_max, ct)
         n_in, n_outputs = W.shape
