@@ -14,6 +14,7 @@ PARAMS = bsj.h_softmax_init(jax.random.key(0), 4, 10, dtype=jnp.float32)
 x = jnp.ones((2, 4), jnp.float32)
 t = jnp.array([1, 7])
 MESH = jax.make_mesh((1, 1), ("data", "model"))
+FULL = bsj.full_softmax_init(jax.random.key(0), 4, 10)
 
 CALLS = {
     "sparse_block_gemv": lambda: bsj.sparse_block_gemv(jnp.zeros((2, 1, 5)), W, h, ii, oi),
@@ -25,6 +26,18 @@ CALLS = {
     "h_softmax_sgd_step": lambda: bsj.h_softmax_sgd_step(x, PARAMS, t, 0.1, n_outputs=10),
     "h_softmax_top_k": lambda: bsj.h_softmax_top_k(x, PARAMS, 2, n_outputs=10),
     "h_softmax_sample": lambda: bsj.h_softmax_sample(jax.random.key(1), x, PARAMS, n_outputs=10),
+    "full_log_softmax": lambda: bsj.full_log_softmax(x, FULL, t),
+    "full_softmax_loss": lambda: bsj.full_softmax_loss(x, FULL, t, filter_eps=1e-3),
+    "full_softmax_top_k": lambda: bsj.full_softmax_top_k(x, FULL, 2),
+    "full_softmax_sample": lambda: bsj.full_softmax_sample(jax.random.key(1), x, FULL),
+    "sampled_softmax_loss": lambda: bsj.sampled_softmax_loss(
+        jax.random.key(1), x, FULL, t, n_sampled=3
+    ),
+    "sample_candidates": lambda: bsj.sample_candidates(
+        jax.random.key(1), t, n_outputs=10, n_sampled=3
+    ),
+    "in_batch_softmax_loss": lambda: bsj.in_batch_softmax_loss(x, x),
+    "parallel.full_softmax_loss": lambda: parallel.full_softmax_loss(x, FULL, t, mesh=MESH),
     "parallel.sparse_block_gemv": lambda: parallel.sparse_block_gemv(
         jnp.zeros((2, 1, 5)), W, h, ii, oi, mesh=MESH
     ),

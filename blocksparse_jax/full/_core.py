@@ -50,6 +50,7 @@ import numpy as np
 from jax import lax
 
 from blocksparse_jax import _checks
+from blocksparse_jax.blocksparse._carry import vary_over, varying_axes
 
 # A chunk's logits hold about this many elements (4 MiB in float32): a few such
 # (batch, chunk) tiles stay in the caches, and at width 128 the chunk's products
@@ -198,6 +199,17 @@ def touched_chunks(chunk_max, lse, g_lse, plan: Plan) -> jax.Array:
     return jnp.any(near & live[:, None], axis=0)
 
 
+def carry(init, *refs):
+    """``init`` (a pytree, ``None`` leaves allowed) cast to vary as ``refs`` do inside ``shard_map``.
+
+    A loop's carry keeps one type from step to step; fresh zeros do not vary
+    over the mesh axes that a body reading a sharded ``W`` makes them vary
+    over.  Outside ``shard_map`` this is the identity.
+    """
+    axes = frozenset().union(*(varying_axes(r) for r in refs))
+    return jax.tree.map(lambda a: vary_over(a, axes), init)
+
+
 def loop(body, init, n: int):
     """``lax.fori_loop(0, n, body, init)``; one step runs without a loop."""
     if n == 1:
@@ -210,8 +222,8 @@ def _values(plan: Plan, x, W, b, target) -> Stats:
     batch = x.shape[0]
     zero = jnp.zeros((), acc)
 
-    def body(k, carry):
-        m, s, total, chunk_max = carry
+    def body(k, state):
+        m, s, total, chunk_max = state
         _, _, z = chunk_logits(x, W, b, k, plan)
         if plan.ragged:
             z = jnp.where(plan.fresh(k)[None, :], z, jnp.full((), -jnp.inf, acc))
@@ -224,11 +236,15 @@ def _values(plan: Plan, x, W, b, target) -> Stats:
             chunk_max = lax.dynamic_update_slice_in_dim(chunk_max, z_max[:, None], k, axis=1)
         return m_new, s, total, chunk_max
 
-    init = (
-        jnp.full((batch,), -jnp.inf, acc),
-        jnp.zeros((batch,), acc),
-        jnp.zeros((batch,), acc) if plan.with_total else None,
-        jnp.zeros((batch, plan.n_chunks), acc) if plan.filter_eps is not None else None,
+    init = carry(
+        (
+            jnp.full((batch,), -jnp.inf, acc),
+            jnp.zeros((batch,), acc),
+            jnp.zeros((batch,), acc) if plan.with_total else None,
+            jnp.zeros((batch, plan.n_chunks), acc) if plan.filter_eps is not None else None,
+        ),
+        x,
+        W,
     )
     m, s, total, chunk_max = loop(body, init, plan.n_chunks)
     _, picked = target_logits(x, W, b, target, plan)
@@ -255,15 +271,15 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_max, cotangent: Stats):
         return start, dx_k, dW_k, db_k
 
     def skipped(k):
-        return (
-            plan.start(k),
+        zeros = (
             jnp.zeros(x.shape, acc),
             jnp.zeros((W.shape[0], plan.chunk), W.dtype),
             None if b is None else jnp.zeros((plan.chunk,), b.dtype),
         )
+        return (plan.start(k), *carry(zeros, x, W))
 
-    def body(i, carry):
-        dx, dW, db = carry
+    def body(i, state):
+        dx, dW, db = state
         k = n - 1 - i  # last to first: see the module's docstring
         if kept is None:
             start, dx_k, dW_k, db_k = chunk_terms(k)
@@ -276,7 +292,7 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_max, cotangent: Stats):
         return dx + dx_k, dW, db
 
     db = None if b is None else jnp.zeros(b.shape, b.dtype)
-    init = (jnp.zeros(x.shape, acc), jnp.zeros(W.shape, W.dtype), db)
+    init = carry((jnp.zeros(x.shape, acc), jnp.zeros(W.shape, W.dtype), db), x, W)
     dx, dW, db = loop(body, init, n)
     # The targets' own term: g_target at each target's column.
     Wt, picked = target_logits(x, W, b, target, plan)

@@ -41,8 +41,8 @@ def _top_k(x, W, b, k: int, plan: _core.Plan):
     _, acc = _core.dtypes(x, W, b)
     batch = x.shape[0]
 
-    def body(j, carry):
-        m, s, vals, ids = carry
+    def body(j, state):
+        m, s, vals, ids = state
         cols, z = _masked_chunk(x, W, b, j, plan)
         m, s = _online_lse(m, s, z)
         # The running top k comes first: ties keep the lower id.
@@ -52,11 +52,15 @@ def _top_k(x, W, b, k: int, plan: _core.Plan):
         )
         return m, s, vals, ids
 
-    init = (
-        jnp.full((batch,), -jnp.inf, acc),
-        jnp.zeros((batch,), acc),
-        jnp.full((batch, k), -jnp.inf, acc),
-        jnp.zeros((batch, k), jnp.int32),
+    init = _core.carry(
+        (
+            jnp.full((batch,), -jnp.inf, acc),
+            jnp.zeros((batch,), acc),
+            jnp.full((batch, k), -jnp.inf, acc),
+            jnp.zeros((batch, k), jnp.int32),
+        ),
+        x,
+        W,
     )
     m, s, vals, ids = _core.loop(body, init, plan.n_chunks)
     return vals - (m + jnp.log(s))[:, None], ids
@@ -67,8 +71,8 @@ def _sample(key, x, W, b, plan: _core.Plan):
     _, acc = _core.dtypes(x, W, b)
     batch = x.shape[0]
 
-    def body(j, carry):
-        best, best_id = carry
+    def body(j, state):
+        best, best_id = state
         cols, z = _masked_chunk(x, W, b, j, plan)
         noise = jax.random.gumbel(jax.random.fold_in(key, j), z.shape, acc)
         score = z + noise
@@ -77,7 +81,7 @@ def _sample(key, x, W, b, plan: _core.Plan):
         better = top > best
         return jnp.where(better, top, best), jnp.where(better, cols[pos], best_id)
 
-    init = (jnp.full((batch,), -jnp.inf, acc), jnp.zeros((batch,), jnp.int32))
+    init = _core.carry((jnp.full((batch,), -jnp.inf, acc), jnp.zeros((batch,), jnp.int32)), x, W)
     return _core.loop(body, init, plan.n_chunks)[1]
 
 

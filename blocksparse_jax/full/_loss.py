@@ -73,7 +73,7 @@ def _used_stats_jit(x, W, b, target, mask, *, plan):
         return _used_stats(x, W, b, target, mask, plan)
 
 
-def _per_example(lse, picked, total, valid, n_outputs: int, options: LossOptions):
+def per_example_loss(lse, picked, total, valid, n_outputs: int, options: LossOptions):
     """``(batch,)`` losses: ``lse - (1 - eps) z_t - eps mean(z) + z_loss lse**2`` (``inf`` if invalid)."""
     eps = options.label_smoothing
     loss = lse - picked if eps == 0 else lse - (1 - eps) * picked - (eps / n_outputs) * total
@@ -85,7 +85,7 @@ def _per_example(lse, picked, total, valid, n_outputs: int, options: LossOptions
 @functools.partial(jax.jit, static_argnames=("n_outputs", "options", "reduction"))
 def _reduce_jit(lse, picked, total, valid, mask, *, n_outputs, options, reduction):
     with jax.named_scope("full_softmax_loss"):
-        loss = _per_example(lse, picked, total, valid, n_outputs, options)
+        loss = per_example_loss(lse, picked, total, valid, n_outputs, options)
         return _hs.reduce_nll(-loss, mask, reduction)
 
 
@@ -94,7 +94,7 @@ def _loss_jit(x, W, b, target, mask, *, plan, options, reduction):
     with jax.named_scope("full_softmax_loss"):
         used = _used_stats(x, W, b, target, mask, plan)
         s = used.stats
-        loss = _per_example(s.lse, s.target, s.total, used.valid, plan.n_outputs, options)
+        loss = per_example_loss(s.lse, s.target, s.total, used.valid, plan.n_outputs, options)
         return _hs.reduce_nll(-loss, mask, reduction)
 
 

@@ -15,9 +15,11 @@ from jax.typing import ArrayLike
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._scope import named
+from blocksparse_jax.full import FullSoftmaxParams
 from blocksparse_jax.hsoftmax import HSoftmaxParams
 from blocksparse_jax.hsoftmax import _problem as _p
 from blocksparse_jax.hsoftmax._params import check_params
+from blocksparse_jax.parallel._full import shard_full_params
 from blocksparse_jax.parallel._mesh import check_divisible, check_mesh, place, shard_map, size, vary
 
 
@@ -259,6 +261,10 @@ def h_softmax_loss(
 def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") -> HSoftmaxParams:
     """Places :class:`blocksparse_jax.HSoftmaxParams` on ``mesh``, the classes over ``model_axis``.
 
+    (A :class:`blocksparse_jax.FullSoftmaxParams` is placed with its outputs
+    over ``model_axis``: ``W`` as ``P(None, model_axis)``, ``b`` as
+    ``P(model_axis)``; ``n_outputs`` must be a multiple of the axis size.)
+
     ``W1`` goes to ``P(None, model_axis)``; ``b1``, ``W2`` and ``b2`` to
     ``P(model_axis)``.  An ``n_classes`` that the model axis size does not
     divide is padded with zero classes up to the next multiple (not refused),
@@ -294,6 +300,8 @@ def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") 
       >>> [a.shape for a in sharded], sharded.W2.sharding.spec == P("model")
       ([(8, 10), (10,), (10, 8, 10), (10, 10)], True)
     """
+    if isinstance(params, FullSoftmaxParams):
+        return shard_full_params(params, mesh, model_axis)
     check_mesh(mesh, None, model_axis)
     W1, b1, W2, b2 = check_params(params)
     n_real = getattr(params, "n_real_classes", W1.shape[1])
