@@ -223,6 +223,50 @@ def test_model_maps_words_and_outputs_consistently():
     assert drawn.shape == (6,) and bool(jnp.all((drawn >= 0) & (drawn < V)))
 
 
+@pytest.mark.parametrize("kind", ["full", "adaptive"])
+def test_other_heads_map_words_and_outputs_consistently(kind):
+    """As above for the exact and adaptive heads (the adaptive one maps words to frequency ranks)."""
+    import jax
+    import jax.numpy as jnp
+
+    from blocksparse_jax.demo import _model
+
+    counts = np.array([500, 3, 90, 40, 40, 7, 1, 2, 300, 12, 5, 60, 1], dtype=np.int64)
+    V = counts.size
+    cfg = _model.ModelConfig(V, 3, 8, 16)
+    if kind == "adaptive":
+        layout = _model.adaptive_layout(counts, 16)
+        out = _model.Output.adaptive(layout)
+    else:
+        layout, out = None, _model.Output(kind)
+    params = _model.init_params(jax.random.key(0), cfg, kind, layout)
+    ctx = jax.random.randint(jax.random.key(1), (6, 3), 0, V, dtype=jnp.int32)
+
+    @jax.jit
+    def check(params, ctx):
+        logp, words = _model.top_k(params, out, ctx, V)
+        nll = _model.nll(params, out, jnp.repeat(ctx, V, axis=0), words.reshape(-1))
+        return logp, words, nll, _model.sample(jax.random.key(2), params, out, ctx)
+
+    logp, words, nll, drawn = check(params, ctx)
+    assert all(sorted(row) == list(range(V)) for row in np.asarray(words).tolist())
+    np.testing.assert_allclose(-np.asarray(nll), np.asarray(logp).reshape(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.exp(np.asarray(logp)).sum(axis=1), 1.0, rtol=1e-5)
+    assert drawn.shape == (6,) and bool(jnp.all((drawn >= 0) & (drawn < V)))
+
+
+@pytest.mark.parametrize("output", ["full", "naive", "filtered", "sampled", "adaptive"])
+def test_every_output_head_trains_and_reports(output, tmp_path):
+    text = write_text(tmp_path / "prog.py")
+    out = tmp_path / "out"
+    argv = ["demo", "--text", str(text), "--steps", "3", "--batch-size", "16", "--out", str(out)]
+    assert main([*argv, "--output", output, "--no-baseline"]) == 0
+    m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert m["output"] == output and len(m[f"loss_{output}"]) == 3
+    assert math.isfinite(m[f"val_ppl_{output}"]) and m["speedup"] is None
+    assert m["val_ppl_full"] is None or output == "full"
+
+
 def test_paths_are_shown_without_the_home_directory(monkeypatch):
     monkeypatch.setenv("HOME", "/home/alice")
     assert _corpus.display_path("/home/alice/data/x.txt") == os.path.join("~", "data", "x.txt")

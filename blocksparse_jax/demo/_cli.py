@@ -12,7 +12,11 @@ DEFAULTS = {
     "batch_size": 128,
     "seed": 0,
     "out": "blocksparse_demo",
+    "output": "hsoftmax",
 }
+
+#: The output layers ``--output`` picks from (see ``_model``).
+OUTPUTS = ("hsoftmax", "full", "naive", "filtered", "sampled", "adaptive")
 
 #: Model sizes (not options: the demo's point is the output layer).
 CONTEXT, EMBED, HIDDEN, LEARNING_RATE = 4, 64, 64, 5e-3
@@ -33,7 +37,8 @@ every tenth file is held out for validation.  The model sees the previous
 {HIDDEN}) and predicts the next with a two-level hierarchical softmax whose
 classes come from frequency_classes, trained with h_softmax_loss and lazy Adam
 (the embeddings, W2 and b2 are updated on the blocks a step touches only).  The
-same model with an exact softmax over the whole vocabulary is the baseline.
+same model with the exact softmax over the whole vocabulary (logits-free) is
+the baseline; --output trains another output layer instead of h_softmax.
 Results go to OUT: metrics.json and loss.png (when matplotlib is installed).
 """
 
@@ -112,6 +117,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULTS["out"],
         metavar="DIR",
         help="folder for metrics.json and loss.png (default: ./%(default)s/)",
+    )
+    parser.add_argument(
+        "--output",
+        choices=OUTPUTS,
+        default=DEFAULTS["output"],
+        help="the output layer: the hierarchical softmax (hsoftmax), the logits-free exact "
+        "softmax (full), the exact softmax that builds the logits (naive), the exact softmax "
+        "with the gradient filter (filtered), the sampled softmax (sampled) or the adaptive "
+        "softmax (adaptive) (default: %(default)s)",
     )
     parser.add_argument(
         "--no-baseline",

@@ -19,13 +19,39 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return none if v is None else format(v, spec)
 
 
+#: How the summary names each output layer (``--output``).
+NAMES = {
+    "hsoftmax": "h_softmax",
+    "full": "full softmax",
+    "naive": "naive softmax",
+    "filtered": "filtered softmax",
+    "sampled": "sampled softmax",
+    "adaptive": "adaptive softmax",
+}
+_TITLES = {"hsoftmax": "hierarchical softmax"}
+
+# The functions the predictions and samples of each output layer come from.
+_DECODERS = {
+    "hsoftmax": ("h_softmax_top_k", "h_softmax_sample"),
+    "adaptive": ("adaptive_softmax_top_k", "categorical over adaptive_log_softmax"),
+}
+_EXACT_DECODERS = ("full_softmax_top_k", "full_softmax_sample")
+
+
 def summary(m: dict) -> str:
     """The end-of-run summary as text."""
     mo = m["model"]
-    full = m["val_ppl_full"] is not None
+    kind = m.get("output", "hsoftmax")
+    name = NAMES[kind]
+    full = m["val_ppl_full"] is not None and kind != "full"
+    top_k_fn, sample_fn = _DECODERS.get(kind, _EXACT_DECODERS)
+    title = _TITLES.get(kind, name)
+    w = max(14, len(name) + 2)  # the model's column
     lines = [
         "",
-        "== blocksparse_jax demo: hierarchical softmax vs full softmax ==",
+        f"== blocksparse_jax demo: {title} vs full softmax =="
+        if kind != "full"
+        else "== blocksparse_jax demo: full softmax ==",
         f"corpus      {m['corpus']}",
         f"            {m['corpus_files']:,} files, {m['train_tokens']:,} training / "
         f"{m['val_tokens']:,} validation tokens (split {m['corpus_split']}), "
@@ -36,27 +62,28 @@ def summary(m: dict) -> str:
         f"-> {mo['hidden']} tanh -> output; {mo['optimizer']}, {m['steps']:,} steps x "
         f"{m['batch_size']} tokens",
         "",
-        f"{'':28}{'h_softmax':>14}{'full softmax':>16}",
-        f"{'validation perplexity':28}{m['val_ppl_hsoftmax']:>14.1f}"
-        f"{_fmt(m['val_ppl_full'], '>16.1f', f'{chr(45):>16}')}"
-        f"   (unigram: {m['val_ppl_unigram']:.1f}; {m['val_eval_tokens']:,} validation tokens)",
-        f"{'training tokens/s':28}{_fmt(m['tokens_per_s_hsoftmax'], '>14,.0f', f'{chr(45):>14}')}"
-        f"{_fmt(m['tokens_per_s_full'], '>16,.0f', f'{chr(45):>16}')}"
+        f"{'':28}{name:>{w}}" + (f"{'full softmax':>16}" if kind != "full" else ""),
+        f"{'validation perplexity':28}{m[f'val_ppl_{kind}']:>{w}.1f}"
+        + (_fmt(m["val_ppl_full"], ">16.1f", f"{chr(45):>16}") if kind != "full" else "")
+        + f"   (unigram: {m['val_ppl_unigram']:.1f}; {m['val_eval_tokens']:,} validation tokens)",
+        f"{'training tokens/s':28}"
+        + _fmt(m[f"tokens_per_s_{kind}"], f">{w},.0f", f"{chr(45):>{w}}")
+        + (_fmt(m["tokens_per_s_full"], ">16,.0f", f"{chr(45):>16}") if kind != "full" else "")
         + (f"   speedup {m['speedup']:.1f}x" if m["speedup"] else ""),
-        f"{'first step (compilation)':28}{m['compile_s_hsoftmax']:>13.1f}s"
+        f"{'first step (compilation)':28}{m[f'compile_s_{kind}']:>{w - 1}.1f}s"
         + (f"{m['compile_s_full']:>15.1f}s" if full else ""),
     ]
     lines += _touched_lines(m)
     lines += [
         "",
-        "next-token predictions of the h_softmax model (h_softmax_top_k, k=5):",
+        f"next-token predictions of the {name} model ({top_k_fn}, k=5):",
     ]
     for p in m["top5"]:
         ctx = " ".join(_show(t) for t in p["context"])
         top = "  ".join(f"{_show(t)} {prob:.2f}" for t, prob in p["top"])
         lines.append(f"  [{ctx}]  ->  {top}   (actual: {_show(p['actual'])})")
     n = len(m["samples"][0]["sample"]) if m["samples"] else 0
-    lines += ["", f"sampled continuations (h_softmax_sample, {n} tokens after the [prompt]):"]
+    lines += ["", f"sampled continuations ({sample_fn}, {n} tokens after the [prompt]):"]
     for s in m["samples"]:
         ctx = " ".join(_show(t) for t in s["context"])
         body = detokenize(s["sample"]).replace("\n", "\n      ")
@@ -68,12 +95,14 @@ def summary(m: dict) -> str:
 def _touched_lines(m: dict) -> list[str]:
     """The mean fraction of each sparse parameter's blocks a training step touched."""
     rows = []
-    for kind, name in (("hsoftmax", "h_softmax"), ("full", "full softmax")):
+    model = m.get("output", "hsoftmax")
+    for kind in dict.fromkeys((model, "full")):
         touched = m.get(f"touched_{kind}")
         if touched:
             parts = [f"{path.rsplit('.', 1)[-1]} {frac:.1%}" for path, frac in touched.items()]
-            dense = "" if kind == "hsoftmax" else "   (W, b: dense)"
-            rows.append(f"  {name:14}{'   '.join(parts)}{dense}")
+            sparse_out = any(".out." in path for path in touched)
+            dense = "" if sparse_out else "   (output layer: dense)"
+            rows.append(f"  {NAMES[kind]:18}{'   '.join(parts)}{dense}")
     if not rows:
         return []
     return ["", "blocks a step touches (mean; lazy Adam updates these only):", *rows]
@@ -97,8 +126,9 @@ def plot_losses(path: str, m: dict) -> bool:
     fig = Figure(figsize=(10, 4.2), dpi=110)
     FigureCanvasAgg(fig)
     by_step, by_time = fig.subplots(1, 2, sharey=True)
-    curves = [("h_softmax", "hsoftmax", "C0")]
-    if m["loss_full"]:
+    model = m.get("output", "hsoftmax")
+    curves = [(NAMES[model], model, "C0")]
+    if m["loss_full"] and model != "full":
         curves.append(("full softmax", "full", "C1"))
     for name, kind, color in curves:
         y = np.asarray(m[f"loss_{kind}"], dtype=np.float64)
@@ -130,11 +160,11 @@ def plot_losses(path: str, m: dict) -> bool:
         by_time.text(
             0.5, 0.5, "no timed steps", ha="center", va="center", transform=by_time.transAxes
         )
-    speed = f"; h_softmax trains {m['speedup']:.1f}x faster" if m["speedup"] else ""
+    speed = f"; {NAMES[model]} trains {m['speedup']:.1f}x faster" if m["speedup"] else ""
     fig.suptitle(
         f"next-token model on {m['vocab_size']:,} tokens: validation perplexity "
-        f"{m['val_ppl_hsoftmax']:.0f} (h_softmax)"
-        + (f" vs {m['val_ppl_full']:.0f} (full)" if m["val_ppl_full"] else "")
+        f"{m[f'val_ppl_{model}']:.0f} ({NAMES[model]})"
+        + (f" vs {m['val_ppl_full']:.0f} (full)" if m["val_ppl_full"] and model != "full" else "")
         + f", unigram {m['val_ppl_unigram']:.0f}{speed}",
         fontsize=10,
     )

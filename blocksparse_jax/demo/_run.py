@@ -1,9 +1,10 @@
-"""The demo run: corpus -> both models -> evaluation -> summary, metrics.json, loss.png.
+"""The demo run: corpus -> the models -> evaluation -> summary, metrics.json, loss.png.
 
 :func:`run` is the entry point; ``_run`` strings the steps together, one
 function each: the corpus and its vocabulary, the fixed validation sample, the
-models, the checkpoint, training and evaluating each model, the h_softmax
-model's predictions, and the report.
+models (the ``--output`` head's, and the exact softmax's as the baseline), the
+checkpoint, training and evaluating each model, the ``--output`` model's
+predictions, and the report.
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ PROMPTS = (
 )
 N_TOP_K_PROMPTS, N_SAMPLE_PROMPTS, TOP_K, SAMPLE_TOKENS = 4, 3, 5, 24
 
-KIND_NAMES = {"hsoftmax": "h_softmax", "full": "full softmax"}
+KIND_NAMES = {
+    "hsoftmax": "h_softmax",
+    "full": "full softmax",
+    "naive": "naive softmax",
+    "filtered": "filtered softmax",
+    "sampled": "sampled softmax",
+    "adaptive": "adaptive softmax",
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,7 +141,7 @@ def _run(args: argparse.Namespace, progress: dict, interrupts) -> None:
         states[kind] = _train_model(kind, args, models, checkpoint, states, tokens, interrupts)
         results[kind] = _evaluate(states[kind], models.outputs[kind], val)
         interrupts.check()
-    predictions, samples = _predictions(corpus, states["hsoftmax"], models, rng)
+    predictions, samples = _predictions(corpus, states[args.output], args.output, models, rng)
     metrics = _metrics(
         args, corpus, t_corpus, models, val, states, results, predictions, samples, t_start
     )
@@ -267,7 +275,8 @@ class _Models(NamedTuple):
     layout: object  # HSoftmaxLayout
     optimizer: object  # optax.GradientTransformation: lazy(adam)
     outputs: dict  # kind -> _model.Output
-    kinds: list[str]  # the kinds trained, h_softmax first
+    layouts: dict  # kind -> the head's layout (HSoftmaxLayout, AdaptiveSoftmaxLayout) or None
+    kinds: list[str]  # the kinds trained, the --output head first
     key_data: object
     key_init: object
     key_sample: object
@@ -288,14 +297,24 @@ def _build_models(args: argparse.Namespace, corpus: _corpus.Corpus, optax) -> _M
         corpus.counts, n_classes, max_class_size=-(-V // n_classes) * _cli.CLASS_SIZE_FACTOR
     )
     key_data, key_init, key_sample = jax.random.split(_train.seed_key(args.seed), 3)
+    kinds = [args.output] + ([] if args.no_baseline or args.output == "full" else ["full"])
+    layouts = dict.fromkeys(_model.KINDS)
+    layouts["hsoftmax"] = layout
+    outputs = {kind: _model.Output(kind) for kind in _model.KINDS}
+    outputs["hsoftmax"] = _model.Output.hsoftmax(layout)
+    outputs["sampled"] = _model.Output.sampled(corpus.counts)
+    if "adaptive" in kinds:
+        layouts["adaptive"] = _model.adaptive_layout(corpus.counts, _cli.HIDDEN)
+        outputs["adaptive"] = _model.Output.adaptive(layouts["adaptive"])
     return _Models(
         cfg=_model.ModelConfig(V, _cli.CONTEXT, _cli.EMBED, _cli.HIDDEN),
         layout=layout,
         # The vocabulary-sized parameters (the embeddings; W2 and b2 of the h_softmax)
         # get sparse gradients and lazy Adam updates; the others dense Adam.
         optimizer=lazy(optax.adam(_cli.LEARNING_RATE)),
-        outputs={"hsoftmax": _model.Output.hsoftmax(layout), "full": _model.Output("full")},
-        kinds=["hsoftmax"] + ([] if args.no_baseline else ["full"]),
+        outputs=outputs,
+        layouts=layouts,
+        kinds=kinds,
         key_data=key_data,
         key_init=key_init,
         key_sample=key_sample,
@@ -374,7 +393,7 @@ def _train_model(
     """Builds (or restores) one model and trains it to ``--steps``; adds it to ``states``."""
     from blocksparse_jax.demo import _model, _train
 
-    params = _model.init_params(models.key_init, models.cfg, kind, models.layout)
+    params = _model.init_params(models.key_init, models.cfg, kind, models.layouts[kind])
     state = checkpoint.restore(kind, _train.ModelState(params, models.optimizer.init(params)))
     states[kind] = state
     if state.step >= args.steps:
@@ -408,7 +427,7 @@ def _evaluate(state, output, val: _ValSample) -> dict:
     return {"val_ppl": math.exp(evaluate(state.params)), "eval_s": time.perf_counter() - t0}
 
 
-# ---- what the h_softmax model predicts ------------------------------------------------
+# ---- what the --output model predicts --------------------------------------------------
 
 
 def _find_prompts(corpus: _corpus.Corpus, context: int, rng: np.random.Generator) -> np.ndarray:
@@ -433,14 +452,14 @@ def _find_prompts(corpus: _corpus.Corpus, context: int, rng: np.random.Generator
     return np.array(found, dtype=np.int64)
 
 
-def _predictions(corpus: _corpus.Corpus, hs, models: _Models, rng: np.random.Generator):
+def _predictions(corpus: _corpus.Corpus, hs, kind: str, models: _Models, rng: np.random.Generator):
     """The top-k next tokens after the first prompts, and sampled continuations of others."""
     import jax
     import jax.numpy as jnp
 
     from blocksparse_jax.demo import _model
 
-    C, out_hs = _cli.CONTEXT, models.outputs["hsoftmax"]
+    C, out_hs = _cli.CONTEXT, models.outputs[kind]
     prompt_pos = _find_prompts(corpus, C, rng)
     prompt_ctx = corpus.val[prompt_pos[:, None] + np.arange(-C, 0)]
     top_pos, top_ctx = prompt_pos[:N_TOP_K_PROMPTS], prompt_ctx[:N_TOP_K_PROMPTS]
@@ -494,24 +513,27 @@ def _metrics(
     """Everything ``metrics.json`` holds (the summary and the plot are drawn from it)."""
     import jax
 
-    hs, full = states["hsoftmax"], states.get("full")
-    tps_hs, tps_full = hs.tokens_per_s, full.tokens_per_s if full else None
+    kind = args.output
+    model = states[kind]
+    full = states.get("full") if kind != "full" else None
+    tps_model, tps_full = model.tokens_per_s, full.tokens_per_s if full else None
     return {
+        "output": kind,
         "vocab_size": corpus.vocab_size,
-        "steps": hs.step,
+        "steps": model.step,
         "steps_full": full.step if full else None,
         "batch_size": args.batch_size,
-        "tokens_per_s_hsoftmax": tps_hs,
-        "tokens_per_s_full": tps_full,
-        "speedup": tps_hs / tps_full if tps_hs and tps_full else None,
-        "val_ppl_hsoftmax": results["hsoftmax"]["val_ppl"],
-        "val_ppl_full": results["full"]["val_ppl"] if full else None,
+        f"tokens_per_s_{kind}": tps_model,
+        "tokens_per_s_full": tps_full if kind != "full" else tps_model,
+        "speedup": tps_model / tps_full if tps_model and tps_full else None,
+        f"val_ppl_{kind}": results[kind]["val_ppl"],
+        "val_ppl_full": results["full"]["val_ppl"] if "full" in results else None,
         "val_ppl_unigram": val.unigram_ppl,
         "val_eval_tokens": val.n_eval,
-        "compile_s_hsoftmax": hs.compile_seconds,
-        "compile_s_full": full.compile_seconds if full else None,
-        "touched_hsoftmax": hs.touched,
-        "touched_full": full.touched if full else None,
+        f"compile_s_{kind}": model.compile_seconds,
+        "compile_s_full": states["full"].compile_seconds if "full" in states else None,
+        f"touched_{kind}": model.touched,
+        "touched_full": states["full"].touched if "full" in states else None,
         "corpus": corpus.source,
         "corpus_files": corpus.n_files,
         "corpus_split": corpus.split,
@@ -533,8 +555,8 @@ def _metrics(
         "devices": jax.device_count(),
         "top5": predictions,
         "samples": samples,
-        "loss_hsoftmax": hs.losses,
-        "loss_full": full.losses if full else None,
+        f"loss_{kind}": model.losses,
+        "loss_full": states["full"].losses if "full" in states else None,
         "wall_s": time.perf_counter() - t_start,
     }
 

@@ -106,7 +106,8 @@ def make_train_step(
             step_key, (batch_size,), context, tokens.shape[0], dtype=jnp.int32
         )
         contexts, targets = _model.gather_windows(tokens, positions, context)
-        loss, grads = grad_fn(_model.mean_nll)(params, output, contexts, targets)
+        loss_key = jax.random.fold_in(step_key, 1)  # the sampled softmax's classes
+        loss, grads = grad_fn(_model.train_loss)(params, output, contexts, targets, loss_key)
         # optax computes Adam's bias correction as ``float ** int32 count``, which the
         # strict promotion mode some users (and our tests) run under rejects.
         with jax.numpy_dtype_promotion("standard"):
