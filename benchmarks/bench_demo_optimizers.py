@@ -66,7 +66,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     corpus = _corpus.load_corpus(args.text, vocab_size=None)
-    run_args = argparse.Namespace(seed=_cli.DEFAULTS["seed"], no_baseline=False)
+    run_args = argparse.Namespace(seed=_cli.DEFAULTS["seed"], no_baseline=False, output="hsoftmax")
     models = _run._build_models(run_args, corpus, optax)
     tokens = jnp.asarray(corpus.train)
     dense_adam = optax.adam(_cli.LEARNING_RATE)

@@ -216,17 +216,23 @@ def peaked_problem(n_outputs=96, batch=6):
 
 
 def filtered_reference(x, params, t, eps, chunk, cotangent):
-    """The exact gradient of ``W`` with the softmax terms of the skipped chunks removed."""
+    """The exact gradient of ``W`` without the softmax terms of the chunks the filter skips.
+
+    The filter skips the chunks of least probability (the largest over the
+    examples with a cotangent) while their running sum stays at most ``eps``.
+    Returns ``(dW, kept chunks, each example's probability in the skipped chunks)``.
+    """
     z = ref_logits(x, params)
     p = np.exp(z - np.log(np.exp(z).sum(1, keepdims=True)))
     n_chunks = -(-z.shape[1] // chunk)
-    live = cotangent != 0
-    kept = np.array(
-        [np.any(p[live, k * chunk : (k + 1) * chunk] >= eps) for k in range(n_chunks)], bool
-    )
+    mass = np.stack([p[:, k * chunk : (k + 1) * chunk].sum(1) for k in range(n_chunks)], 1)
+    worst = np.where((cotangent != 0)[:, None], mass, 0.0).max(0)
+    order = np.argsort(worst, kind="stable")
+    kept = np.ones(n_chunks, bool)
+    kept[order] = ~(np.cumsum(worst[order]) <= eps)
     p_kept = p * np.repeat(kept, chunk)[None, : z.shape[1]]
     G = cotangent[:, None] * (p_kept - np.eye(z.shape[1])[np.asarray(t)])
-    return np.asarray(x).T @ G, kept
+    return np.asarray(x).T @ G, kept, mass[:, ~kept].sum(1)
 
 
 def test_filter_keeps_the_loss_exact_and_drops_only_the_skipped_chunks():
@@ -235,8 +241,9 @@ def test_filter_keeps_the_loss_exact_and_drops_only_the_skipped_chunks():
     f = lambda p: full_softmax_loss(x, p, t, filter_eps=eps, chunk_size=16)
     loss, grads = jax.value_and_grad(f)(params)
     np.testing.assert_allclose(loss, jnp.mean(ref_loss(x, params, t)), rtol=1e-12)
-    want, kept = filtered_reference(x, params, t, eps, 16, np.full(6, 1 / 6))
+    want, kept, dropped = filtered_reference(x, params, t, eps, 16, np.full(6, 1 / 6))
     assert kept[0] and kept[60 // 16] and not kept.all()  # the filter skipped some chunks
+    assert np.all(dropped <= eps)  # ... holding at most eps of any example's probability
     np.testing.assert_allclose(grads.W, want, atol=1e-14)
     exact = jax.grad(lambda p: jnp.mean(ref_loss(x, p, t)))(params).W
     assert not np.allclose(grads.W, exact, atol=1e-14, rtol=0)  # ... which changed the gradient
@@ -274,12 +281,12 @@ def test_filtered_sparse_rule_equals_the_custom_vjp(n_outputs, chunk, bias):
     cot = jnp.asarray(np.random.default_rng(4).uniform(0.5, 2.0, (6, 2)))
     cot = cot.at[3].set(0.0)  # an example with no cotangent: keeps no chunk
     stats, vjp = jax.vjp(lambda W: _core.logit_stats(x, W, params.b, t, plan), params.W)
-    (dW,) = vjp(_core.Stats(cot[:, 0], cot[:, 1], None, jnp.zeros_like(stats.chunk_max)))
+    (dW,) = vjp(_core.Stats(cot[:, 0], cot[:, 1], None, jnp.zeros_like(stats.chunk_lse)))
     rule = FilteredChunksRule(plan, has_bias=bias)
     layout = rule.layout(params.W.shape)
     assert layout.view == (N_IN, n_outputs // rule.block, rule.block) and layout.axis == 1
     b = (params.b,) if bias else ()
-    pairs = rule.pairs(cot, x, params.W, *b, t, stats.lse, stats.chunk_max)
+    pairs = rule.pairs(cot, x, params.W, *b, t, stats.lse, stats.chunk_lse)
     np.testing.assert_allclose(densify(pairs, layout, jnp.float64), dW, atol=1e-14)
     touched = np.asarray(pairs.blocks) < layout.n_blocks
     nonzero = np.any(np.asarray(dW).reshape(N_IN, -1, rule.block) != 0, axis=(0, 2))

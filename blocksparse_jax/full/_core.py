@@ -7,7 +7,7 @@ tanh(z / softcap)`` when asked)::
     lse[n]          = logsumexp_j z[n, j]
     target[n]       = z[n, target[n]]
     total[n]        = sum_j z[n, j]                     (label smoothing only)
-    chunk_max[n, k] = max_{j in chunk k} z[n, j]        (gradient filter only)
+    chunk_lse[n, k] = logsumexp_{j in chunk k} z[n, j]  (gradient filter only)
 
 The outputs are walked in chunks of ``chunk`` columns, so that no ``(batch,
 n_outputs)`` array exists in either pass:
@@ -30,18 +30,22 @@ divide it; the columns it shares with the chunk before count in that chunk
 only.  The backward pass walks the chunks last to first, so that the earlier
 chunk's columns overwrite the shared ones in ``dW`` and ``db``.
 
-With ``filter_eps`` (Cut Cross-Entropy's gradient filter) the backward pass
-skips every chunk whose softmax is below ``filter_eps`` for every example with
-a cotangent: ``chunk_max[n, k] - lse[n] < log(filter_eps)``.  Such a chunk's
-columns of ``dW`` and ``db`` are zero and it adds nothing to ``dx``; the
-values are exact.
+With ``filter_eps`` (Cut Cross-Entropy's gradient filter, with a bound on what
+it leaves out) the backward pass skips the chunks of least probability as long
+as, for every example with a cotangent, the probability they hold together
+stays at most ``filter_eps``: with ``mass[n, k] = exp(chunk_lse[n, k] -
+lse[n])`` and ``worst[k] = max_n mass[n, k]``, the chunks in increasing order
+of ``worst`` are skipped while the running sum of ``worst`` is at most
+``filter_eps``.  Every skipped chunk's softmax is then below ``filter_eps``
+for every example, and the terms left out of each example's gradient hold at
+most ``filter_eps`` of its probability.  Such a chunk's columns of ``dW`` and
+``db`` are zero and it adds nothing to ``dx``; the values are exact.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -89,7 +93,8 @@ class Plan:
       chunk: the columns per chunk.
       softcap: the soft cap ``c`` of ``c * tanh(z / c)``, or ``None``.
       with_total: also compute ``total`` (the sum of the logits, for label smoothing).
-      filter_eps: the gradient filter's threshold, or ``None`` (exact gradient).
+      filter_eps: the probability the gradient filter may leave out per example, or
+        ``None`` (exact gradient).
     """
 
     n_outputs: int
@@ -122,7 +127,7 @@ class Stats(NamedTuple):
     lse: jax.Array  # (batch,)
     target: jax.Array  # (batch,)
     total: jax.Array | None  # (batch,), with_total only
-    chunk_max: jax.Array | None  # (batch, n_chunks), filter_eps only
+    chunk_lse: jax.Array | None  # (batch, n_chunks), filter_eps only
 
 
 def dtypes(x, W, b=None) -> tuple[np.dtype, np.dtype]:
@@ -188,15 +193,17 @@ def logits_cotangent(z, k, lse, g_lse, g_total, plan: Plan) -> jax.Array:
     return G
 
 
-def touched_chunks(chunk_max, lse, g_lse, plan: Plan) -> jax.Array:
-    """``(n_chunks,)`` bool: the chunks the gradient filter keeps.
+def touched_chunks(chunk_lse, lse, g_lse, plan: Plan) -> jax.Array:
+    """``(n_chunks,)`` bool: the chunks the gradient filter keeps (see the module's docstring).
 
-    A chunk is kept if some example with a non-zero cotangent gives one of its
-    outputs a probability of at least ``filter_eps``.
+    Only the examples with a non-zero cotangent count.
     """
-    live = g_lse != 0
-    near = chunk_max - lse[:, None] >= math.log(plan.filter_eps)
-    return jnp.any(near & live[:, None], axis=0)
+    live = (g_lse != 0)[:, None]
+    mass = jnp.where(live, jnp.exp(chunk_lse - lse[:, None]), jnp.zeros((), lse.dtype))
+    worst = jnp.max(mass, axis=0)
+    order = jnp.argsort(worst)
+    skipped = jnp.cumsum(worst[order]) <= plan.filter_eps
+    return jnp.ones(worst.shape, jnp.bool_).at[order].set(~skipped)
 
 
 def carry(init, *refs):
@@ -223,18 +230,19 @@ def _values(plan: Plan, x, W, b, target) -> Stats:
     zero = jnp.zeros((), acc)
 
     def body(k, state):
-        m, s, total, chunk_max = state
+        m, s, total, chunk_lse = state
         _, _, z = chunk_logits(x, W, b, k, plan)
         if plan.ragged:
             z = jnp.where(plan.fresh(k)[None, :], z, jnp.full((), -jnp.inf, acc))
-        z_max = jnp.max(z, axis=1)
-        m_new = jnp.maximum(m, z_max)
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        s_k = jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        s = s * jnp.exp(m - m_new) + s_k
         if total is not None:
             total = total + jnp.sum(jnp.where(jnp.isneginf(z), zero, z), axis=1)
-        if chunk_max is not None:
-            chunk_max = lax.dynamic_update_slice_in_dim(chunk_max, z_max[:, None], k, axis=1)
-        return m_new, s, total, chunk_max
+        if chunk_lse is not None:
+            lse_k = (m_new + jnp.log(s_k))[:, None]
+            chunk_lse = lax.dynamic_update_slice_in_dim(chunk_lse, lse_k, k, axis=1)
+        return m_new, s, total, chunk_lse
 
     init = carry(
         (
@@ -246,12 +254,12 @@ def _values(plan: Plan, x, W, b, target) -> Stats:
         x,
         W,
     )
-    m, s, total, chunk_max = loop(body, init, plan.n_chunks)
+    m, s, total, chunk_lse = loop(body, init, plan.n_chunks)
     _, picked = target_logits(x, W, b, target, plan)
-    return Stats(m + jnp.log(s), picked, total, chunk_max)
+    return Stats(m + jnp.log(s), picked, total, chunk_lse)
 
 
-def grads(plan: Plan, x, W, b, target, lse, chunk_max, cotangent: Stats):
+def grads(plan: Plan, x, W, b, target, lse, chunk_lse, cotangent: Stats):
     """``(dx, dW, db)`` for the cotangent of the statistics, a chunk at a time."""
     _, acc = dtypes(x, W, b)
     dt = _checks.common_float_dtype(x.dtype, W.dtype)
@@ -260,7 +268,7 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_max, cotangent: Stats):
     n = plan.n_chunks
     kept = None
     if plan.filter_eps is not None:
-        kept = touched_chunks(chunk_max, lse, g_lse, plan)
+        kept = touched_chunks(chunk_lse, lse, g_lse, plan)
 
     def chunk_terms(k):
         start, Wc, z = chunk_logits(x, W, b, k, plan)
@@ -314,12 +322,12 @@ def _logit_stats(plan: Plan, x, W, b, target) -> Stats:
 
 def _logit_stats_fwd(plan: Plan, x, W, b, target):
     stats = _values(plan, x, W, b, target)
-    return stats, (x, W, b, target, stats.lse, stats.chunk_max)
+    return stats, (x, W, b, target, stats.lse, stats.chunk_lse)
 
 
 def _logit_stats_bwd(plan: Plan, residuals, cotangent: Stats):
-    x, W, b, target, lse, chunk_max = residuals
-    dx, dW, db = grads(plan, x, W, b, target, lse, chunk_max, cotangent)
+    x, W, b, target, lse, chunk_lse = residuals
+    dx, dW, db = grads(plan, x, W, b, target, lse, chunk_lse, cotangent)
     return dx, dW, db, None
 
 
@@ -337,6 +345,6 @@ def logit_stats(x, W, b, target, plan: Plan) -> Stats:
       plan: the static :class:`Plan`.
 
     Returns:
-      :class:`Stats` in the accumulation dtype; ``chunk_max`` carries no gradient.
+      :class:`Stats` in the accumulation dtype; ``chunk_lse`` carries no gradient.
     """
     return _logit_stats(plan, x, W, b, target)

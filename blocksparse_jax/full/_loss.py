@@ -219,13 +219,14 @@ def full_softmax_loss(
     each chunk's logits and writing that chunk's columns of ``W``'s gradient.
     float16 and bfloat16 products run in that dtype and accumulate in float32.
 
-    ``filter_eps`` (Cut Cross-Entropy's gradient filter) skips, in the
-    backward pass, the chunks whose softmax is below ``filter_eps`` for every
-    example: the loss is exact, the gradient drops those chunks' terms (each
-    below ``filter_eps`` times the example's cotangent per entry), and the
-    backward pass costs only the kept chunks.  It pays when the model is
+    ``filter_eps`` (Cut Cross-Entropy's gradient filter, with a bound) skips,
+    in the backward pass, the chunks of least probability for as long as, for
+    every example, the probability they hold together stays at most
+    ``filter_eps``: the loss is exact, each example's gradient leaves out
+    softmax terms that sum to at most ``filter_eps`` times its cotangent, and
+    the backward pass costs only the kept chunks.  It pays when the model is
     confident and the outputs are sorted by frequency (the probable outputs
-    then share chunks); see the guide (docs/heads.md) for the error it makes.
+    then share chunks); the guide (docs/heads.md) has measurements.
     Under :func:`~blocksparse_jax.value_and_sparse_grad`, ``W``'s gradient is
     then the kept chunks and the targets' columns only, and
     :func:`~blocksparse_jax.optim.lazy` updates those alone.
@@ -245,9 +246,10 @@ def full_softmax_loss(
       z_loss: weight ``>= 0`` of the ``lse**2`` penalty (PaLM's z-loss, which
         keeps the log-partition function near 0).
       softcap: optional positive float, as in :func:`full_log_softmax`.
-      filter_eps: optional threshold in ``(0, 1)`` of the gradient filter;
-        ``None`` (default) gives the exact gradient.  Not with
-        ``label_smoothing`` (which gives every output a gradient).
+      filter_eps: optional probability in ``(0, 1)`` that the gradient filter
+        may leave out of each example; ``None`` (default) gives the exact
+        gradient.  Not with ``label_smoothing`` (which gives every output a
+        gradient).
       chunk_size: optional columns per chunk, as in :func:`full_log_softmax`.
 
     Returns:
@@ -311,7 +313,7 @@ def full_softmax_loss(
         pair = sites.mark_use(
             jnp.stack([s.lse, s.target], axis=1),
             w,
-            (used.x, w, *bias, used.target, s.lse, s.chunk_max),
+            (used.x, w, *bias, used.target, s.lse, s.chunk_lse),
             FilteredChunksRule(plan, has_bias=params.b is not None),
         )
         loss = _reduce_jit(

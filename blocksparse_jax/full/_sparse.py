@@ -5,7 +5,8 @@ column of ``W`` in the forward pass but its gradient reaches only the chunks
 the filter keeps and the targets' columns.  The loss marks that use
 (:mod:`blocksparse_jax._sparse_sites`): the marked output is the ``(batch, 2)``
 pair ``(lse, target logit)`` of each example, and the rule's inputs are what
-the backward pass reads, the filter's key ``chunk_max`` included.  The set of
+the backward pass reads, the filter's key included (``chunk_lse``, each
+chunk's log-sum-exp per example, an output of the forward pass).  The set of
 kept chunks is then a function of the forward values and of the pair's
 cotangent, so the rule finds it exactly as the custom VJP does: the same code
 (:func:`~blocksparse_jax.full._core.grads`) computes the gradient in both.
@@ -33,7 +34,7 @@ from blocksparse_jax.full._core import Plan, Stats, grads, touched_chunks
 class FilteredChunksRule(sites.SparseRule):
     """``W``'s gradient under the gradient filter: the kept chunks and the targets' blocks.
 
-    ``pairs(cotangent, x, W, b, target, lse, chunk_max)``: ``cotangent`` is the
+    ``pairs(cotangent, x, W, b, target, lse, chunk_lse)``: ``cotangent`` is the
     ``(batch, 2)`` cotangent of ``(lse, target logit)``; the other inputs are
     those of :func:`~blocksparse_jax.full._core.logit_stats` and its outputs
     (``b`` left out when ``has_bias`` is ``False``).
@@ -53,12 +54,12 @@ class FilteredChunksRule(sites.SparseRule):
             (n_in, n_outputs), (n_in, n_outputs // self.block, self.block), axis=1
         )
 
-    def touched_blocks(self, cotangent, target, lse, chunk_max) -> jax.Array:
+    def touched_blocks(self, cotangent, target, lse, chunk_lse) -> jax.Array:
         """``(n_blocks,)`` bool: the blocks of the kept chunks and of the live targets."""
         plan, block = self.plan, self.block
         n_blocks = plan.n_outputs // block
         g_lse, g_target = cotangent[:, 0], cotangent[:, 1]
-        kept = touched_chunks(chunk_max, lse, g_lse, plan)
+        kept = touched_chunks(chunk_lse, lse, g_lse, plan)
         # Column j belongs to chunk j // chunk (the moved-back last chunk keeps its fresh columns).
         first_column = jnp.arange(n_blocks, dtype=jnp.int32) * block
         in_kept_chunk = kept[first_column // plan.chunk]
@@ -70,12 +71,12 @@ class FilteredChunksRule(sites.SparseRule):
         return in_kept_chunk | (hits > 0)
 
     def pairs(self, cotangent, x, W, *inputs) -> sites.BlockPairs:
-        b, target, lse, chunk_max = inputs if self.has_bias else (None, *inputs)
+        b, target, lse, chunk_lse = inputs if self.has_bias else (None, *inputs)
         ct = Stats(cotangent[:, 0], cotangent[:, 1], None, None)
-        _, dW, _ = grads(self.plan, x, W, b, target, lse, chunk_max, ct)
+        _, dW, _ = grads(self.plan, x, W, b, target, lse, chunk_lse, ct)
         n_in, n_outputs = W.shape
         n_blocks = n_outputs // self.block
         right = dW.reshape(n_in, n_blocks, self.block).transpose(1, 0, 2)
-        touched = self.touched_blocks(cotangent, target, lse, chunk_max)
+        touched = self.touched_blocks(cotangent, target, lse, chunk_lse)
         blocks = jnp.where(touched, jnp.arange(n_blocks, dtype=jnp.int32), n_blocks)
         return sites.BlockPairs(blocks, None, right.reshape(n_blocks, n_in * self.block))
