@@ -51,7 +51,10 @@ def _embedding():
 
 def _gemv():
     k1, k2 = jax.random.split(jax.random.key(1))
-    params = {"W": jax.random.normal(k1, (4, 5, 3, 2), F32), "h0": jax.random.normal(k2, (2, 3), F32)}
+    params = {
+        "W": jax.random.normal(k1, (4, 5, 3, 2), F32),
+        "h0": jax.random.normal(k2, (2, 3), F32),
+    }
 
     def call(p, idx):  # idx (batch, 3): two input blocks, one output block
         h = jnp.broadcast_to(p["h0"], (idx.shape[0], 2, 3))
@@ -268,11 +271,15 @@ def test_while_loop_and_custom_vjp_fall_back_to_dense_with_a_warning():
 
     losses = {
         "while_loop": lambda p: jax.lax.while_loop(
-            lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] + jnp.sum(call(p, xs[c[0]]))), (0, jnp.zeros((), F32))
+            lambda c: c[0] < 2,
+            lambda c: (c[0] + 1, c[1] + jnp.sum(call(p, xs[c[0]]))),
+            (0, jnp.zeros((), F32)),
         )[1],
         "custom_vjp": lambda p: jnp.sum(call({**p, "table": passthrough(p["table"])}, xs[0])),
         "tied": lambda p: jnp.sum(call(p, xs[0])) + jnp.sum(p["table"] ** 2),
-        "cast": lambda p: jnp.sum(call({**p, "table": p["table"].astype(jnp.bfloat16).astype(F32)}, xs[0])),
+        "cast": lambda p: jnp.sum(
+            call({**p, "table": p["table"].astype(jnp.bfloat16).astype(F32)}, xs[0])
+        ),
         "vmapped weight": lambda p: jnp.sum(
             jax.vmap(lambda t: call({**p, "table": t}, xs[0]))(jnp.stack([p["table"]] * 2))
         ),

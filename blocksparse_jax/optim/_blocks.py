@@ -135,6 +135,13 @@ class SparseBlockGrad:
                 "Apply the optimizer in the same jitted function, or return g.todense() or "
                 "(g.indices, g.values)."
             )
+        if (
+            hasattr(values, "shape")
+            and hasattr(values, "dtype")
+            and (tuple(values.shape) != (slots.indices.shape[-1], *slots.layout.block_shape))
+        ):
+            # A tree map that summarises each leaf (a norm, a flag) gives the summary here.
+            return values
         return cls(values, slots)
 
     def __repr__(self):
@@ -368,4 +375,3 @@ def build(pairs: BlockPairs, layout: BlockLayout, dtype) -> SparseBlockGrad:
     slot_pairs = SlotPairs(slot, pairs.left, pairs.right)
     values = sum_pairs(slot_pairs, indices.shape[0], layout.block_shape, dtype)
     return SparseBlockGrad(values, Slots(indices, layout, pairs=slot_pairs, origin=values))
-

@@ -83,9 +83,9 @@ def choose_path(g: SparseBlockGrad, param, n_entries: int) -> tuple[str, int]:
     return "blocks", 1
 
 
-def update(leaf: LeafUpdate) -> Result:
-    """Runs the update of ``leaf`` by the path its sizes call for."""
-    path, k = choose_path(leaf.grad, leaf.param, len(leaf.entries))
+def update(leaf: LeafUpdate, path: tuple[str, int] | None = None) -> Result:
+    """Runs the update of ``leaf`` by ``path`` (default: the one its sizes call for)."""
+    path, k = path or choose_path(leaf.grad, leaf.param, len(leaf.entries))
     if path == "vectorised":
         return _vectorised(leaf)
     if path == "chunks":
@@ -121,7 +121,9 @@ def _write_indices(g: SparseBlockGrad, indices):
     if n + indices.shape[0] >= 2**31:  # no room above n_blocks in int32
         return indices, {}
     spare = n + jnp.arange(indices.shape[0], dtype=jnp.int32)
-    return jnp.where(indices < n, indices, spare), dict(unique_indices=True, indices_are_sorted=True)
+    return jnp.where(indices < n, indices, spare), dict(
+        unique_indices=True, indices_are_sorted=True
+    )
 
 
 def _scatter(view, layout: BlockLayout, idx, blocks, opts):
@@ -194,7 +196,11 @@ def _vectorised(leaf: LeafUpdate) -> Result:
         def skipped(carry, lo=lo, hi=hi):  # written nowhere: every index of the chunk is padding
             p, es = carry
             z = jnp.zeros((hi - lo, *g.block_shape), p.dtype)
-            return z, [z.astype(e.dtype) for e in es], jnp.zeros((hi - lo, *g.block_shape), _acc(p.dtype))
+            return (
+                z,
+                [z.astype(e.dtype) for e in es],
+                jnp.zeros((hi - lo, *g.block_shape), _acc(p.dtype)),
+            )
 
         if j == 0:
             pb, eb, ub = new_blocks(carry)
@@ -289,7 +295,9 @@ def _by_block(leaf: LeafUpdate) -> Result:
         eb = [lax.dynamic_slice_in_dim(e, k, 1, layout.axis) for e in es]
         pb, eb = jnp.moveaxis(pb, layout.axis, 0), [jnp.moveaxis(b, layout.axis, 0) for b in eb]
         ub, eb_new = leaf.inner(gb.astype(g.dtype)[None], pb, eb)
-        p = lax.dynamic_update_slice_in_dim(p, jnp.moveaxis(_add(pb, ub), 0, layout.axis), k, layout.axis)
+        p = lax.dynamic_update_slice_in_dim(
+            p, jnp.moveaxis(_add(pb, ub), 0, layout.axis), k, layout.axis
+        )
         # The new parameter block reads the old state blocks: the state is written
         # after it (else XLA copies each state array to keep the old blocks readable).
         k2 = after(k, lax.dynamic_slice_in_dim(p, k, 1, layout.axis))

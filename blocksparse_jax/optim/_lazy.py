@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from blocksparse_jax._sparse_sites import BlockLayout
 from blocksparse_jax.optim import _inplace
 from blocksparse_jax.optim._blocks import Applied, Slots, SparseBlockGrad, is_sparse, take_blocks
 from blocksparse_jax.optim._state import StateMap
@@ -16,81 +19,95 @@ from blocksparse_jax.optim._state import StateMap
 # --------------------------------------------------------------------------------------
 
 
-def _find_multi_steps(state) -> bool:
+def _refuse_multi_steps(state, name: str) -> None:
     found = []
     jax.tree.map(
         lambda n: found.append(n) if isinstance(n, optax.MultiStepsState) else None,
         state,
         is_leaf=lambda n: isinstance(n, optax.MultiStepsState),
     )
-    return bool(found)
+    if found:
+        raise ValueError(
+            f"lazy({name}): optax.MultiSteps cannot run lazily: the gradients it accumulates "
+            "over steps must reach every block they touched, not only the blocks of the step "
+            "that applies them. Accumulate inside the step instead (the loss of the "
+            "micro-batches summed in a lax.scan: value_and_sparse_grad is sparse through "
+            "scan), or use MultiSteps with a dense optimizer."
+        )
 
 
-def _elementwise(inner, name: str) -> bool:
-    """Is ``inner`` element-wise: does each element's update depend on that element alone?
+def _tiny(treedef, leaves, p_leaves, sparse, extra_args):
+    """A small stand-in for a call: the same tree, sparse leaves of 4 blocks of ones, others small.
 
-    Runs ``inner`` for three steps on a small tree of two leaves, once whole
-    and once as :func:`lazy` runs an element-wise transformation (one call
-    for the other leaf, one per chunk of the first with the others empty),
-    with gradients that differ wildly between the leaves (one huge, one NaN
-    on a step).  A transformation that scales by a global norm, skips
-    non-finite steps, draws random numbers per leaf or looks at whole leaves
-    gives different results and is run on all touched blocks at once instead.
+    The gradients differ wildly between elements (one huge, one NaN on a step)
+    so that a transformation looking across elements shows it.
     """
-    p = {"a": jnp.array([0.5, -1.0, 2.0, 0.25], jnp.float32), "b": jnp.array([1.5, 0.25], jnp.float32)}
-    g_a = jnp.array([0.3, -0.7, 1.1, 0.2], jnp.float32)
-    g_b = [jnp.array([2.0, -0.5]), jnp.array([1e6, -3e5]), jnp.array([jnp.nan, 1.0])]
-    empty = jnp.zeros((0,), jnp.float32)
+    tiny_p, tiny_g = [], []
+    for i, p in enumerate(p_leaves):
+        if i in sparse:
+            shape = (4,) + (1,) * len(leaves[i].block_shape)
+        else:
+            shape = tuple(min(d, 2) for d in np.shape(p))
+        base = jnp.linspace(-1.0, 1.5, math.prod(shape) or 1)[: math.prod(shape)].reshape(shape)
+        tiny_p.append(base.astype(jnp.asarray(p).dtype))
+        tiny_g.append((0.3 - base).astype(leaves[i].dtype if i in sparse else jnp.asarray(p).dtype))
 
-    def whole():
-        state, pp, seen = inner.init(p), p, []
+    def grads(step):
+        out = []
+        for i, g in enumerate(tiny_g):
+            scale = jnp.asarray([1.0, 1e5, jnp.nan][step] if i not in sparse else 1.0 + step)
+            if i in sparse and i == sparse[0]:  # a chunk of the first sparse leaf goes wild
+                wild = jnp.asarray([2.0, 1e5, jnp.nan][step])
+                g = g.at[1:].multiply(wild.astype(g.dtype))
+            else:
+                g = (g * scale).astype(g.dtype)
+            if i in sparse:
+                layout = BlockLayout(g.shape, g.shape, 0)
+                g = SparseBlockGrad(g, Slots(jnp.arange(4, dtype=jnp.int32), layout))
+            out.append(g)
+        return out
+
+    extra = jax.tree.map(lambda a: jnp.ones(np.shape(a), jnp.asarray(a).dtype), extra_args)
+    return tiny_p, grads, extra
+
+
+def _is_elementwise(inner, name, treedef, leaves, p_leaves, sparse, extra_args) -> bool:
+    """Does the chunked, in-place path give ``inner``'s update exactly?
+
+    Runs three steps of both paths (all touched blocks at once, and chunks of
+    one block) on a small stand-in of the call (:func:`_tiny`).  They agree
+    for an element-wise transformation; one that scales by a global norm,
+    skips non-finite steps, draws random numbers per leaf or looks at whole
+    leaves differs, and runs on all touched blocks at once instead.
+    """
+
+    def run(elementwise):
+        tiny_p, grads, extra = _tiny(treedef, leaves, p_leaves, sparse, extra_args)
+        params, state, seen = tiny_p, inner.init(treedef.unflatten(tiny_p)), []
         for step in range(3):
-            g = {"a": g_a * (1.0 + step), "b": g_b[step].astype(jnp.float32)}
-            u, state = inner.update(g, state, pp)
-            pp = optax.apply_updates(pp, u)
-            seen += [u["a"], *StateMap(state, p).entries(0)]
+            g = grads(step)
+            if elementwise:
+                u, state = _update_elementwise(
+                    inner, g, treedef, state, params, sparse, extra, path=("chunks", 1)
+                )
+            else:
+                u, state = _update_whole(inner, g, treedef, state, params, sparse, extra)
+            params = jax.tree.leaves(apply_updates(treedef.unflatten(params), treedef.unflatten(u)))
+            seen += [
+                np.asarray(a, np.float64)
+                for a in [*params, *jax.tree.leaves(state)]
+                if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact)
+            ]
         return seen
 
-    def partitioned():
-        state, pp, seen = inner.init(p), p, []
-        for step in range(3):
-            g = {"a": g_a * (1.0 + step), "b": g_b[step].astype(jnp.float32)}
-            smap = StateMap(state, pp)
-            ref = {"a": empty, "b": pp["b"]}
-            _, first = inner.update(
-                {"a": empty, "b": g["b"]}, smap.map(lambda i, e: empty if i == 0 else e), ref
-            )
-            u_a, new_e = [], [[] for _ in smap.entries(0)]
-            for lo, hi in ((0, 1), (1, 4)):
-                part = {"a": pp["a"][lo:hi], "b": empty}
-                s = smap.map(lambda i, e, lo=lo, hi=hi: e[lo:hi] if i == 0 else empty)
-                u, s = inner.update({"a": g["a"][lo:hi], "b": empty}, s, part)
-                u_a.append(u["a"])
-                for j, e in enumerate(StateMap(s, part).entries(0)):
-                    new_e[j].append(e)
-            ua = jnp.concatenate(u_a)
-            full = iter([jnp.concatenate(e) for e in new_e])
-            state = StateMap(first, ref).map(lambda i, e: next(full) if i == 0 else e)
-            pp = {"a": pp["a"] + ua, "b": pp["b"]}
-            seen += [ua, *StateMap(state, pp).entries(0)]
-        return seen
-
-    with jax.numpy_dtype_promotion("standard"):  # optax's own arithmetic mixes int and float
+    # Evaluated now, with concrete values, even when called while tracing a step.
+    with jax.ensure_compile_time_eval(), jax.numpy_dtype_promotion("standard"):
         try:
-            want = whole()
-        except Exception as e:  # noqa: BLE001 - reported with the transformation's name
-            raise ValueError(
-                f"lazy({name}): running the transformation on a small tree raised "
-                f"{type(e).__name__}: {e}"
-            ) from e
-        try:
-            got = partitioned()
-        except Exception:  # noqa: BLE001 - it needs whole leaves: not element-wise
+            want, got = run(False), run(True)
+        except Exception:  # noqa: BLE001 - it cannot run on the stand-in a chunk at a time
             return False
-    if len(got) != len(want):
-        return False
-    return all(
-        np.shape(a) == np.shape(b) and np.allclose(a, b, rtol=1e-6, atol=0.0, equal_nan=True)
+    return len(got) == len(want) and all(
+        a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=0.0, equal_nan=True)
         for a, b in zip(got, want, strict=True)
     )
 
@@ -180,17 +197,14 @@ def lazy(
         )
     name = getattr(inner, "__name__", None) or _describe(inner)
     inner = optax.with_extra_args_support(inner)
-    with jax.numpy_dtype_promotion("standard"):
-        probe_state = inner.init({"a": jnp.zeros((4,), jnp.float32)})
-    if _find_multi_steps(probe_state):
-        raise ValueError(
-            f"lazy({name}): optax.MultiSteps cannot run lazily: the gradients it accumulates "
-            "over steps must reach every block they touched, not only the blocks of the step "
-            "that applies them. Accumulate inside the step instead (the loss of the "
-            "micro-batches summed in a lax.scan: value_and_sparse_grad is sparse through "
-            "scan), or use MultiSteps with a dense optimizer."
-        )
-    elementwise = _elementwise(inner, name) if check else True
+    try:  # on a small tree, when it takes any tree (a mask tree may need the real one)
+        with jax.numpy_dtype_promotion("standard"):
+            probe_state = inner.init({"a": jnp.zeros((4,), jnp.float32)})
+    except Exception:  # noqa: BLE001 - checked again on the real state at update time
+        probe_state = None
+    _refuse_multi_steps(probe_state, name)
+    # Whether the chunked path is exact, per kind of call (static: found at trace time).
+    elementwise: dict = {}
 
     def init(params):
         return inner.init(params)
@@ -209,7 +223,19 @@ def lazy(
         p_leaves = treedef.flatten_up_to(params)
         for i in sparse:
             _check_param(leaves[i], p_leaves[i], i)
-        run = _update_elementwise if elementwise else _update_whole
+        _refuse_multi_steps(state, name)
+        key = (
+            treedef,
+            tuple(sparse),
+            tuple((np.shape(p), jnp.asarray(p).dtype) for p in p_leaves),
+            tuple(leaves[i].block_shape for i in sparse),
+            jax.tree.structure(extra_args),
+        )
+        if key not in elementwise:
+            elementwise[key] = (not check) or _is_elementwise(
+                inner, name, treedef, leaves, p_leaves, sparse, extra_args
+            )
+        run = _update_elementwise if elementwise[key] else _update_whole
         new_leaves, new_state = run(inner, leaves, treedef, state, p_leaves, sparse, extra_args)
         return jax.tree.unflatten(treedef, new_leaves), new_state
 
@@ -241,9 +267,11 @@ def _update_whole(inner, leaves, treedef, state, p_leaves, sparse, extra_args):
         grads[i] = g.values
         blocks[i] = take_blocks(_view(p_leaves[i], g), g.layout, g.indices)
     gathered = smap.map(
-        lambda i, e: take_blocks(_view(e, leaves[i]), leaves[i].layout, leaves[i].indices)
-        if i in sparse
-        else e
+        lambda i, e: (
+            take_blocks(_view(e, leaves[i]), leaves[i].layout, leaves[i].indices)
+            if i in sparse
+            else e
+        )
     )
     blocks_tree = treedef.unflatten(blocks)
     u, new_state = inner.update(treedef.unflatten(grads), gathered, blocks_tree, **extra_args)
@@ -269,7 +297,7 @@ def _update_whole(inner, leaves, treedef, state, p_leaves, sparse, extra_args):
     return u_leaves, StateMap(new_state, blocks_tree).map(write)
 
 
-def _update_elementwise(inner, leaves, treedef, state, p_leaves, sparse, extra_args):
+def _update_elementwise(inner, leaves, treedef, state, p_leaves, sparse, extra_args, path=None):
     """``inner`` once for the dense leaves, then in place a chunk of blocks at a time per sparse leaf."""
     params = treedef.unflatten(p_leaves)
     smap = StateMap(state, params)
@@ -280,7 +308,9 @@ def _update_elementwise(inner, leaves, treedef, state, p_leaves, sparse, extra_a
 
     # The dense leaves, and the global count: the sparse leaves empty.
     g0 = [empty(i, leaves[i].dtype) if i in sparse else leaves[i] for i in range(n)]
-    p0 = treedef.unflatten([empty(i, p.dtype) if i in sparse else p for i, p in enumerate(p_leaves)])
+    p0 = treedef.unflatten(
+        [empty(i, p.dtype) if i in sparse else p for i, p in enumerate(p_leaves)]
+    )
     s0 = smap.map(lambda i, e: empty(i, e.dtype) if i in sparse else e)
     u0, s1 = inner.update(treedef.unflatten(g0), s0, p0, **extra_args)
     out = treedef.flatten_up_to(u0)
@@ -302,7 +332,10 @@ def _update_elementwise(inner, leaves, treedef, state, p_leaves, sparse, extra_a
 
         entries = smap.entries(i)
         result = _inplace.update(
-            _inplace.LeafUpdate(g, _view(p_leaves[i], g), [_view(e, g) for e in entries], on_blocks)
+            _inplace.LeafUpdate(
+                g, _view(p_leaves[i], g), [_view(e, g) for e in entries], on_blocks
+            ),
+            path,
         )
         values = result.values.astype(jnp.promote_types(p_leaves[i].dtype, jnp.float32))
         applied = Applied(p_leaves[i], values, result.param.reshape(g.shape))

@@ -136,8 +136,11 @@ class _Walk:
                 for k, loose in in_deps[0]:
                     if loose and not isinstance(tag, _Leaf):
                         self.marked_leaves.add(k)
-                        self.dense(k, "it reaches a sparse op through other operations (a cast, "
-                                   "an arithmetic op): the op must read the array itself")
+                        self.dense(
+                            k,
+                            "it reaches a sparse op through other operations (a cast, "
+                            "an arithmetic op): the op must read the array itself",
+                        )
                 out_deps = [frozenset((k, False) for k, _ in in_deps[0])]
                 if isinstance(tag, _Leaf):
                     self.marked_leaves.add(tag.k)
@@ -234,7 +237,9 @@ class _Walk:
         for t in in_tags:
             if isinstance(t, _Leaf):
                 opaque = prim in (prims.while_p, prims.custom_jvp_call_p, prims.custom_vjp_call_p)
-                self.dense(t.k, f"it is used {where}" if opaque else f"it is also used by {prim.name}")
+                self.dense(
+                    t.k, f"it is used {where}" if opaque else f"it is also used by {prim.name}"
+                )
         if not any(t is not None for t in in_tags):
             return
         # A weight passed on into another construct (a marked weight into the op's
@@ -348,9 +353,7 @@ def plan(closed: ClosedJaxpr, n_leaves: int, n_value_outputs: int = 1) -> Plan:
         return _Nested(subs, tuple(inner), node.depth)
 
     pruned = prune(tree) or {}
-    readers = {
-        k: frozenset(walker.site_deps.get(k, set())) - frozenset(layouts) for k in layouts
-    }
+    readers = {k: frozenset(walker.site_deps.get(k, set())) - frozenset(layouts) for k in layouts}
     return Plan(tuple(sparse), layouts, tuple(sites), pruned, reasons, readers)
 
 
@@ -427,7 +430,9 @@ def _eval_nested(eqn, invals, node: _Nested, sites, probes):
         def body(invals, mine):
             return _eval(sub, (), invals, node.subs[0], sites, mine)
 
-        fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+        fn = jax.checkpoint(
+            body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"]
+        )
         return fn(invals, mine)
     if prim is prims.scan_p:
         return _eval_scan(eqn, invals, node, sites, mine)
@@ -440,11 +445,17 @@ def _eval_scan(eqn, invals, node: _Nested, sites, mine):
     p = eqn.params
     n_consts, n_carry = p["num_consts"], p["num_carry"]
     body = p["jaxpr"]
-    consts, init, xs = invals[:n_consts], invals[n_consts : n_consts + n_carry], invals[n_consts + n_carry :]
+    consts, init, xs = (
+        invals[:n_consts],
+        invals[n_consts : n_consts + n_carry],
+        invals[n_consts + n_carry :],
+    )
 
     def step(carry, x):
         xs_t, probes_t = x
-        outs, ex = _eval(body.jaxpr, body.consts, [*consts, *carry, *xs_t], node.subs[0], sites, probes_t)
+        outs, ex = _eval(
+            body.jaxpr, body.consts, [*consts, *carry, *xs_t], node.subs[0], sites, probes_t
+        )
         return outs[:n_carry], (outs[n_carry:], ex)
 
     carry, (ys, ex) = lax.scan(

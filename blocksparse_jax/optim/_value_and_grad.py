@@ -188,7 +188,9 @@ def _value_and_grads(closed, leaves, plan: _trace.Plan):
     pairs = {k: [] for k in plan.sparse}
     for s, site in enumerate(plan.sites):
         layout = plan.layouts[site.leaf]
-        pairs[site.leaf].append(_trace.site_pairs(site, ct_probes[s], extracted[s], layout.n_blocks))
+        pairs[site.leaf].append(
+            _trace.site_pairs(site, ct_probes[s], extracted[s], layout.n_blocks)
+        )
     dense_of = dict(zip(dense_pos, ct_dense, strict=True))
     for k in plan.sparse:
         parts = pairs[k]
