@@ -166,7 +166,20 @@ class HSoftmaxState(NamedTuple):
         return x, HSoftmaxParams(*params)
 
     def to_words(self, ids: jax.Array) -> jax.Array:
-        return ids if self.output_to_word is None else self.output_to_word[ids]
+        """Word ids of output ids; ``-1`` (no output) stays ``-1``."""
+        if self.output_to_word is None:
+            return ids
+        return self.output_to_word.at[ids].get(mode="fill", fill_value=-1, wrap_negative_indices=False)
+
+    def check_k(self, k) -> int:
+        """``k`` as an int in ``[1, n_outputs]`` (the words of a layout): never more than there are."""
+        k = positive_int("k", k)
+        if k > self.config.n_outputs:
+            what = "words in the layout" if self.output_to_word is not None else "outputs"
+            raise ValueError(
+                f"k must be at most the number of {what}, {self.config.n_outputs}; got k={k}"
+            )
+        return k
 
     def kwargs(self):
         return {"n_outputs": self.config.n_grid, "class_sizes": self.class_sizes}
@@ -176,11 +189,14 @@ def hsoftmax_call(s: HSoftmaxState, x, target) -> SoftmaxOutput:
     """The targets' log-probabilities and their negative mean."""
     x, params = s.prepared(x)
     if s.word_to_output is not None:
-        target = _checks.as_array("target", target)
+        target = _checks.as_index_array("target", target)
         _checks.check_int("target", target)
         _checks.check_index_values("target", target, s.config.n_outputs, "n_words", from_end=False)
-        # Under jit an out-of-range word becomes output -1: log-probability -inf.
-        target = s.word_to_output.at[target].get(mode="fill", fill_value=-1)
+        # Under jit an out-of-range word (a negative padding id included) becomes
+        # output -1: log-probability -inf, and no gradient.
+        target = s.word_to_output.at[target].get(
+            mode="fill", fill_value=-1, wrap_negative_indices=False
+        )
     # h_softmax_loss (not h_log_softmax with a target: the same values) is the op
     # value_and_sparse_grad follows, so W2 and b2 can get a SparseBlockGrad.
     nll = h_softmax_loss(x, params, target, reduction="none", **s.kwargs())
@@ -196,6 +212,7 @@ def hsoftmax_log_prob(s: HSoftmaxState, x) -> jax.Array:
 
 def hsoftmax_top_k(s: HSoftmaxState, x, k: int) -> tuple[jax.Array, jax.Array]:
     """The exact ``k`` best outputs (words with a layout) and their log-probabilities."""
+    k = s.check_k(k)
     x, params = s.prepared(x)
     logp, ids = h_softmax_top_k(x, params, k, **s.kwargs())
     return logp, s.to_words(ids)

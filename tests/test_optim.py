@@ -22,7 +22,7 @@ from blocksparse_jax import (
     sparse_block_gemv,
     value_and_sparse_grad,
 )
-from blocksparse_jax.optim import _lazy, apply_updates, lazy, training_classes
+from blocksparse_jax.optim import _inplace, apply_updates, lazy, training_classes
 
 F32 = jnp.float32
 
@@ -83,7 +83,7 @@ def test_hsoftmax_grads_equal_dense(wrap, reduction):
 
 def test_hsoftmax_sparse_leaves_hold_the_target_classes():
     params, x, t = _hs_case()
-    _, g = jax.jit(value_and_sparse_grad(lambda p: h_softmax_loss(x, p, t, n_outputs=100)))(params)
+    _, g = value_and_sparse_grad(lambda p: h_softmax_loss(x, p, t, n_outputs=100))(params)
     assert isinstance(g.W2, SparseBlockGrad) and isinstance(g.b2, SparseBlockGrad)
     assert not isinstance(g.W1, SparseBlockGrad)
     want = np.unique(np.asarray(t) // 10)
@@ -94,7 +94,7 @@ def test_hsoftmax_sparse_leaves_hold_the_target_classes():
     # the summed blocks are the dense gradient's rows at those classes
     dense = jax.grad(lambda p: h_softmax_loss(x, p, t, n_outputs=100))(params)
     np.testing.assert_allclose(
-        np.asarray(g.W2.blocks())[: len(want)], np.asarray(dense.W2)[want], rtol=1e-5, atol=1e-6
+        np.asarray(g.W2.values)[: len(want)], np.asarray(dense.W2)[want], rtol=1e-5, atol=1e-6
     )
 
 
@@ -135,13 +135,10 @@ def test_from_pairs_equals_a_numpy_loop(wrap, with_left, n_blocks):
 
     def build(pb, left, right):
         g = SparseBlockGrad.from_pairs(pb, left, right, shape=shape)
-        bare = SparseBlockGrad(  # no pair_slots: found by a search
-            g.indices, g.pair_blocks, g.left, g.right, shape=shape, block_ndim=g.block_ndim,
-            dtype=g.dtype,
-        )  # fmt: skip
-        return g.indices, g.slots(), g.blocks(), g.todense(), g.n_touched(), bare.blocks()
+        again = g.with_values(g.values)  # the values alone, without the pairs they came from
+        return g.indices, g.slots.pairs.slot, g.values, g.todense(), g.n_touched(), again.todense()
 
-    indices, slots, blocks, dense, n_touched, bare = wrap(build)(pb, left, right)
+    indices, slots, blocks, dense, n_touched, again = wrap(build)(pb, left, right)
     touched = sorted({int(k) for k in pb if 0 <= k < n_blocks})
     capacity = min(pairs, n_blocks)
     want_idx = touched + [n_blocks] * (capacity - len(touched))
@@ -158,7 +155,7 @@ def test_from_pairs_equals_a_numpy_loop(wrap, with_left, n_blocks):
     np.testing.assert_array_equal(np.asarray(indices), want_idx)
     assert int(n_touched) == len(touched)
     np.testing.assert_allclose(np.asarray(blocks), want_blocks, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(bare), want_blocks, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(again), want_dense, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(dense), want_dense, rtol=1e-6, atol=1e-6)
 
 
@@ -179,31 +176,17 @@ def test_embedding_grads_equal_dense_and_has_aux():
 
 
 def test_sparse_updates_wait_only_for_the_gradients_that_read_the_weight():
-    """W2's pairs are ordered after x's gradient (computed through W2), not after W1's."""
-    from blocksparse_jax.optim import _sparse_grad
-
-    jaxpr = jax.make_jaxpr(lambda a, b, c: (a * 2.0, b + 1.0, a + b, c))(1.0, 2.0, 3.0)
-    assert _sparse_grad._reaches(jaxpr.jaxpr, 0) == [True, False, True, False]
-    assert _sparse_grad._reaches(jaxpr.jaxpr, 2) == [False, False, False, True]
+    """W2's in-place update waits for x's gradient (computed through W2), not for W1's."""
+    from blocksparse_jax.optim import _trace
 
     params, x, t = _hs_case(V=64, n_in=8, batch=6)
-    seen = {}
-    real = _sparse_grad._sparse_leaves
-
-    def spy(call, leaves):
-        out = real(call, leaves)
-        seen["readers"] = out[2]
-        return out
-
-    loss = lambda p, x: h_softmax_loss(x, p, t, n_outputs=64)
-    try:
-        _sparse_grad._sparse_leaves = spy
-        _, (g, gx) = value_and_sparse_grad(loss, argnums=(0, 1))(params, x)
-    finally:
-        _sparse_grad._sparse_leaves = real
-    # leaves: W1, b1, W2, b2 of params, then x (whose gradient goes through both)
-    assert seen["readers"] == {2: [4], 3: [4]}
-    np.testing.assert_allclose(gx, jax.grad(loss, argnums=1)(params, x), rtol=1e-6, atol=1e-7)
+    loss = lambda W1, b1, W2, b2, x: h_softmax_loss(
+        x, blocksparse_jax.HSoftmaxParams(W1, b1, W2, b2), t, n_outputs=64
+    )
+    plan = _trace.plan(jax.make_jaxpr(loss)(*params, x), 5)
+    # leaves: W1, b1, W2, b2, then x
+    assert plan.sparse == (2, 3)
+    assert plan.readers == {2: frozenset({4}), 3: frozenset({4})}
 
 
 def _stacked_loss(p, h, i1, o1, o2):
@@ -218,7 +201,7 @@ def test_stacked_sparse_layers_grads_and_in_place_update(optax_promotion):
     p = {k: jnp.asarray(rng.standard_normal((4, 4, 3, 3)), F32) for k in ("A", "B")}
     h = jnp.asarray(rng.standard_normal((5, 2, 3)), F32)
     i1, o1, o2 = (jnp.asarray(rng.integers(0, 4, (5, 2)), jnp.int32) for _ in range(3))
-    _, g = jax.jit(value_and_sparse_grad(_stacked_loss))(p, h, i1, o1, o2)
+    _, g = value_and_sparse_grad(_stacked_loss)(p, h, i1, o1, o2)
     want = jax.grad(_stacked_loss)(p, h, i1, o1, o2)
     for k in ("A", "B"):
         assert isinstance(g[k], SparseBlockGrad)
@@ -253,7 +236,8 @@ def test_tied_leaf_gets_the_full_dense_gradient():
         h = embedding_lookup(table, ids)
         return jnp.sum(jax.nn.log_softmax(h @ table.T))
 
-    v, g = jax.jit(value_and_sparse_grad(f))(table)
+    with pytest.warns(blocksparse_jax.optim.DenseGradientWarning, match="also used by"):
+        v, g = jax.jit(value_and_sparse_grad(f))(table)
     assert not isinstance(g, SparseBlockGrad)
     chex.assert_trees_all_close((v, g), jax.value_and_grad(f)(table), rtol=1e-5, atol=1e-6)
 
@@ -268,7 +252,7 @@ def test_no_sparse_use_is_jax_value_and_grad():
 def test_bad_input():
     with pytest.raises(TypeError, match="argnums must be an int or a tuple"):
         value_and_sparse_grad(lambda w: w, argnums="0")
-    with pytest.raises(TypeError, match="leaf 0 .* has dtype int32"):
+    with pytest.raises(TypeError, match="argument 0 has dtype int32"):
         value_and_sparse_grad(lambda w: w)(jnp.ones(3, jnp.int32))
     table = jnp.ones((4, 2), F32)
     with pytest.raises(TypeError, match="real scalar"):
@@ -293,13 +277,19 @@ def optax_promotion():
         yield
 
 
+def _force(monkeypatch, path: str, k: int = 3):
+    """Every sparse leaf updated by ``path``: vectorised, chunks of ``k`` blocks, one block at a time."""
+    choice = {"vector": ("vectorised", 0), "chunks": ("chunks", k), "loop": ("blocks", 1)}[path]
+    monkeypatch.setattr(
+        _inplace, "choose_path",
+        lambda g, p, n: (choice[0], min(choice[1], g.capacity) if choice[0] == "chunks" else choice[1]),
+    )  # fmt: skip
+
+
 @pytest.fixture(params=["vector", "loop", "chunks"])
 def path(request, monkeypatch, optax_promotion):
     """Runs a test with the vectorised update, the block-by-block loop and chunks of 3 blocks."""
-    if request.param in ("loop", "chunks"):
-        monkeypatch.setattr(_lazy, "_VECTOR_BYTES", 0)
-    if request.param == "chunks":
-        monkeypatch.setattr(_lazy, "_chunk_blocks", lambda g, p, n_entries: min(3, g.capacity))
+    _force(monkeypatch, request.param)
     return request.param
 
 
@@ -384,8 +374,7 @@ def test_lazy_adam_equals_numpy_reference_step_by_step(path):
 @pytest.mark.parametrize("distinct", [7, 20])  # chunks of padding skipped / every chunk run
 def test_lazy_adam_in_chunks_equals_numpy_reference(distinct, monkeypatch, optax_promotion):
     """The vectorised update in chunks of slots (small chunks here), against the formulas."""
-    monkeypatch.setattr(_lazy, "_MIN_CHUNK", 4)
-    assert len(_lazy._chunks(20)) == 4  # slots 0:5, 5:10, 10:15, 15:20
+    monkeypatch.setattr(_inplace, "_MIN_CHUNK", 4)  # slots 0:5, 5:10, 10:15, 15:20
     rng = np.random.default_rng(distinct)
     table = jnp.asarray(rng.standard_normal((4096, 2)), F32)
     w = jnp.asarray([0.7, -1.3], F32)
@@ -426,8 +415,7 @@ def test_lazy_adam_in_chunks_equals_numpy_reference(distinct, monkeypatch, optax
 def test_lazy_equals_inner_when_every_block_is_touched(
     path_name, name, monkeypatch, optax_promotion
 ):
-    if path_name == "loop":
-        monkeypatch.setattr(_lazy, "_VECTOR_BYTES", 0)
+    _force(monkeypatch, path_name)
     make = {
         "adam": lambda: optax.adam(0.05),
         "adamw": lambda: optax.adamw(0.05),
@@ -479,37 +467,58 @@ def test_lazy_adam_matches_torch_sparse_adam(path):
 
 
 def test_lazy_under_vmap_and_mixed_trees(optax_promotion):
-    """Per-example gradients (vmap of the caller) and dense leaves next to sparse ones."""
+    """A vmapped training step (one model per batch entry) and dense leaves next to sparse ones."""
     table = jax.random.normal(jax.random.key(0), (10, 3), F32)
     w = jnp.ones((3,), F32)
     ids = jnp.array([[1, 2], [2, 7]])
     f = lambda p, i: jnp.sum(embedding_lookup(p["table"], i) @ p["w"])
     params = {"table": table, "w": w}
-    vs, gs = jax.vmap(value_and_sparse_grad(f), in_axes=(None, 0))(params, ids)
-    for k in range(2):
-        v, g = value_and_sparse_grad(f)(params, ids[k])
-        np.testing.assert_allclose(vs[k], v, rtol=1e-6)
-        np.testing.assert_array_equal(gs["table"].indices[k], g["table"].indices)
-        np.testing.assert_allclose(gs["w"][k], g["w"], rtol=1e-6)
     tx = lazy(optax.sgd(0.5))
-    _, g = value_and_sparse_grad(f)(params, ids[0])
-    new = apply_updates(params, tx.update(g, tx.init(params), params)[0])
+
+    def step(p, i):
+        _, g = value_and_sparse_grad(f)(p, i)
+        return apply_updates(p, tx.update(g, tx.init(p), p)[0])
+
+    both = jax.vmap(step, in_axes=(None, 0))(params, ids)
+    for k in range(2):
+        one = step(params, ids[k])
+        chex.assert_trees_all_close(jax.tree.map(lambda a, k=k: a[k], both), one, rtol=1e-6)
+    new = step(params, ids[0])
     np.testing.assert_allclose(new["table"][1], table[1] - 0.5 * w, rtol=1e-6)
     np.testing.assert_array_equal(new["table"][3], table[3])
     np.testing.assert_allclose(new["w"], w - 0.5 * (table[1] + table[2]), rtol=1e-6)
 
 
-def test_non_elementwise_transformations_are_refused(optax_promotion):
-    for tx in (optax.clip_by_global_norm(1.0), optax.lamb(1e-3), optax.adafactor(1e-3)):
-        with pytest.raises(ValueError, match="needs an element-wise transformation"):
-            lazy(tx)
+def test_elementwise_check(optax_promotion):
+    """Element-wise transformations run a chunk at a time; the others on all touched blocks at once."""
+    from blocksparse_jax.optim._lazy import _is_elementwise
+
+    table = jnp.ones((6, 2), F32)
+    _, g = value_and_sparse_grad(lambda t, w: jnp.sum(embedding_lookup(t, jnp.array([1, 4])) @ w), argnums=(0, 1))(table, jnp.ones(2, F32))
+    leaves, treedef = jax.tree.flatten(g, is_leaf=lambda x: isinstance(x, SparseBlockGrad))
+
+    def _elementwise(tx, name):
+        return _is_elementwise(tx, name, treedef, leaves, [table, jnp.ones(2, F32)], [0], {})
+
     for tx in (
         optax.sgd(0.1, momentum=0.9),
+        optax.adam(1e-3),
         optax.adagrad(0.1),
         optax.rmsprop(0.1),
         optax.chain(optax.clip(1.0), optax.adam(1e-3)),
+        optax.inject_hyperparams(optax.adam)(learning_rate=1e-3),
     ):
-        lazy(tx)  # element-wise: accepted
+        assert _elementwise(optax.with_extra_args_support(tx), "tx")
+    for tx in (
+        optax.clip_by_global_norm(1.0),
+        optax.chain(optax.clip_by_global_norm(1e3), optax.adam(1e-3)),
+        optax.apply_if_finite(optax.adam(1e-3), 2),
+        optax.noisy_sgd(0.1, key=0),
+        optax.lamb(1e-3),
+    ):
+        assert not _elementwise(optax.with_extra_args_support(tx), "tx")
+    with pytest.raises(ValueError, match="MultiSteps cannot run lazily"):
+        lazy(optax.MultiSteps(optax.adam(1e-3), 2).gradient_transformation())
     with pytest.raises(TypeError, match="inner must be an optax.GradientTransformation"):
         lazy(lambda g: g)
 
@@ -520,8 +529,7 @@ def test_update_and_apply_errors(optax_promotion):
     tx = lazy(optax.sgd(0.1))
     with pytest.raises(ValueError, match="needs params"):
         tx.update(g, tx.init(table))
-    with pytest.raises(TypeError, match="transform the gradients"):
-        apply_updates(table, g)
+    np.testing.assert_allclose(apply_updates(table, g), table + g.todense())  # additive
 
 
 # --------------------------------------------------------------------------------------
@@ -584,7 +592,7 @@ def test_lazy_step_temp_memory_with_training_classes(V, batch, optax_promotion):
 def _layer_step_temp(monkeypatch, *, chunks: bool):
     """Temp of a lazy Adam step of a layer of 4,096 blocks of 16 x 16, 16,384 pairs (all touched)."""
     if not chunks:
-        monkeypatch.setattr(_lazy, "_chunk_blocks", lambda g, p, n_entries: 0)
+        _force(monkeypatch, "loop")
     jax.clear_caches()
     ib = ob = 64
     params = {
@@ -615,8 +623,8 @@ def test_chunked_update_of_small_blocks_stays_within_its_budget(monkeypatch, opt
         jnp.zeros((16_384,), jnp.int32), jnp.ones((16_384, 16)), jnp.ones((16_384, 16)),
         shape=(64, 64, 16, 16),
     )  # fmt: skip
-    k = _lazy._chunk_blocks(g, jnp.zeros((64, 64, 16, 16), F32), 2)
-    assert 16 <= k < 4096  # neither the vectorised path nor one block at a time
+    path, k = _inplace.choose_path(g, jnp.zeros((64, 64, 16, 16), F32), 2)
+    assert path == "chunks" and 16 <= k < 4096  # neither all at once nor one block at a time
     loop = _layer_step_temp(monkeypatch, chunks=False)
     chunked = _layer_step_temp(monkeypatch, chunks=True)
     # A chunk's gathered blocks take at most W / 16 (no copy of W or of a moment)
@@ -640,11 +648,9 @@ def test_every_path_gives_the_same_update_for_unsorted_pairs(monkeypatch, optax_
         return t, state
 
     want = train()
-    for name, value in [("_VECTOR_BYTES", 0), ("_chunk_blocks", lambda g, p, n: 3)]:
-        monkeypatch.setattr(_lazy, name, value)
+    for path in ("chunks", "loop"):
+        _force(monkeypatch, path)
         chex.assert_trees_all_close(train(), want, rtol=1e-12, atol=1e-12)
-    monkeypatch.setattr(_lazy, "_chunk_blocks", lambda g, p, n: 0)  # one block at a time
-    chex.assert_trees_all_close(train(), want, rtol=1e-12, atol=1e-12)
 
 
 def test_top_level_names():
@@ -662,7 +668,7 @@ def test_optim_docstring_examples():
     code = (
         "import doctest, importlib, sys\n"
         "bad = 0\n"
-        "for m in ('_sparse_grad', '_embedding', '_lazy', '_classes', '_step'):\n"
+        "for m in ('_blocks', '_value_and_grad', '_embedding', '_lazy', '_classes', '_step'):\n"
         "    mod = importlib.import_module('blocksparse_jax.optim.' + m)\n"
         "    r = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)\n"
         "    bad += r.failed\n"

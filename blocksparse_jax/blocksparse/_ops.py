@@ -10,11 +10,14 @@ with their masks, no checks).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from blocksparse_jax import _checks, _sparse_trace
+from blocksparse_jax import _checks
+from blocksparse_jax import _sparse_sites as sites
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._scope import named
 from blocksparse_jax.blocksparse._core import _gemv, _outer
@@ -70,6 +73,41 @@ def _normalize(name: str, idx, n: int, what: str):
 
 def _batched(*xs):
     return tuple(x[None] for x in xs)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvWeightRule(sites.SparseRule):
+    """``W``'s gradient: ``h[b, i] (outer) g[b, j]`` into block ``(input_idx[b, i], output_idx[b, j])``.
+
+    ``g`` is the cotangent of the output; a pair with a masked slot adds nothing.
+    """
+
+    o_blocks: int
+
+    def layout(self, weight_shape):
+        return sites.BlockLayout.leading(weight_shape, 2)
+
+    def pairs(self, g, h, ii, vi, oi, vo):
+        batch, i_win, i_size = h.shape
+        o_win, o_size = g.shape[1:]
+        blocks = ii[:, :, None] * self.o_blocks + oi[:, None, :]
+        blocks = jnp.where(vi[:, :, None] & vo[:, None, :], blocks, -1)
+        shape = (batch, i_win, o_win)
+        left = jnp.broadcast_to(h[:, :, None, :], (*shape, i_size)).reshape(-1, i_size)
+        right = jnp.broadcast_to(g[:, None, :, :], (*shape, o_size)).reshape(-1, o_size)
+        return sites.BlockPairs(blocks.reshape(-1), left, right)
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasRule(sites.SparseRule):
+    """``b``'s gradient: ``g[b, j]`` into row ``output_idx[b, j]`` (nothing for a masked slot)."""
+
+    def layout(self, weight_shape):
+        return sites.BlockLayout.leading(weight_shape, 1)
+
+    def pairs(self, g, oi, vo):
+        rows = jnp.where(vo, oi, -1).reshape(-1)
+        return sites.BlockPairs(rows, None, g.reshape(rows.shape[0], -1))
 
 
 def gemv_masked(o, W, h, ii, vi, oi, vo, strategy: str) -> jax.Array:
@@ -198,9 +236,6 @@ def sparse_block_gemv(
     References:
       Theano/Aesara ``aesara.tensor.nnet.blocksparse.SparseBlockGemv``.
     """
-    rec = _sparse_trace.claimant(W)  # under value_and_sparse_grad
-    if rec is not None:
-        return rec.handle("sparse_block_gemv", o, W, h, input_idx, output_idx, strategy=strategy)
     strategy = check_strategy(strategy)
     W, h, ii, vi, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
     o = _as_array("o", o)
@@ -213,7 +248,9 @@ def sparse_block_gemv(
             f"o must have shape {want} = {_checks.shape_str(got)} from output_idx and W; "
             f"got shape {_checks.shape_str(o.shape)}"
         )
-    out = gemv_masked(o if batched else o[None], W, h, ii, vi, oi, vo, strategy)
+    w = sites.mark_weight(W)
+    out = gemv_masked(o if batched else o[None], w, h, ii, vi, oi, vo, strategy)
+    out = sites.mark_use(out, w, (h, ii, vi, oi, vo), GemvWeightRule(W.shape[1]))
     return out if batched else out[0]
 
 
@@ -263,9 +300,6 @@ def sparse_block_dot(
       >>> out   # 2 input blocks * 2 ones + b[3]
       Array([[[19., 20., 21., 22., 23.]]], dtype=float32)
     """
-    rec = _sparse_trace.claimant(W, b)  # under value_and_sparse_grad
-    if rec is not None:
-        return rec.handle("sparse_block_dot", W, h, input_idx, b, output_idx, strategy=strategy)
     strategy = check_strategy(strategy)
     W, h, ii, vi, oi, vo, batched = _prepare_gemv(W, h, input_idx, output_idx)
     b = _as_array("b", b)
@@ -276,8 +310,10 @@ def sparse_block_dot(
             f"from W of shape {_checks.shape_str(W.shape)}; got shape {_checks.shape_str(b.shape)}"
         )
     # No block and no bias for an out-of-range output index.
-    bias = bias_masked(b, oi, vo)
-    out = gemv_masked(bias, W, h, ii, vi, oi, vo, strategy)
+    w, bw = sites.mark_weight(W), sites.mark_weight(b)
+    out = gemv_masked(bias_masked(bw, oi, vo), w, h, ii, vi, oi, vo, strategy)
+    out = sites.mark_use(out, w, (h, ii, vi, oi, vo), GemvWeightRule(W.shape[1]))
+    out = sites.mark_use(out, bw, (oi, vo), BiasRule())
     return out if batched else out[0]
 
 

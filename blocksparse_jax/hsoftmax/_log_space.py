@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
-from blocksparse_jax import _sparse_trace
+from blocksparse_jax import _sparse_sites as sites
 from blocksparse_jax._scope import named
 from blocksparse_jax.hsoftmax import _problem as _p
 from blocksparse_jax.hsoftmax._params import HSoftmaxParams
@@ -159,15 +159,10 @@ def h_softmax_loss(
       >>> jnp.flatnonzero(jnp.any(grads.W2 != 0, axis=(1, 2)))   # classes of 1, 42 and 99
       Array([0, 4, 9], dtype=int32)
     """
-    if isinstance(params, tuple) and len(params) == 4:  # under value_and_sparse_grad
-        rec = _sparse_trace.claimant(params[2], params[3])
-        if rec is not None:
-            return rec.handle(
-                "h_softmax_loss", x, params, target, n_outputs=n_outputs, mask=mask,
-                reduction=reduction, class_sizes=class_sizes,
-            )  # fmt: skip
     _p.check_reduction(reduction)
     prob = _p.prepare(x, params, n_outputs, class_sizes)
+    # The second level reads W2 and b2 only in the targets' classes.
+    prob = prob._replace(W2=sites.mark_weight(prob.W2), b2=sites.mark_weight(prob.b2))
     mask = _p.check_mask(mask, prob.lead)
     t = _p.checked_target(prob, target, mask)
     logp = _p.run(_target_log_probs, prob, t, mask.reshape(-1))

@@ -14,6 +14,7 @@ Shape letters: ``batch``; ``n_in`` the input width; ``n_classes``;
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from blocksparse_jax import _checks
+from blocksparse_jax import _sparse_sites as sites
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax.blocksparse import sparse_block_dot
@@ -345,6 +347,31 @@ def _take(a, idx):
     return jnp.take_along_axis(a, idx[:, None], axis=1)[:, 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassBlockRule(sites.SparseRule):
+    """``W2``'s gradient: ``x[b] (outer) g[b]`` into the block of example ``b``'s class.
+
+    ``g`` is the cotangent of the example's second-level activations.
+    """
+
+    def layout(self, weight_shape):
+        return sites.BlockLayout.leading(weight_shape, 2)
+
+    def pairs(self, g, x, classes, use):
+        return sites.BlockPairs(jnp.where(use, classes, -1), x, g)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassBiasRule(sites.SparseRule):
+    """``b2``'s gradient: ``g[b]`` into the row of example ``b``'s class."""
+
+    def layout(self, weight_shape):
+        return sites.BlockLayout.leading(weight_shape, 1)
+
+    def pairs(self, g, classes, use):
+        return sites.BlockPairs(jnp.where(use, classes, -1), None, g)
+
+
 class Problem(NamedTuple):
     """Validated inputs of a log-space function, with the formulas evaluated on them.
 
@@ -472,6 +499,9 @@ class Problem(NamedTuple):
             local = jnp.where(owned, local, 0)
             mine = use & owned
         act = target_activations(x, self.W2, self.b2, local, self.acc)  # (batch, P)
+        if self.model_axis is None:  # the sparse rules of W2 and b2 (see h_softmax_loss)
+            act = sites.mark_use(act, self.W2, (x, local, mine), ClassBlockRule())
+            act = sites.mark_use(act, self.b2, (local, mine), ClassBiasRule())
         if act_offset is not None:
             act = act + act_offset
         act = jnp.where(mine[:, None], act, jnp.zeros((), act.dtype))

@@ -2,26 +2,52 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from blocksparse_jax import _checks, _sparse_trace
+from blocksparse_jax import _checks
+from blocksparse_jax import _sparse_sites as sites
 from blocksparse_jax._scope import named
 
 
-def _lookup(table, ids):
-    """``table[ids]``, a row of zeros for an id outside ``[0, n)``."""
-    return jnp.take(table, ids, axis=0, mode="fill", fill_value=0)
+@dataclasses.dataclass(frozen=True)
+class RowsRule(sites.SparseRule):
+    """The table's gradient: the cotangent of each looked-up row, added to that row."""
+
+    def layout(self, weight_shape):
+        return sites.BlockLayout.leading(weight_shape, 1)
+
+    def pairs(self, cotangent, ids, valid):
+        rows = jnp.where(valid, ids, -1).reshape(-1)  # -1: no row
+        return sites.BlockPairs(rows, None, cotangent.reshape(rows.shape[0], -1))
+
+
+def lookup_rows(table, ids, valid) -> jax.Array:
+    """``table[ids]`` where ``valid``, zeros (by selection) elsewhere; ``ids`` in range."""
+    rows = jnp.take(table, ids, axis=0, mode="clip")
+    return jnp.where(valid[..., None], rows, jnp.zeros((), rows.dtype))
+
+
+def valid_ids(ids: jax.Array, n_rows: int) -> tuple[jax.Array, jax.Array]:
+    """``(ids as int32 in [0, n_rows), valid)``: an id outside ``[0, n_rows)`` is parked at 0, invalid."""
+    info = jnp.iinfo(ids.dtype)
+    valid = ids >= 0 if info.min < 0 else jnp.ones(ids.shape, jnp.bool_)
+    if n_rows <= info.max:
+        valid &= ids < n_rows
+    safe = jnp.where(valid, ids, jnp.zeros((), ids.dtype)).astype(jnp.int32)
+    return safe, valid
 
 
 @named
 def embedding_lookup(table: ArrayLike, ids: ArrayLike) -> jax.Array:
     r"""The rows ``table[ids]`` of an embedding table.
 
-    ::
-
-        out[..., :] = table[ids[...], :]
+    ```
+    out[..., :] = table[ids[...], :]
+    ```
 
     Under :func:`~blocksparse_jax.value_and_sparse_grad` the gradient of
     ``table`` is a :class:`~blocksparse_jax.SparseBlockGrad` of the rows read
@@ -36,23 +62,28 @@ def embedding_lookup(table: ArrayLike, ids: ArrayLike) -> jax.Array:
 
     Returns:
       ``(*ids.shape, dim)`` in ``table``'s dtype.  Under ``jit`` an id outside
-      ``[0, n_rows)`` reads a row of zeros and gets no gradient.
+      ``[0, n_rows)`` (a negative padding id such as ``-1`` included) reads a
+      row of zeros and gives no row a gradient.
 
     Raises:
       TypeError: a non-float ``table`` or non-integer ``ids``.
       ValueError: a ``table`` that is not 2-D.
-      IndexError: a concrete (not traced) id outside ``[0, n_rows)``.
+      IndexError: a concrete (not traced) id outside ``[0, n_rows)``, or a
+        NumPy / Python id beyond the int32 range JAX would store it in.
 
     Examples:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> from blocksparse_jax import embedding_lookup
       >>> table = jnp.arange(8.0).reshape(4, 2)
       >>> embedding_lookup(table, jnp.array([[3, 0]]))
       Array([[[6., 7.],
               [0., 1.]]], dtype=float32)
+      >>> jax.jit(embedding_lookup)(table, jnp.array([-1, 2]))   # -1: padding
+      Array([[0., 0.],
+             [4., 5.]], dtype=float32)
     """
     table = _checks.as_array("table", table)
-    ids = _checks.as_array("ids", ids)
+    ids = _checks.as_index_array("ids", ids)
     _checks.check_float("table", table)
     _checks.check_ndim("table", table, 2, "(n_rows, dim)")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -61,7 +92,6 @@ def embedding_lookup(table: ArrayLike, ids: ArrayLike) -> jax.Array:
             "Cast it with ids.astype(jnp.int32)."
         )
     _checks.check_index_values("ids", ids, table.shape[0], "n_rows", from_end=False)
-    rec = _sparse_trace.claimant(table)
-    if rec is not None:
-        return rec.handle("embedding_lookup", table, ids)
-    return _lookup(table, ids)
+    safe, valid = valid_ids(ids, table.shape[0])
+    w = sites.mark_weight(table)
+    return sites.mark_use(lookup_rows(w, safe, valid), w, (safe, valid), RowsRule())

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from blocksparse_jax.optim._blocks import SparseBlockGrad, is_sparse
 from blocksparse_jax.optim._lazy import apply_updates, lazy
-from blocksparse_jax.optim._sparse_grad import SparseBlockGrad, is_sparse, value_and_sparse_grad
+from blocksparse_jax.optim._value_and_grad import value_and_sparse_grad
 
 
 def touched_fractions(grads) -> dict[str, jax.Array]:
