@@ -294,6 +294,38 @@ def test_filtered_sparse_rule_equals_the_custom_vjp(n_outputs, chunk, bias):
     assert 0 < touched.sum() < layout.n_blocks
 
 
+def test_value_and_sparse_grad_gives_the_kept_blocks_and_lazy_updates_them():
+    """Through value_and_sparse_grad, W's gradient holds the kept chunks and the targets' blocks."""
+    optax = pytest.importorskip("optax")
+    from blocksparse_jax import SparseBlockGrad, value_and_sparse_grad
+    from blocksparse_jax.optim import apply_updates, lazy
+
+    params, x, t = peaked_problem()
+    # float32: optim's block helpers promote to float32 at least, which strict mode refuses
+    # for float64 weights.
+    params = FullSoftmaxParams(params.W.astype(jnp.float32), jnp.zeros((96,), jnp.float32))
+    x = x.astype(jnp.float32)
+    loss_fn = lambda p: full_softmax_loss(x, p, t, filter_eps=1e-4, chunk_size=16)
+    loss, grads = value_and_sparse_grad(loss_fn)(params)
+    dense = jax.grad(loss_fn)(params)
+    assert isinstance(grads.W, SparseBlockGrad) and not isinstance(grads.b, SparseBlockGrad)
+    np.testing.assert_allclose(grads.W.todense(), dense.W, atol=1e-7)
+    np.testing.assert_allclose(grads.b, dense.b, atol=1e-7)
+    touched = np.asarray(grads.W.indices)[np.asarray(grads.W.indices) < 6]
+    np.testing.assert_array_equal(touched, [0, 3])  # the targets' chunk and output 60's
+    tx = lazy(optax.sgd(1.0))
+
+    @jax.jit
+    def step(p, state):
+        _, g = value_and_sparse_grad(loss_fn)(p)
+        updates, state = tx.update(g, state, p)
+        return apply_updates(p, updates)
+
+    new = step(params, tx.init(params))
+    moved = np.flatnonzero(np.any(np.asarray(new.W != params.W), axis=0)) // 16
+    assert set(moved.tolist()) == {0, 3}
+
+
 def test_unfiltered_gradient_is_not_marked_sparse():
     params, x, t = make_params(), make_x(), make_target()
     eqns = jax.make_jaxpr(lambda p: full_softmax_loss(x, p, t))(params).eqns

@@ -203,6 +203,41 @@ def test_sparse_rules_hold_only_the_columns_read():
     )
 
 
+def test_value_and_sparse_grad_holds_the_columns_read_and_lazy_updates_them():
+    optax = pytest.importorskip("optax")
+    from blocksparse_jax import SparseBlockGrad, value_and_sparse_grad
+    from blocksparse_jax.optim import apply_updates, lazy
+
+    V = 60
+    rng = np.random.default_rng(3)
+    f32 = lambda a: jnp.asarray(
+        a, jnp.float32
+    )  # optim's block helpers refuse float64 in strict mode
+    params = FullSoftmaxParams(f32(rng.standard_normal((5, V))), f32(rng.standard_normal(V)))
+    x, t = f32(rng.standard_normal((4, 5))), jnp.asarray([1, 2, 3, 40], jnp.int32)
+    sampled = sample_candidates(jax.random.key(7), t, n_outputs=V, n_sampled=6)
+    loss_fn = lambda p: sampled_softmax_loss(None, x, p, t, sampled=sampled)
+    _, grads = value_and_sparse_grad(loss_fn)(params)
+    dense = jax.grad(loss_fn)(params)
+    assert isinstance(grads.W, SparseBlockGrad) and isinstance(grads.b, SparseBlockGrad)
+    np.testing.assert_allclose(grads.W.todense(), dense.W, atol=1e-6)
+    np.testing.assert_allclose(grads.b.todense(), dense.b, atol=1e-6)
+    read = set(np.asarray(t).tolist()) | set(np.asarray(sampled.ids).tolist())
+    assert set(np.asarray(grads.W.indices)[np.asarray(grads.W.indices) < V].tolist()) == read
+    tx = lazy(optax.adam(1e-2))
+
+    @jax.jit
+    def step(p, state):
+        _, g = value_and_sparse_grad(loss_fn)(p)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = tx.update(g, state, p)
+        return apply_updates(p, updates)
+
+    new = step(params, tx.init(params))
+    assert set(np.flatnonzero(np.any(np.asarray(new.W != params.W), axis=0)).tolist()) == read
+    assert set(np.flatnonzero(np.asarray(new.b != params.b)).tolist()) == read
+
+
 def test_markers_wrap_both_weights():
     V = 20
     params = FullSoftmaxParams(jnp.ones((3, V)), jnp.zeros(V))
