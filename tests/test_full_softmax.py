@@ -251,6 +251,16 @@ def test_filter_keeps_the_loss_exact_and_drops_only_the_skipped_chunks():
     assert np.max(np.abs(grads.W - exact)) <= eps / 6 * np.abs(np.asarray(x)).sum(0).max()
 
 
+def test_filter_under_jit_and_vmap(transform):
+    params, x, t = peaked_problem()
+    f = lambda x, W: full_softmax_loss(
+        x, FullSoftmaxParams(W, None), t, filter_eps=1e-4, chunk_size=16
+    )
+    got = transform(jax.grad(f, argnums=(0, 1)))(x, params.W)
+    want, _, _ = filtered_reference(x, params, t, 1e-4, 16, np.full(6, 1 / 6))
+    np.testing.assert_allclose(got[1], want, atol=1e-14)
+
+
 def test_filter_with_a_tiny_eps_is_exact():
     params, x, t = make_params(), make_x(), make_target()
     got = jax.grad(full_softmax_loss, argnums=(0, 1))(

@@ -39,7 +39,11 @@ of ``worst`` are skipped while the running sum of ``worst`` is at most
 ``filter_eps``.  Every skipped chunk's softmax is then below ``filter_eps``
 for every example, and the terms left out of each example's gradient hold at
 most ``filter_eps`` of its probability.  Such a chunk's columns of ``dW`` and
-``db`` are zero and it adds nothing to ``dx``; the values are exact.
+``db`` are zero and it adds nothing to ``dx``; the values are exact.  The
+filtered backward pass loops over the kept chunks only (a ``while_loop`` of
+as many steps as there are), so it is not differentiable again: without the
+filter the backward pass is itself reverse-differentiable (reverse over
+reverse), with it the gradient is first order only.
 """
 
 from __future__ import annotations
@@ -278,22 +282,11 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_lse, cotangent: Stats):
         db_k = None if b is None else jnp.sum(G, axis=0, dtype=acc).astype(b.dtype)
         return start, dx_k, dW_k, db_k
 
-    def skipped(k):
-        zeros = (
-            jnp.zeros(x.shape, acc),
-            jnp.zeros((W.shape[0], plan.chunk), W.dtype),
-            None if b is None else jnp.zeros((plan.chunk,), b.dtype),
-        )
-        return (plan.start(k), *carry(zeros, x, W))
-
     def body(i, state):
         dx, dW, db = state
-        k = n - 1 - i  # last to first: see the module's docstring
-        if kept is None:
-            start, dx_k, dW_k, db_k = chunk_terms(k)
-        else:
-            # Only the chunk's terms pass through the cond; the writes stay outside it.
-            start, dx_k, dW_k, db_k = lax.cond(kept[k], chunk_terms, skipped, k)
+        # Last to first (see the module's docstring); with the filter, the kept chunks only.
+        k = n - 1 - i if kept is None else kept_order[i]
+        start, dx_k, dW_k, db_k = chunk_terms(k)
         dW = lax.dynamic_update_slice_in_dim(dW, dW_k, start, axis=1)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, db_k, start, axis=0)
@@ -301,7 +294,13 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_lse, cotangent: Stats):
 
     db = None if b is None else jnp.zeros(b.shape, b.dtype)
     init = carry((jnp.zeros(x.shape, acc), jnp.zeros(W.shape, W.dtype), db), x, W)
-    dx, dW, db = loop(body, init, n)
+    if kept is None:
+        dx, dW, db = loop(body, init, n)
+    else:
+        # The kept chunks first, last to first; a loop over as many as there are.
+        ids = jnp.arange(n, dtype=jnp.int32)
+        kept_order = jnp.argsort(jnp.where(kept, -ids, n)).astype(jnp.int32)
+        dx, dW, db = lax.fori_loop(0, jnp.sum(kept, dtype=jnp.int32), body, init)
     # The targets' own term: g_target at each target's column.
     Wt, picked = target_logits(x, W, b, target, plan)
     g_t = cotangent.target.astype(acc)

@@ -224,9 +224,10 @@ def full_softmax_loss(
     every example, the probability they hold together stays at most
     ``filter_eps``: the loss is exact, each example's gradient leaves out
     softmax terms that sum to at most ``filter_eps`` times its cotangent, and
-    the backward pass costs only the kept chunks.  It pays when the model is
-    confident and the outputs are sorted by frequency (the probable outputs
-    then share chunks); the guide (docs/heads.md) has measurements.
+    the backward pass costs only the kept chunks (it is then first-order
+    only: the filtered backward pass is not differentiated again).  It pays
+    when the whole batch's probability lives in few chunks (a confident model,
+    outputs sorted by frequency); the guide (docs/heads.md) has measurements.
     Under :func:`~blocksparse_jax.value_and_sparse_grad`, ``W``'s gradient is
     then the kept chunks and the targets' columns only, and
     :func:`~blocksparse_jax.optim.lazy` updates those alone.
