@@ -60,14 +60,14 @@ from jax import lax
 from blocksparse_jax import _checks
 from blocksparse_jax.blocksparse._carry import vary_over, varying_axes
 
-# A chunk's logits hold about this many elements (4 MiB in float32): a few such
-# (batch, chunk) tiles stay in the caches, and at width 128 the chunk's products
-# run at the speed of the whole product (benchmarks/README.md, "Output heads").
+# A chunk's logits hold about this many elements (4 MiB in float32), and a chunk is
+# at least MIN_CHUNK and at most MAX_CHUNK columns wide: measured on CPU at width 64
+# and 128, batches of 128 to 1,024 (benchmarks/README.md, "Output heads"), narrower
+# chunks run their products below the machine's speed, and wider ones slow down once
+# a tile outgrows the caches.
 CHUNK_ELEMENTS = 1 << 20
-# Chunks are at least this many columns wide (narrower products run slower) and at most
-# this many (wider ones run no faster).
 MIN_CHUNK = 256
-MAX_CHUNK = 8192
+MAX_CHUNK = 4096
 
 
 def chunk_size(batch: int, n_outputs: int, chunk: int | None = None) -> int:
