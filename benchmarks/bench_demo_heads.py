@@ -19,8 +19,8 @@ optimizer state it updates in place included); the validation perplexity.
 
 Then the gradient filter on the trained exact model (the demo's "peaked
 distribution"): on 256 validation examples, for several ``filter_eps``, by the
-library's rule and by Cut Cross-Entropy's, the share of the chunks of 1,024
-outputs kept, the probability left out and the gradient's error against the
+library's rule and by Cut Cross-Entropy's, the share of the chunks (of the
+default width for a batch of 256) kept, the probability left out and the gradient's error against the
 exact one (``bench_heads.filter_analysis``).
 
     python3 -m benchmarks.bench_demo_heads [--steps N] [--text PATH]
@@ -45,6 +45,7 @@ import optax
 from benchmarks._machine import machine_info
 from benchmarks.bench_heads import FILTER_EPS, filter_analysis, print_filter
 from blocksparse_jax.demo import _cli, _corpus, _model, _run, _train
+from blocksparse_jax.full import _core
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADS = ("naive", "full", "filtered", "sampled", "hsoftmax", "adaptive")
@@ -64,8 +65,9 @@ def filter_on_trained(params, val: _run._ValSample, n: int = 256) -> dict:
     """The gradient filter on the trained exact model: :func:`benchmarks.bench_heads.filter_analysis`."""
     x = _model.features(params, jnp.asarray(val.x[:n]))
     t = jnp.asarray(val.y[:n])
+    chunk = _core.chunk_size(n, params.out.W.shape[1])
     return {
-        f"{eps:g}": filter_analysis(x, params.out.W, params.out.b, t, eps, _model.FILTER_CHUNK)
+        f"{eps:g}": filter_analysis(x, params.out.W, params.out.b, t, eps, chunk)
         for eps in FILTER_EPS
     }
 
@@ -152,7 +154,10 @@ def main(argv=None):
         "model": {"context": _cli.CONTEXT, "embed": _cli.EMBED, "hidden": _cli.HIDDEN},
         "optimizer": f"lazy(adam({_cli.LEARNING_RATE}))",
         "heads": {
-            "filtered": {"filter_eps": _model.FILTER_EPS, "chunk": _model.FILTER_CHUNK},
+            "filtered": {
+                "filter_eps": _model.FILTER_EPS,
+                "chunk": _core.chunk_size(args.batch_size, corpus.vocab_size),
+            },
             "sampled": {"n_sampled": _model.N_SAMPLED, "sampler": "unigram (training counts)"},
             "adaptive": {"cutoffs": list(layouts["adaptive"].cutoffs)},
             "hsoftmax": {

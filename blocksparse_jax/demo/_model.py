@@ -58,8 +58,8 @@ KINDS = ("hsoftmax", "full", "naive", "filtered", "sampled", "adaptive")
 #: The heads whose parameters are a ``FullSoftmaxParams``.
 EXACT_KINDS = ("full", "naive", "filtered", "sampled")
 
-#: The gradient filter of ``"filtered"``: its threshold and its chunks of outputs.
-FILTER_EPS, FILTER_CHUNK = 1e-6, 1024
+#: The gradient filter of ``"filtered"``: the probability it may leave out of each example.
+FILTER_EPS = 1e-4
 
 #: Classes the ``"sampled"`` head draws per step (at most a quarter of the vocabulary).
 N_SAMPLED = 1024
@@ -206,9 +206,7 @@ def train_loss(
         )
     if output.kind == "filtered":
         x = features(params, contexts)
-        return full_softmax_loss(
-            x, params.out, targets, filter_eps=FILTER_EPS, chunk_size=FILTER_CHUNK
-        )
+        return full_softmax_loss(x, params.out, targets, filter_eps=FILTER_EPS)
     return mean_nll(params, output, contexts, targets)
 
 

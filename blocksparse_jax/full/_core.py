@@ -73,8 +73,9 @@ MAX_CHUNK = 4096
 def chunk_size(batch: int, n_outputs: int, chunk: int | None = None) -> int:
     """The columns per chunk: ``chunk`` if given, else about ``CHUNK_ELEMENTS / batch``.
 
-    A divisor of ``n_outputs`` within a factor two of the target width is
-    preferred, so that the chunks tile the outputs exactly.
+    The largest divisor of ``n_outputs`` between a quarter of the target width
+    and the width is preferred, so that the chunks tile the outputs exactly
+    (and the filtered gradient's blocks are whole chunks).
     """
     if chunk is not None:
         return min(int(chunk), n_outputs)
@@ -82,7 +83,7 @@ def chunk_size(batch: int, n_outputs: int, chunk: int | None = None) -> int:
     width = min(MAX_CHUNK, max(MIN_CHUNK, 1 << max(0, width.bit_length() - 1)))
     if width >= n_outputs:
         return n_outputs
-    for c in range(width, width // 2, -1):
+    for c in range(width, width // 4, -1):
         if n_outputs % c == 0:
             return c
     return width

@@ -149,8 +149,8 @@ def full_log_softmax(
       softcap: optional positive float: logits are soft-capped to
         ``softcap * tanh(z / softcap)`` (Gemma 2's final logit soft-capping).
       chunk_size: optional columns per chunk (default: about ``2**20 / batch``,
-        at least 256 and at most 4,096; a divisor of ``n_outputs`` when one is
-        near).
+        at least 256 and at most 4,096; a divisor of ``n_outputs`` when one
+        is at least a quarter of that).
 
     Returns:
       ``(..., n_outputs)`` log-probabilities without ``target``, else the
