@@ -108,6 +108,7 @@ def main(argv=None):
         f"heads alternated step by step",
         flush=True,
     )
+    load_start = os.getloadavg()
     times = {kind: [] for kind in heads}
     losses = {kind: [] for kind in heads}
     order = list(heads)
@@ -166,6 +167,7 @@ def main(argv=None):
             },
         },
         "val_ppl_unigram": val.unigram_ppl,
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         "rows": rows,
         "filter_on_trained_full": filt,
     }

@@ -37,7 +37,8 @@ same run:
   every ratio is taken against it), the sampled softmax (1,024 classes,
   ``sampled_softmax_loss``) with dense ``optax.adam`` and with
   ``value_and_sparse_grad`` + ``lazy(optax.adam)``, and the hierarchical
-  softmax (``h_softmax_loss``, ``value_and_sparse_grad`` + ``lazy(optax.adam)``).
+  softmax (``h_softmax_loss`` over ``training_classes`` classes, the count
+  recommended for training, ``value_and_sparse_grad`` + ``lazy(optax.adam)``).
 
 With ``--dots`` also XLA's speed on the three matrix products of the
 gradient, a chunk of 4,096 outputs at a time over the whole vocabulary
@@ -283,7 +284,7 @@ def filter_race(vocab, *, warmup, rounds):
 def steps_race(vocab, *, warmup, rounds):
     import optax
 
-    from blocksparse_jax.optim import apply_updates, lazy
+    from blocksparse_jax.optim import apply_updates, lazy, training_classes
 
     x, W, t = random_problem(vocab)
     xj, tj = jnp.asarray(x), jnp.asarray(t)
@@ -314,7 +315,8 @@ def steps_race(vocab, *, warmup, rounds):
         return jax.jit(step, donate_argnums=(0, 1))
 
     sampled_lazy = lazy_step(sampled_loss)
-    hs_params = h_softmax_init(jax.random.key(1), WIDTH, vocab)
+    n_classes = training_classes(vocab, n_in=WIDTH, batch=BATCH)  # the recommended count
+    hs_params = h_softmax_init(jax.random.key(1), WIDTH, vocab, n_classes=n_classes)
     hs_step = lazy_step(lambda p: h_softmax_loss(xj, p, tj))
     key = jax.random.key(2)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
@@ -325,7 +327,10 @@ def steps_race(vocab, *, warmup, rounds):
         "hsoftmax_lazy_adam": _step_runner(hs_step, hs_params, tx.init(hs_params)),
     }
     ms = _median_ms(time_round_robin(runners, warmup=warmup, repeats=rounds))
-    row = dict(race="steps", vocab=vocab, batch=BATCH, width=WIDTH, n_sampled=N_SAMPLED, ms=ms)
+    row = dict(
+        race="steps", vocab=vocab, batch=BATCH, width=WIDTH, n_sampled=N_SAMPLED,
+        hsoftmax_classes=n_classes, ms=ms,
+    )  # fmt: skip
     row["exact_adam_over"] = {k: ms["exact_adam"] / v for k, v in ms.items()}
     return row
 
@@ -415,7 +420,7 @@ def main(argv=None):
         f"vocab {vocab:,}, batch {BATCH}, width {WIDTH}, float32; medians of {args.rounds} "
         f"alternating rounds after {args.warmup} warm-up call(s)"
     )
-    rows = []
+    rows, load_start = [], os.getloadavg()
     for race in races:
         row = funcs[race](vocab, warmup=args.warmup, rounds=args.rounds)
         rows.append(row)
@@ -433,7 +438,10 @@ def main(argv=None):
             for eps, e in prob["errors"].items():
                 print_filter(eps, e)
         print(flush=True)
-    result = dict(benchmark="output_heads", machine=machine_info(), rounds=args.rounds, rows=rows)
+    result = dict(
+        benchmark="output_heads", machine=machine_info(), rounds=args.rounds, rows=rows,
+        load_average={"start": load_start, "end": os.getloadavg()},
+    )  # fmt: skip
     if not args.quick:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
