@@ -309,19 +309,12 @@ def _acc(dtype):
 
 def take_blocks(view, layout: BlockLayout, idx) -> jax.Array:
     """``(len(idx), *block_shape)``: the blocks ``idx`` of ``view`` (zeros for an index out of range)."""
-    blocks = jnp.take(view, idx, axis=layout.axis, mode="fill", fill_value=0)
-    return jnp.moveaxis(blocks, layout.axis, 0)
+    return layout.take(view, idx)
 
 
 def scatter_blocks(view, layout: BlockLayout, idx, blocks, *, add=False, **kwargs) -> jax.Array:
-    """``view`` with the blocks ``idx`` set to (or, with ``add``, increased by) ``blocks``.
-
-    Indices out of range are dropped.
-    """
-    blocks = jnp.moveaxis(blocks.astype(view.dtype), 0, layout.axis)
-    where = (slice(None),) * layout.axis + (idx,)
-    ref = view.at[where]
-    return ref.add(blocks, mode="drop", **kwargs) if add else ref.set(blocks, mode="drop", **kwargs)
+    """``view`` with the blocks ``idx`` set to (``add``: increased by) ``blocks``; out of range dropped."""
+    return layout.put(view, idx, blocks, add=add, **kwargs)
 
 
 # --------------------------------------------------------------------------------------

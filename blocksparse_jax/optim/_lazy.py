@@ -62,7 +62,7 @@ def _tiny(treedef, leaves, p_leaves, sparse, extra_args):
             else:
                 g = (g * scale).astype(g.dtype)
             if i in sparse:
-                layout = BlockLayout(g.shape, g.shape, 0)
+                layout = BlockLayout.leading(g.shape, g.ndim - 1)
                 g = SparseBlockGrad(g, Slots(jnp.arange(4, dtype=jnp.int32), layout))
             out.append(g)
         return out
@@ -289,10 +289,7 @@ def _update_whole(inner, leaves, treedef, state, p_leaves, sparse, extra_args):
         if i not in sparse:
             return new
         g, e = leaves[i], next(old[i])
-        view = _view(e, g)
-        where = (slice(None),) * g.layout.axis + (g.indices,)
-        blocks = jnp.moveaxis(new.astype(e.dtype), 0, g.layout.axis)
-        return view.at[where].set(blocks, mode="drop").reshape(e.shape)
+        return g.layout.put(_view(e, g), g.indices, new).reshape(e.shape)
 
     return u_leaves, StateMap(new_state, blocks_tree).map(write)
 
