@@ -169,7 +169,9 @@ class HSoftmaxState(NamedTuple):
         """Word ids of output ids; ``-1`` (no output) stays ``-1``."""
         if self.output_to_word is None:
             return ids
-        return self.output_to_word.at[ids].get(mode="fill", fill_value=-1, wrap_negative_indices=False)
+        return self.output_to_word.at[ids].get(
+            mode="fill", fill_value=-1, wrap_negative_indices=False
+        )
 
     def check_k(self, k) -> int:
         """``k`` as an int in ``[1, n_outputs]`` (the words of a layout): never more than there are."""

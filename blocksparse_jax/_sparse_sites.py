@@ -78,15 +78,39 @@ class BlockLayout(NamedTuple):
         return (slice(None),) * self.axis + tuple(parts)
 
     def take(self, view, idx) -> jax.Array:
-        """``(len(idx), *block_shape)``: blocks ``idx`` of ``view`` (zeros for one out of range)."""
-        blocks = view.at[self._where(idx)].get(mode="fill", fill_value=0)
+        """``(len(idx), *block_shape)``: blocks ``idx`` of ``view`` (zeros for one out of range).
+
+        From a weight sharded over an ``Explicit`` mesh the blocks come back
+        replicated (each device gathers those it holds; XLA sums them).
+        """
+        kw = {"out_sharding": _replicated(view)} if _explicitly_sharded(view) else {}
+        blocks = view.at[self._where(idx)].get(mode="fill", fill_value=0, **kw)
         return jnp.moveaxis(blocks, self.axis, 0)
 
     def put(self, view, idx, blocks, *, add: bool = False, **kwargs) -> jax.Array:
-        """``view`` with blocks ``idx`` set to (``add``: increased by) ``blocks``; out of range dropped."""
+        """``view`` with blocks ``idx`` set to (``add``: increased by) ``blocks``; out of range dropped.
+
+        A sharded weight stays sharded: each device writes the blocks it holds.
+        """
+        if _explicitly_sharded(view):
+            kwargs["out_sharding"] = jax.typeof(view).sharding
         blocks = jnp.moveaxis(blocks.astype(view.dtype), 0, self.axis)
         ref = view.at[self._where(idx)]
-        return ref.add(blocks, mode="drop", **kwargs) if add else ref.set(blocks, mode="drop", **kwargs)
+        return (
+            ref.add(blocks, mode="drop", **kwargs)
+            if add
+            else ref.set(blocks, mode="drop", **kwargs)
+        )
+
+
+def _explicitly_sharded(x) -> bool:
+    """Is ``x``'s type sharded over some axis of an ``Explicit`` mesh?"""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+    return any(s is not None for s in spec)
+
+
+def _replicated(x):
+    return jax.sharding.NamedSharding(jax.typeof(x).sharding.mesh, jax.sharding.PartitionSpec())
 
 
 class BlockPairs(NamedTuple):

@@ -358,8 +358,26 @@ def sum_pairs(pairs: SlotPairs, capacity: int, block_shape, dtype) -> jax.Array:
     return out.at[pairs.slot].add(pair_terms(pairs, block_shape, acc), mode="drop").astype(dtype)
 
 
+def _replicated(x):
+    """``x`` replicated if its type is sharded over the axes of an ``Explicit`` mesh.
+
+    The pairs of a batch split over a data axis: a gradient's few touched
+    blocks are small, every device holds them all.
+    """
+    if x is None:
+        return x
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", ())
+    if any(s is not None for s in spec):
+        return jax.sharding.reshard(
+            x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        )
+    return x
+
+
 def build(pairs: BlockPairs, layout: BlockLayout, dtype) -> SparseBlockGrad:
     """The :class:`SparseBlockGrad` of ``pairs``, which keeps them as its shortcut."""
+    pairs = BlockPairs(*(_replicated(a) for a in pairs))
     n_blocks = layout.n_blocks
     blocks = pairs.blocks.reshape(-1)
     ok = (blocks >= 0) & (blocks < n_blocks)

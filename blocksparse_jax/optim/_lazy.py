@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -236,10 +237,26 @@ def lazy(
                 inner, name, treedef, leaves, p_leaves, sparse, extra_args
             )
         run = _update_elementwise if elementwise[key] else _update_whole
-        new_leaves, new_state = run(inner, leaves, treedef, state, p_leaves, sparse, extra_args)
+        with _mesh_of(p_leaves):
+            new_leaves, new_state = run(inner, leaves, treedef, state, p_leaves, sparse, extra_args)
         return jax.tree.unflatten(treedef, new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _mesh_of(arrays):
+    """The mesh of the first array typed on an ``Explicit`` mesh, as the context of the update.
+
+    Arrays the update creates (its buffers) then live on the same mesh as the
+    parameters they are combined with.
+    """
+    for a in arrays:
+        mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+        if mesh is not None and not mesh.empty:
+            if mesh != jax.sharding.get_abstract_mesh():
+                return jax.sharding.use_abstract_mesh(mesh)
+            break
+    return contextlib.nullcontext()
 
 
 def _check_param(g: SparseBlockGrad, p, i: int) -> None:
