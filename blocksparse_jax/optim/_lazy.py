@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blocksparse_jax._sparse_sites import BlockLayout
 from blocksparse_jax.optim import _inplace
 from blocksparse_jax.optim._blocks import Applied, Slots, SparseBlockGrad, is_sparse, take_blocks
 from blocksparse_jax.optim._state import StateMap
