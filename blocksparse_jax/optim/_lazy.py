@@ -113,7 +113,7 @@ def _is_elementwise(inner, treedef, leaves, p_leaves, sparse, extra_args) -> boo
             dense = [j for j in range(n) if j not in sparse]
             u0, s1 = call(
                 cut(g, dense),
-                smap.map(lambda j, e: e if j in dense else empty_like(e)),
+                smap.map(lambda j, e, dense=dense: e if j in dense else empty_like(e)),
                 cut(params, dense),
             )
             u = treedef.flatten_up_to(u0)
@@ -121,17 +121,19 @@ def _is_elementwise(inner, treedef, leaves, p_leaves, sparse, extra_args) -> boo
             for i in sparse:
                 parts_u, parts_e = [], []
                 for lo, hi in ((0, 1), (1, 4)):
-                    sl = lambda xs, lo=lo, hi=hi: [
+                    sl = lambda xs, lo=lo, hi=hi, i=i: [
                         x[lo:hi] if j == i else empty_like(x) for j, x in enumerate(xs)
                     ]
-                    s = smap.map(lambda j, e, lo=lo, hi=hi: e[lo:hi] if j == i else empty_like(e))
+                    s = smap.map(
+                        lambda j, e, lo=lo, hi=hi, i=i: e[lo:hi] if j == i else empty_like(e)
+                    )
                     ui, si = call(sl(g), s, sl(params))
                     parts_u.append(treedef.flatten_up_to(ui)[i])
                     parts_e.append(StateMap(si, treedef.unflatten(sl(params))).entries(i))
                 u[i] = jnp.concatenate(parts_u)
                 new_entries[i] = iter([jnp.concatenate(e) for e in zip(*parts_e, strict=True)])
             state = StateMap(s1, treedef.unflatten(cut(params, dense))).map(
-                lambda j, e: next(new_entries[j]) if j in sparse else e
+                lambda j, e, taken=new_entries: next(taken[j]) if j in sparse else e
             )
             params = [p + d for p, d in zip(params, u, strict=True)]
             seen += [*params, *jax.tree.leaves(state)]
@@ -384,7 +386,7 @@ def _update_elementwise(inner, leaves, treedef, state, p_leaves, sparse, extra_a
             ps = treedef.unflatten(
                 [p_blk if j == i else empty(j, q.dtype) for j, q in enumerate(p_leaves)]
             )
-            s = smap.map(lambda j, e: next(it) if j == i else empty(j, e.dtype))
+            s = smap.map(lambda j, e, it=it, i=i: next(it) if j == i else empty(j, e.dtype))
             u, s_new = inner.update(treedef.unflatten(gs), s, ps, **extra_args)
             return treedef.flatten_up_to(u)[i], StateMap(s_new, ps).entries(i)
 
