@@ -386,7 +386,7 @@ def _update_elementwise(inner, leaves, treedef, state, p_leaves, sparse, extra_a
             ps = treedef.unflatten(
                 [p_blk if j == i else empty(j, q.dtype) for j, q in enumerate(p_leaves)]
             )
-            s = smap.map(lambda j, e, it=it, i=i: next(it) if j == i else empty(j, e.dtype))
+            s = smap.map(lambda j, entry, it=it, i=i: next(it) if j == i else empty(j, entry.dtype))
             u, s_new = inner.update(treedef.unflatten(gs), s, ps, **extra_args)
             return treedef.flatten_up_to(u)[i], StateMap(s_new, ps).entries(i)
 
