@@ -86,7 +86,7 @@ def __getattr__(name: str):
             raise
         raise ModuleNotFoundError(
             f"blocksparse_jax.{name} needs {extra}: install it with "
-            f"python3 -m pip install -e \".[{extra}]\" from a checkout",
+            f'python3 -m pip install -e ".[{extra}]" from a checkout',
             name=e.name,
         ) from e
 
