@@ -2,11 +2,13 @@
 
 With ``S = cutoffs[0]`` shortlist outputs and ``K`` tail clusters, cluster
 ``i`` holding the outputs ``cutoffs[i] <= o < cutoffs[i + 1]`` (the last one
-ending at ``n_outputs``)::
+ending at ``n_outputs``):
 
-    head = log_softmax(x @ head_W + head_b)                      (S + K entries)
-    log p(o | x) = head[o]                                       for o < S
-    log p(o | x) = head[S + i] + log_softmax((x @ tail_proj[i]) @ tail_out[i])[o - cutoffs[i]]
+```
+head = log_softmax(x @ head_W + head_b)                      (S + K entries)
+log p(o | x) = head[o]                                       for o < S
+log p(o | x) = head[S + i] + log_softmax((x @ tail_proj[i]) @ tail_out[i])[o - cutoffs[i]]
+```
 
 For one target per example only the target's cluster is evaluated, and only
 for the examples whose target is in it (``_buckets``): a batch whose targets
@@ -127,11 +129,13 @@ def adaptive_log_softmax(
     r"""Log-probabilities of the adaptive softmax (PyTorch's ``AdaptiveLogSoftmaxWithLoss``).
 
     With ``S = cutoffs[0]`` and tail cluster ``i`` holding the outputs
-    ``cutoffs[i] <= o < cutoffs[i + 1]``::
+    ``cutoffs[i] <= o < cutoffs[i + 1]``:
 
-        head = log_softmax(x @ head_W + head_b)
-        log p(o | x) = head[o]                                          (o < S)
-        log p(o | x) = head[S + i] + log_softmax(x @ tail_proj[i] @ tail_out[i])[o - cutoffs[i]]
+    ```
+    head = log_softmax(x @ head_W + head_b)
+    log p(o | x) = head[o]                                          (o < S)
+    log p(o | x) = head[S + i] + log_softmax(x @ tail_proj[i] @ tail_out[i])[o - cutoffs[i]]
+    ```
 
     Without ``target`` every output is computed: ``(batch, n_outputs)``, as
     PyTorch's ``log_prob``.  With ``target`` only the target's cluster is, and
@@ -197,9 +201,9 @@ def adaptive_softmax_loss(
 ) -> jax.Array:
     r"""Negative log-likelihood of the targets under the adaptive softmax.
 
-    ::
-
-        loss[b] = -log p(target[b] | x[b])          (see adaptive_log_softmax)
+    ```
+    loss[b] = -log p(target[b] | x[b])          (see adaptive_log_softmax)
+    ```
 
     reduced by ``mean`` over the unmasked examples (0 if there are none),
     ``sum`` or not at all (``none``, masked entries 0).  ``reduction="mean"``

@@ -2,9 +2,11 @@
 
 The ``n_outputs`` outputs are laid out on a grid of ``n_classes`` classes of
 ``n_outputs_per_class`` slots each; output ``o`` lives in class
-``o // n_outputs_per_class``, slot ``o % n_outputs_per_class``, and::
+``o // n_outputs_per_class``, slot ``o % n_outputs_per_class``, and:
 
-    p(o | x) = softmax(x @ W1 + b1)[class(o)] * softmax(x @ W2[class(o)] + b2[class(o)])[slot(o)]
+```
+p(o | x) = softmax(x @ W1 + b1)[class(o)] * softmax(x @ W2[class(o)] + b2[class(o)])[slot(o)]
+```
 
 The first level costs ``O(n_in * n_classes)`` per example.  For one target per
 example the second level only needs the target's class: a ``sparse_block_dot``

@@ -1,9 +1,11 @@
 """The first level's log-probability of each example's class, a chunk of classes at a time.
 
-``class_log_prob(x, W1, b1, class_valid, classes)`` is::
+``class_log_prob(x, W1, b1, class_valid, classes)`` is:
 
-    logits = x @ W1 + b1                     (batch, n_classes), -inf for the empty classes
-    out[b] = logits[b, classes[b]] - logsumexp(logits[b])
+```
+logits = x @ W1 + b1                     (batch, n_classes), -inf for the empty classes
+out[b] = logits[b, classes[b]] - logsumexp(logits[b])
+```
 
 Written with ``jnp`` and differentiated by JAX, a training step holds several
 ``(batch, n_classes)`` arrays at once (the logits, the probabilities, their

@@ -104,17 +104,19 @@ def frequency_classes(
     ``class_sizes=`` tells the log-space functions which slots are padding.
 
     Usage (``n_outputs`` defaults to the layout's ``n_outputs``, the
-    parameters' ``n_classes * n_outputs_per_class``)::
+    parameters' ``n_classes * n_outputs_per_class``):
 
-        layout = frequency_classes(counts)
-        params = h_softmax_init(key, n_in, layout.n_outputs, n_classes=layout.n_classes)
+    ```
+    layout = frequency_classes(counts)
+    params = h_softmax_init(key, n_in, layout.n_outputs, n_classes=layout.n_classes)
 
-        @jax.jit
-        def loss_fn(params, x, word_ids):
-            out_ids = layout.to_output(word_ids)       # a jnp lookup: works under jit
-            return h_softmax_loss(x, params, out_ids, class_sizes=layout.class_sizes)
+    @jax.jit
+    def loss_fn(params, x, word_ids):
+        out_ids = layout.to_output(word_ids)       # a jnp lookup: works under jit
+        return h_softmax_loss(x, params, out_ids, class_sizes=layout.class_sizes)
 
-        words = layout.to_word(h_softmax_sample(key, x, params, class_sizes=layout.class_sizes))
+    words = layout.to_word(h_softmax_sample(key, x, params, class_sizes=layout.class_sizes))
+    ```
 
     Uneven classes cost memory and time: the second level of every example
     costs ``n_outputs_per_class`` (the largest class) and ``W2`` holds

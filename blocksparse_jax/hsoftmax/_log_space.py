@@ -22,9 +22,11 @@ def h_log_softmax(
 ) -> jax.Array:
     r"""Log-probabilities of the two-level hierarchical softmax, computed in log space.
 
-    With ``c = o // n_outputs_per_class`` and ``s = o % n_outputs_per_class``::
+    With ``c = o // n_outputs_per_class`` and ``s = o % n_outputs_per_class``:
 
-        log p(o | x) = log_softmax(x @ W1 + b1)[c] + log_softmax(x @ W2[c] + b2[c])[s]
+    ```
+    log p(o | x) = log_softmax(x @ W1 + b1)[c] + log_softmax(x @ W2[c] + b2[c])[s]
+    ```
 
     where both softmaxes run only over real outputs: padded slots (``o >=
     n_outputs``, or ``s >= class_sizes[c]``) and empty classes are masked out,
@@ -108,9 +110,9 @@ def h_softmax_loss(
 ) -> jax.Array:
     r"""Negative log-likelihood of the targets under the hierarchical softmax.
 
-    ::
-
-        loss[b] = -log p(target[b] | x[b])          (see h_log_softmax)
+    ```
+    loss[b] = -log p(target[b] | x[b])          (see h_log_softmax)
+    ```
 
     reduced by ``mean`` over the unmasked examples (0 if there are none),
     ``sum`` or not at all (``none``, masked entries 0).  The second level is

@@ -29,9 +29,9 @@ def h_softmax_sgd_step(
 ) -> tuple[jax.Array, HSoftmaxParams, jax.Array]:
     r"""One SGD step on :func:`h_softmax_loss` that updates ``W2`` sparsely, in place.
 
-    ::
-
-        params' = params - learning_rate * grad(h_softmax_loss)(params)
+    ```
+    params' = params - learning_rate * grad(h_softmax_loss)(params)
+    ```
 
     The same values as the dense step, but the gradients of ``W2`` and ``b2``
     are never built: they are non-zero only in the targets' classes, and the

@@ -29,9 +29,11 @@ def h_softmax(
     r"""Two-level hierarchical softmax, exactly as Theano's ``h_softmax``.
 
     With ``class_probs = softmax(x @ W1 + b1)`` and, for every class ``c``,
-    ``p_c = softmax(x @ W2[c] + b2[c])`` over its ``n_outputs_per_class`` slots::
+    ``p_c = softmax(x @ W2[c] + b2[c])`` over its ``n_outputs_per_class`` slots:
 
-        out[b, o] = class_probs[b, o // n_outputs_per_class] * p_{o // n_outputs_per_class}[b, o % n_outputs_per_class]
+    ```
+    out[b, o] = class_probs[b, o // n_outputs_per_class] * p_{o // n_outputs_per_class}[b, o % n_outputs_per_class]
+    ```
 
     Without ``target`` every output is computed (``O(n_in * n_classes *
     n_outputs_per_class)`` per example).  With ``target`` only the target's
