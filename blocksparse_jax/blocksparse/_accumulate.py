@@ -17,8 +17,9 @@ sum; ``ragged`` sums its groups and ``dense`` its GEMM in float32 themselves.
 
 The float32 sums of all distinct blocks would grow with the pairs, up to twice
 the bytes of a ``bfloat16`` weight; they are made a chunk of
-:func:`slots_per_chunk` distinct blocks at a time (one chunk while they hold at
-most a quarter of ``o``'s bytes), each chunk added to ``o`` before the next.
+:func:`slots_per_chunk` distinct blocks at a time (one chunk while they fit the
+strategy's budget or a quarter of ``o``'s bytes; on GPU and TPU the budget is
+device-sized), each chunk added to ``o`` before the next.
 """
 
 from __future__ import annotations
@@ -63,13 +64,14 @@ def distinct_blocks(rows, cols, valid, n_cols: int, capacity: int):
     return slot, gkey // n_cols, gkey % n_cols, used
 
 
-def slots_per_chunk(capacity: int, slot_bytes: int, o_bytes: int) -> int:
-    """Distinct blocks summed at once: all ``capacity`` while their sums fit a quarter of ``o``.
+def slots_per_chunk(capacity: int, slot_bytes: int, o_bytes: int, budget: int) -> int:
+    """Distinct blocks summed at once: all ``capacity`` while their sums fit ``budget``
+    bytes or a quarter of ``o``'s.
 
     ``slot_bytes`` is one block's sum (in the accumulation dtype); a chunk holds
     at least one block.
     """
-    return max(1, min(capacity, (o_bytes // 4) // max(1, slot_bytes)))
+    return max(1, min(capacity, max(budget, o_bytes // 4) // max(1, slot_bytes)))
 
 
 def add_to_bits(bits, dtype, sums, g_rows, g_cols, used):
@@ -94,13 +96,14 @@ def add_blocks(o, sums, g_rows, g_cols, used):
     return lax.bitcast_convert_type(bits, dtype) if bits.dtype != dtype else bits
 
 
-def outer_by_block(outer, o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, **kw):
+def outer_by_block(outer, o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, budget):
     """A strategy's ``outer`` summed per distinct block in ``acc_dtype``, added to ``o`` once.
 
-    ``outer`` is a strategy's ``outer`` function (the interface of ``_dispatch``);
-    it runs on a problem with one pair per example: the pair's rows of ``x`` and
-    ``y``, and its slot among the distinct blocks as the block index, so that
-    it sums, in ``acc_dtype``, the products of each distinct block's pairs.
+    ``outer`` is a strategy's ``outer`` function (the interface of ``_dispatch``,
+    ``budget`` its keyword); it runs on a problem with one pair per example: the
+    pair's rows of ``x`` and ``y``, and its slot among the distinct blocks as the
+    block index, so that it sums, in ``acc_dtype``, the products of each distinct
+    block's pairs.
     With more distinct blocks than :func:`slots_per_chunk` allows, a loop runs
     that problem once per chunk of slots (the pairs of other chunks masked)
     and adds each chunk's sums to ``o``, carried as its bits.
@@ -118,7 +121,7 @@ def outer_by_block(outer, o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype,
     pb, pi, pj = p // (x_win * y_win), (p // y_win) % x_win, p % y_win
     xs, ys = x[pb, pi][:, None], y[pb, pj][:, None]  # (pairs, 1, size)
     slot_bytes = x_size * y_size * jnp.dtype(acc_dtype).itemsize
-    span = slots_per_chunk(capacity, slot_bytes, o.size * o.dtype.itemsize)
+    span = slots_per_chunk(capacity, slot_bytes, o.size * o.dtype.itemsize, budget)
     n_chunks = -(-capacity // span)
     pad = n_chunks * span - capacity
     g_rows, g_cols = (jnp.pad(a, (0, pad)) for a in (g_rows, g_cols))
@@ -139,7 +142,7 @@ def outer_by_block(outer, o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype,
             mine[:, None],
             jnp.ones((n, 1), jnp.bool_),
             acc_dtype=acc_dtype,
-            **kw,
+            budget=budget,
         )
         return sums[:, 0]
 
