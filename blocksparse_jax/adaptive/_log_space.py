@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from blocksparse_jax import _checks
+from blocksparse_jax import _checks, _targets
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax.adaptive import _buckets
 from blocksparse_jax.adaptive._params import AdaptiveSoftmaxParams, prepare
-from blocksparse_jax.hsoftmax import _problem as _hs
 
 
 def head_log_probs(x: jax.Array, params: AdaptiveSoftmaxParams, acc) -> jax.Array:
@@ -74,7 +73,7 @@ def _target_log_probs(x, params: AdaptiveSoftmaxParams, t, mask, acc, chunk_rows
     whatever their ``x`` holds (NaN included) reaches no output and no gradient.
     """
     S = params.shortlist_size
-    t, valid = _hs.normalize_target(t, params.n_outputs)
+    t, valid = _targets.normalize_target(t, params.n_outputs)
     keep = valid & mask
     x = jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
     t = jnp.where(keep, t, jnp.zeros((), t.dtype))
@@ -99,7 +98,7 @@ def _full_jit(x, params, *, acc):
 def _target_jit(x, params, t, mask, *, acc, chunk_rows, reduction):
     with jax.named_scope("adaptive_softmax_loss" if reduction else "adaptive_log_softmax"):
         logp = _target_log_probs(x, params, t, mask, acc, chunk_rows)
-        return logp if reduction is None else _hs.reduce_nll(logp, mask, reduction)
+        return logp if reduction is None else _targets.reduce_nll(logp, mask, reduction)
 
 
 def _chunk_rows(batch: int, params: AdaptiveSoftmaxParams) -> tuple[int, ...]:
@@ -108,17 +107,17 @@ def _chunk_rows(batch: int, params: AdaptiveSoftmaxParams) -> tuple[int, ...]:
 
 def _checked_target(target, batch: int, n_outputs: int, batched: bool) -> jax.Array:
     """``target`` as ``(batch,)``; its shape and (when concrete) its values checked."""
-    t, exact = _hs.check_target(target, (batch,) if batched else ())
-    _hs.check_target_values(exact, n_outputs, None, 1)  # IndexError when concrete
+    t, exact = _targets.check_target(target, (batch,) if batched else ())
+    _targets.check_target_range(exact, n_outputs)
     return t.reshape(batch)
 
 
 def _loss_target_and_mask(target, mask, reduction: str, *, batched: bool):
     """Validates ``reduction`` and ``mask``; returns ``(target, mask)``, masked targets 0."""
-    _hs.check_reduction(reduction)
+    _targets.check_reduction(reduction)
     target = _as_array("target", target)
     _checks.check_int("target", target)
-    mask = _hs.check_mask(mask, target.shape[:1] if batched else ())
+    mask = _targets.check_mask(mask, target.shape[:1] if batched else ())
     keep = mask.reshape(mask.shape + (1,) * (target.ndim - mask.ndim))
     return jnp.where(keep, target, jnp.zeros((), target.dtype)), mask
 

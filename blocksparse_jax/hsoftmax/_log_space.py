@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
-from blocksparse_jax import _sparse_trace
+from blocksparse_jax import _sparse_trace, _targets
 from blocksparse_jax._scope import named
 from blocksparse_jax.hsoftmax import _problem as _p
 from blocksparse_jax.hsoftmax._params import HSoftmaxParams
@@ -168,9 +168,9 @@ def h_softmax_loss(
                 "h_softmax_loss", x, params, target, n_outputs=n_outputs, mask=mask,
                 reduction=reduction, class_sizes=class_sizes,
             )  # fmt: skip
-    _p.check_reduction(reduction)
+    _targets.check_reduction(reduction)
     prob = _p.prepare(x, params, n_outputs, class_sizes)
-    mask = _p.check_mask(mask, prob.lead)
+    mask = _targets.check_mask(mask, prob.lead)
     t = _p.checked_target(prob, target, mask)
     logp = _p.run(_target_log_probs, prob, t, mask.reshape(-1))
-    return _p.reduce_nll(logp, mask, reduction)
+    return _targets.reduce_nll(logp, mask, reduction)

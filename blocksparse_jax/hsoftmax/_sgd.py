@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from blocksparse_jax import _targets
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._order import after
@@ -92,7 +93,7 @@ def h_softmax_sgd_step(
     if not jnp.issubdtype(learning_rate.dtype, jnp.floating):
         raise TypeError(f"learning_rate must be a float scalar; got dtype {learning_rate.dtype}")
     prob = _p.prepare(x, params, n_outputs, class_sizes)
-    mask = _p.check_mask(mask, prob.lead)
+    mask = _targets.check_mask(mask, prob.lead)
     t = _p.checked_target(prob, target, mask)
     loss, new, dx = _p.run_flat(_sgd_step, prob, t, mask.reshape(-1), learning_rate,
                                 reduction=reduction)  # fmt: skip
@@ -104,7 +105,7 @@ def _sgd_step(prob: _p.Problem, t, mask, learning_rate, *, reduction):
 
     def loss_fn(x, W1, b1, act_offset):
         p = prob._replace(x=x, W1=W1, b1=b1)
-        return _p.reduce_nll(p.target_log_probs(t, act_offset, mask), mask, reduction)
+        return _targets.reduce_nll(p.target_log_probs(t, act_offset, mask), mask, reduction)
 
     # W2 and b2 are held fixed: their dense gradients are never built (XLA drops
     # them); the cotangent of the second-level activations updates their blocks.
