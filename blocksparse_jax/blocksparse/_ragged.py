@@ -165,10 +165,8 @@ def gemv(
         return scatter(lax.fori_loop(jnp.int32(0), jnp.int32(chunks.n_chunks), body, y))
 
     def exact(lhs, W):
-        return _gather.gemv(
-            W, h, input_idx, output_idx, valid_in,
-            transpose_w=transpose_w, acc_dtype=acc_dtype, budget=budget,
-        )  # fmt: skip
+        args = (W, h, input_idx, output_idx, valid_in)
+        return _gather.gemv(*args, transpose_w=transpose_w, acc_dtype=acc_dtype, budget=budget)
 
     # ragged_dot's expansions (CPU, XLA:GPU) multiply every row by every group's
     # block, masked by zeros: a NaN or inf would reach other groups' rows as

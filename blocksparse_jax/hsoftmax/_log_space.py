@@ -164,10 +164,8 @@ def h_softmax_loss(
     if isinstance(params, tuple) and len(params) == 4:  # under value_and_sparse_grad
         rec = _sparse_trace.claimant(params[2], params[3])
         if rec is not None:
-            return rec.handle(
-                "h_softmax_loss", x, params, target, n_outputs=n_outputs, mask=mask,
-                reduction=reduction, class_sizes=class_sizes,
-            )  # fmt: skip
+            kw = dict(n_outputs=n_outputs, mask=mask, reduction=reduction, class_sizes=class_sizes)
+            return rec.handle("h_softmax_loss", x, params, target, **kw)
     _targets.check_reduction(reduction)
     prob = _p.prepare(x, params, n_outputs, class_sizes)
     mask = _targets.check_mask(mask, prob.lead)

@@ -95,8 +95,9 @@ def h_softmax_sgd_step(
     prob = _p.prepare(x, params, n_outputs, class_sizes)
     mask = _targets.check_mask(mask, prob.lead)
     t = _p.checked_target(prob, target, mask)
-    loss, new, dx = _p.run_flat(_sgd_step, prob, t, mask.reshape(-1), learning_rate,
-                                reduction=reduction)  # fmt: skip
+    loss, new, dx = _p.run_flat(
+        _sgd_step, prob, t, mask.reshape(-1), learning_rate, reduction=reduction
+    )
     return loss, new, _p.unflatten(prob, dx).astype(prob.x.dtype)
 
 
