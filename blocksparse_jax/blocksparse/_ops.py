@@ -386,5 +386,4 @@ def sparse_block_outer(
     yi, vy = _normalize("y_idx", y_idx, y_blocks, "y_blocks")
     if not x_batched:
         x, y, xi, vx, yi, vy = _batched(x, y, xi, vx, yi, vy)
-    # An out-of-range block's update is dropped (its pairs are masked).
     return outer_masked(o, x, y, xi, vx, yi, vy, alpha, strategy)

@@ -40,14 +40,6 @@ reaches no gradient.  Differentiation is reverse mode (``jax.grad``,
 Every public function validates shapes, dtypes and (when they are concrete)
 target values eagerly, then runs its computation as one ``jax.jit`` cached per
 configuration, so an eager call is not dispatched op by op.
-
-Modules: ``_params`` (parameters and init), ``_theano`` (``h_softmax``),
-``_problem`` (validation and the formulas: the internal interface that
-:mod:`blocksparse_jax.parallel` builds on), ``_first_level`` (the targets'
-class log-probabilities, a chunk of classes at a time: no ``(batch,
-n_classes)`` array in a training step), ``_log_space`` (log-probabilities and
-the loss), ``_sgd`` (the sparse SGD step), ``_decode`` (top-k and sampling),
-``_layout`` (frequency classes).
 """
 
 from blocksparse_jax.hsoftmax._decode import h_softmax_sample, h_softmax_top_k
