@@ -1,21 +1,27 @@
 """The hierarchical softmax with the classes split over a mesh axis.
 
-Each shard evaluates :class:`~blocksparse_jax.hsoftmax._problem.Problem` on its
-own classes with ``model_axis`` set; the problem's formulas combine the shards.
+Each shard holds a :class:`~blocksparse_jax.hsoftmax._problem.Problem` of its
+own classes; :class:`_Shard` evaluates it and combines the shards: a global
+log-sum-exp over the classes, a ``psum`` of the owning shard's term.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from blocksparse_jax import _targets
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._scope import named
 from blocksparse_jax.hsoftmax import HSoftmaxParams
+from blocksparse_jax.hsoftmax import _formulas as _f
 from blocksparse_jax.hsoftmax import _problem as _p
 from blocksparse_jax.hsoftmax._params import check_params
 from blocksparse_jax.parallel._mesh import check_divisible, check_mesh, place, shard_map, size, vary
@@ -55,6 +61,56 @@ def _unflatten(n_real_classes, children):
 
 
 jax.tree_util.register_pytree_node(ShardedHSoftmaxParams, _flatten, _unflatten)
+
+
+class _Shard(NamedTuple):
+    """One model shard inside ``shard_map``: ``prob`` holds its contiguous range of classes."""
+
+    prob: _p.Problem
+    model_axis: str
+
+    def first_class(self):
+        """The global id of this shard's first class."""
+        return lax.axis_index(self.model_axis) * self.prob.W2.shape[0]
+
+    def class_lse(self, logits) -> jax.Array:
+        """``(batch,)`` log-sum-exp of the class logits of every shard.
+
+        The maximum across shards only keeps ``exp`` in range; it is held
+        constant for the gradient (which does not depend on it).  With no class
+        at all it is 0, so that every log-probability is ``-inf`` rather than NaN.
+        """
+        m = lax.pmax(lax.stop_gradient(jnp.max(logits, axis=1)), self.model_axis)
+        m = jnp.where(jnp.isneginf(m), jnp.zeros((), m.dtype), m)
+        s = lax.psum(jnp.sum(jnp.exp(logits - m[:, None]), axis=1), self.model_axis)
+        lse = m + jnp.log(s)
+        return jnp.where(jnp.isneginf(lse), jnp.zeros((), lse.dtype), lse)
+
+    def full_log_probs(self) -> jax.Array:
+        """``(batch, shard classes * n_outputs_per_class)`` log-probabilities of its outputs."""
+        logits = self.prob.masked_class_logits()
+        class_log_probs = logits - self.class_lse(logits)[:, None]
+        return self.prob.output_log_probs(class_log_probs, self.first_class())
+
+    def target_log_probs(self, t, mask=None) -> jax.Array:
+        """``(batch,)`` log-probabilities of the targets ``t``, summed over the shards.
+
+        The shard that owns a target's class computes its term; for a class
+        another shard owns, class 0 stands in and its activations are replaced
+        by zeros (selection), so this shard's ``W2`` gets no gradient from it,
+        even where its class 0 holds a NaN.
+        """
+        prob = self.prob
+        t, use, x = prob.select_targets(t, mask)
+        local = t // prob.per_class - self.first_class()
+        owned = (local >= 0) & (local < prob.W2.shape[0])
+        local = jnp.where(owned, local, 0)
+        mine = use & owned
+        second = prob.second_level(x, t, local, mine)
+        logits = prob._replace(x=x).masked_class_logits()
+        term = _f.take_rows(logits, local) + second
+        term = lax.psum(jnp.where(mine, term, jnp.zeros((), term.dtype)), self.model_axis)
+        return _f.neg_inf_where_invalid(term - self.class_lse(logits), use)
 
 
 def _hs_log_probs(
@@ -97,10 +153,9 @@ def _hs_log_probs(
         # cotangents must be typed like their inputs, and the transpose of the
         # cast is the psum that reduces each shard's gradient.
         x, W1, b1, W2, b2 = vary(axes, x, W1, b1, W2, b2)
-        return prob._replace(
-            x=x, W1=W1, b1=b1, W2=W2, b2=b2, class_valid=class_valid,
-            class_sizes=None if prob.class_sizes is None else sizes, model_axis=model_axis,
-        )  # fmt: skip
+        class_sizes = None if prob.class_sizes is None else sizes
+        own = dict(x=x, W1=W1, b1=b1, W2=W2, b2=b2, class_valid=class_valid)
+        return _Shard(prob._replace(**own, class_sizes=class_sizes), model_axis)
 
     d, m = data_axis, model_axis
     args = [prob.x, prob.W1, prob.b1, prob.W2, prob.b2, prob.class_valid, sizes]
@@ -239,9 +294,9 @@ def h_softmax_loss(
       >>> bool(jnp.allclose(loss, bsj.h_softmax_loss(x, params, target, n_outputs=100)))
       True
     """
-    _p.check_reduction(reduction)
+    _targets.check_reduction(reduction)
     x = _as_array("x", x)
-    mask = _p.check_mask(mask, tuple(x.shape[:-1]))
+    mask = _targets.check_mask(mask, tuple(x.shape[:-1]))
     logp = _hs_log_probs(
         x,
         params,
@@ -253,7 +308,7 @@ def h_softmax_loss(
         model_axis=model_axis,
         mask=mask,
     )
-    return _p.reduce_nll(logp, mask, reduction)
+    return _targets.reduce_nll(logp, mask, reduction)
 
 
 def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") -> HSoftmaxParams:

@@ -126,9 +126,9 @@ def sparse_block_gemv(
 ) -> jax.Array:
     r""":func:`blocksparse_jax.sparse_block_gemv` with the batch and ``W``'s output blocks sharded.
 
-    ::
-
-        out[b, j] = o[b, j] + sum_i h[b, i] @ W[input_idx[b, i], output_idx[b, j]]
+    ```
+    out[b, j] = o[b, j] + sum_i h[b, i] @ W[input_idx[b, i], output_idx[b, j]]
+    ```
 
     ``o``, ``h`` and the index arrays are split over ``data_axis`` along the
     batch; ``W`` is split over ``model_axis`` along ``o_blocks`` (axis 1), each
@@ -194,9 +194,9 @@ def sparse_block_dot(
 ) -> jax.Array:
     r""":func:`blocksparse_jax.sparse_block_dot` with the batch and the output blocks sharded.
 
-    ::
-
-        out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+    ```
+    out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+    ```
 
     As :func:`sparse_block_gemv`; the bias ``b`` ``(o_blocks, o_size)`` is split
     over ``model_axis`` like ``W``'s second axis, and each output slot's bias is
@@ -245,9 +245,9 @@ def sparse_block_outer(
 ) -> jax.Array:
     r""":func:`blocksparse_jax.sparse_block_outer` with ``o``'s ``y_blocks`` and the batch sharded.
 
-    ::
-
-        out[x_idx[b, i], y_idx[b, j]] += alpha * outer(x[b, i], y[b, j])
+    ```
+    out[x_idx[b, i], y_idx[b, j]] += alpha * outer(x[b, i], y[b, j])
+    ```
 
     ``o`` ``(x_blocks, y_blocks, x_size, y_size)`` is split over ``model_axis``
     along ``y_blocks`` (its axis 1, the ``o_blocks`` of the ``W`` it updates);
