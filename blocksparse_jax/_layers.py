@@ -31,6 +31,7 @@ from blocksparse_jax.adaptive import (
     adaptive_softmax_top_k,
 )
 from blocksparse_jax.blocksparse import sparse_block_dot, sparse_block_gemv
+from blocksparse_jax.optim import embedding_lookup
 from blocksparse_jax.hsoftmax import (
     HSoftmaxLayout,
     HSoftmaxParams,
@@ -413,3 +414,48 @@ class AdaptiveSoftmaxMethods:
         """One exact sample per example, ``(batch,)`` int32 (from all log-probabilities, as :meth:`log_prob`)."""
         logp = adaptive_log_softmax(*self._prepared(x))
         return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Embedding
+
+
+def embed_init(key, n_rows, dim, dtype) -> jax.Array:
+    """``(n_rows, dim)`` drawn from ``N(0, 1 / dim)`` (the scale of Flax's ``nnx.Embed``)."""
+    n_rows, dim = positive_int("num_embeddings", n_rows), positive_int("features", dim)
+    table = jax.random.normal(key, (n_rows, dim), jnp.float32) * np.float32(dim**-0.5)
+    return table.astype(dtype)
+
+
+class EmbedMethods:
+    """The call of the ``Embed`` layers; a framework's class provides :meth:`_table`."""
+
+    dtype: object
+
+    def _table(self) -> jax.Array:
+        """The ``(num_embeddings, features)`` table."""
+        raise NotImplementedError
+
+    @property
+    def num_embeddings(self) -> int:
+        """Number of rows."""
+        return self._table().shape[0]
+
+    @property
+    def features(self) -> int:
+        """Width of a row."""
+        return self._table().shape[1]
+
+    @scoped
+    def __call__(self, ids: ArrayLike) -> jax.Array:
+        """The rows of ``ids`` (any integer shape): ``(*ids.shape, features)``.
+
+        The table is read by :func:`~blocksparse_jax.embedding_lookup` as it is
+        (the rows are cast to ``dtype`` afterwards), so that
+        :func:`~blocksparse_jax.value_and_sparse_grad` gives it a gradient of
+        the rows read only.  Under ``jit`` an id outside ``[0,
+        num_embeddings)`` (a ``-1`` padding id) reads zeros and trains nothing;
+        a concrete one raises ``IndexError``.
+        """
+        rows = embedding_lookup(self._table(), ids)
+        return rows if self.dtype is None else rows.astype(self.dtype)

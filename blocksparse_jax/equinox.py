@@ -37,7 +37,7 @@ from blocksparse_jax._layers import SoftmaxOutput
 from blocksparse_jax.adaptive import AdaptiveSoftmaxParams, adaptive_softmax_init
 from blocksparse_jax.hsoftmax import HSoftmaxLayout, HSoftmaxParams, h_softmax_init
 
-__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "HSoftmax", "SoftmaxOutput"]
+__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "Embed", "HSoftmax", "SoftmaxOutput"]
 
 
 class HSoftmax(_layers.HSoftmaxMethods, eqx.Module):
@@ -268,3 +268,48 @@ class BlockSparseLinear(_layers.BlockSparseLinearMethods, eqx.Module):
 
     def _weights(self) -> tuple[jax.Array, jax.Array | None]:
         return self.W, self.b
+
+
+class Embed(_layers.EmbedMethods, eqx.Module):
+    """An embedding table whose gradient, under sparse training, holds only the rows looked up.
+
+    ``eqx.nn.Embedding``'s lookup through :func:`~blocksparse_jax.embedding_lookup`,
+    taking ids of any shape (a batch, not only one id):
+    :func:`~blocksparse_jax.value_and_sparse_grad` returns ``weight``'s
+    gradient as a :class:`~blocksparse_jax.SparseBlockGrad` of the rows a step
+    read, and :func:`blocksparse_jax.optim.lazy` updates only those rows and
+    their optimizer state (PyTorch's ``nn.Embedding(sparse=True)`` with
+    ``SparseAdam``).  Under ``jax.grad`` the gradient is the usual dense one.
+
+    Args:
+      num_embeddings: number of rows.
+      features: width of a row.
+      dtype: the dtype of the rows returned, or ``None`` for ``param_dtype``.
+      param_dtype: the table's dtype.
+      key: the PRNG key the table is drawn from, ``N(0, 1 / features)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from blocksparse_jax.equinox import Embed
+      >>> layer = Embed(1000, 8, key=jax.random.key(0))
+      >>> layer(jnp.array([[3, 7], [999, 0]])).shape
+      (2, 2, 8)
+    """
+
+    weight: jax.Array
+    dtype: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        key: jax.Array,
+    ):
+        self.weight = _layers.embed_init(key, num_embeddings, features, param_dtype)
+        self.dtype = dtype
+
+    def _table(self) -> jax.Array:
+        return self.weight

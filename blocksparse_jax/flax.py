@@ -30,7 +30,14 @@ from blocksparse_jax._layers import SoftmaxOutput
 from blocksparse_jax.adaptive import AdaptiveSoftmaxParams, adaptive_softmax_init
 from blocksparse_jax.hsoftmax import HSoftmaxLayout, HSoftmaxParams, h_softmax_init
 
-__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "HSoftmax", "LayoutState", "SoftmaxOutput"]
+__all__ = [
+    "AdaptiveSoftmax",
+    "BlockSparseLinear",
+    "Embed",
+    "HSoftmax",
+    "LayoutState",
+    "SoftmaxOutput",
+]
 
 
 class LayoutState(nnx.Variable):
@@ -269,3 +276,50 @@ class BlockSparseLinear(_layers.BlockSparseLinearMethods, nnx.Module):
 
     def _weights(self) -> tuple[jax.Array, jax.Array | None]:
         return self.W[...], None if self.b is None else self.b[...]
+
+
+class Embed(_layers.EmbedMethods, nnx.Module):
+    """An embedding table whose gradient, under sparse training, holds only the rows looked up.
+
+    ``nnx.Embed``'s lookup through :func:`~blocksparse_jax.embedding_lookup`:
+    :func:`~blocksparse_jax.value_and_sparse_grad` returns ``embedding``'s
+    gradient as a :class:`~blocksparse_jax.SparseBlockGrad` of the rows a step
+    read, and :func:`blocksparse_jax.optim.lazy` updates only those rows and
+    their optimizer state (PyTorch's ``nn.Embedding(sparse=True)`` with
+    ``SparseAdam``).  Under ``jax.grad`` the gradient is the usual dense one.
+
+    Args:
+      num_embeddings: number of rows.
+      features: width of a row.
+      dtype: the dtype of the rows returned, or ``None`` for ``param_dtype``.
+      param_dtype: the table's dtype.
+      rngs: the ``nnx.Rngs`` the table is drawn from (``rngs.params()``), ``N(0, 1 / features)``.
+
+    Attributes:
+      embedding: ``(num_embeddings, features)`` (``nnx.Param``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from blocksparse_jax.flax import Embed
+      >>> layer = Embed(1000, 8, rngs=nnx.Rngs(0))
+      >>> layer(jnp.array([[3, 7], [999, 0]])).shape
+      (2, 2, 8)
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        table = _layers.embed_init(rngs.params(), num_embeddings, features, param_dtype)
+        self.embedding = nnx.Param(table)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    def _table(self) -> jax.Array:
+        return self.embedding[...]

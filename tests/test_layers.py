@@ -565,6 +565,24 @@ def test_block_sparse_linear_trains_sparsely(fw):
     assert sparse == {"W", "b"}, sparse
 
 
+def test_embed_equals_the_lookup_and_trains_sparsely(fw):
+    layer = fw.make("Embed", 50, 6)
+    table = layer._table()
+    assert table.shape == (50, 6) and layer.num_embeddings == 50 and layer.features == 6
+    np.testing.assert_allclose(float(jnp.std(table)), 6**-0.5, rtol=0.2)
+    ids = jnp.array([[3, 7], [3, 49]])
+    np.testing.assert_array_equal(layer(ids), bsj.embedding_lookup(table, ids))
+    # -1 padding under jit reads zeros; eagerly it is refused
+    padded = fw.jit(lambda m, i: m(i))(layer, jnp.array([-1, 4]))
+    np.testing.assert_array_equal(padded[0], 0.0)
+    with pytest.raises(IndexError, match="ids holds -1"):
+        layer(jnp.array([-1, 4]))
+    sparse = _check_sparse_step(fw, layer, lambda m: jnp.sum(jnp.tanh(m(ids)) ** 2))
+    assert sparse == {"embedding" if fw.name == "flax" else "weight"}, sparse
+    half = fw.make("Embed", 50, 6, dtype=jnp.bfloat16)
+    assert half(ids).dtype == jnp.bfloat16 and half._table().dtype == jnp.float32
+
+
 def test_documented_sparse_training_loop_runs_and_learns(fw):
     report = "[losses, list(predicted.shape), batch]"
     losses, predicted_shape, batch = run_block("layers.md", DOC_SCRIPTS[fw.name][1], report)
