@@ -31,7 +31,6 @@ from blocksparse_jax.adaptive import (
     adaptive_softmax_top_k,
 )
 from blocksparse_jax.blocksparse import sparse_block_dot, sparse_block_gemv
-from blocksparse_jax.optim import embedding_lookup
 from blocksparse_jax.hsoftmax import (
     HSoftmaxLayout,
     HSoftmaxParams,
@@ -41,6 +40,7 @@ from blocksparse_jax.hsoftmax import (
     h_softmax_top_k,
 )
 from blocksparse_jax.hsoftmax._params import default_n_classes
+from blocksparse_jax.optim import embedding_lookup
 
 
 class SoftmaxOutput(NamedTuple):
