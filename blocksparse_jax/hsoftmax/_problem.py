@@ -178,11 +178,23 @@ class Problem(NamedTuple):
         so its class's ``W2`` gets no gradient from it.  ``act_offset``: see
         :meth:`target_log_probs`.
         """
-        P = self.per_class
         act = _f.target_activations(x, self.W2, self.b2, W2_classes, self.acc)  # (batch, P)
-        # The sparse rules of W2 and b2 (value_and_sparse_grad; h_softmax_loss marks them).
-        act = sites.mark_use(act, self.W2, (x, W2_classes, use), ClassBlockRule())
-        act = sites.mark_use(act, self.b2, (W2_classes, use), ClassBiasRule())
+        act = self.mark_sparse_use(act, x, W2_classes, use)
+        return self.second_from_activations(act, t, use, act_offset)
+
+    def mark_sparse_use(self, act, x, classes, use) -> jax.Array:
+        """``act`` marked as the second-level activations of ``classes`` (``value_and_sparse_grad``).
+
+        The sparse rules of ``W2`` and ``b2``: each example's activations'
+        cotangent, with its ``x``, is its class's gradient (``h_softmax_loss``
+        marks the weights).
+        """
+        act = sites.mark_use(act, self.W2, (x, classes, use), ClassBlockRule())
+        return sites.mark_use(act, self.b2, (classes, use), ClassBiasRule())
+
+    def second_from_activations(self, act, t, use, act_offset=None) -> jax.Array:
+        """``(batch,)`` the targets' second-level log-probabilities from their classes' activations."""
+        P = self.per_class
         if act_offset is not None:
             act = act + act_offset
         act = jnp.where(use[:, None], act, jnp.zeros((), act.dtype))

@@ -30,8 +30,10 @@ from blocksparse_jax._sparse_sites import BlockLayout
 from blocksparse_jax.optim._blocks import SlotPairs, SparseBlockGrad, take_blocks
 
 # The vectorised path when the gathered blocks (gradient, parameter, state and
-# their new values) take at most this many bytes and at most 1/16 of the leaf.
+# their new values) take at most this many bytes and at most 1/16 of the leaf,
+# or at most _VECTOR_FLOOR bytes (a small weight: a loop would cost more than it saves).
 _VECTOR_BYTES = 32 << 20
+_VECTOR_FLOOR = 2 << 20
 # ... in up to this many chunks of at least _MIN_CHUNK slots.
 _CHUNKS = 4
 _MIN_CHUNK = 512
@@ -70,11 +72,12 @@ def choose_path(g: SparseBlockGrad, param, n_entries: int) -> tuple[str, int]:
     """``("vectorised", 0)``, ``("chunks", blocks per iteration)`` or ``("blocks", 1)``.
 
     The gathered blocks (gradient, parameter, state entries and their new
-    values) may take at most ``min(_VECTOR_BYTES, leaf bytes / 16)``.
+    values) may take at most ``min(_VECTOR_BYTES, leaf bytes / 16)``, or
+    ``_VECTOR_FLOOR``.
     """
     block_bytes = math.prod(g.block_shape) * max(4, param.dtype.itemsize)
     per_block = block_bytes * (3 + 2 * n_entries)
-    budget = min(_VECTOR_BYTES, param.size * param.dtype.itemsize // 16)
+    budget = max(min(_VECTOR_BYTES, param.size * param.dtype.itemsize // 16), _VECTOR_FLOOR)
     if g.capacity * per_block <= budget:
         return "vectorised", 0
     k = min(g.capacity, budget // per_block)

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from blocksparse_jax import _targets
+from blocksparse_jax import _sparse_sites as sites
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._scope import named
@@ -92,10 +93,13 @@ class _Shard(NamedTuple):
         class_log_probs = logits - self.class_lse(logits)[:, None]
         return self.prob.output_log_probs(class_log_probs, self.first_class())
 
-    def target_log_probs(self, t, mask=None) -> jax.Array:
-        """``(batch,)`` log-probabilities of the targets ``t``, summed over the shards.
+    def target_parts(self, t, mask=None) -> tuple[jax.Array, jax.Array]:
+        """``(act, first)``: the targets' second-level activations and first-level terms.
 
-        The shard that owns a target's class computes its term; for a class
+        ``act`` ``(batch, n_outputs_per_class)`` are the activations of each
+        target's class, computed by the shard that owns it and summed over the
+        shards; ``first`` ``(batch,)`` is the log-probability of the target's
+        class (the owner's logit, the log-sum-exp of every shard).  For a class
         another shard owns, class 0 stands in and its activations are replaced
         by zeros (selection), so this shard's ``W2`` gets no gradient from it,
         even where its class 0 holds a NaN.
@@ -106,15 +110,26 @@ class _Shard(NamedTuple):
         owned = (local >= 0) & (local < prob.W2.shape[0])
         local = jnp.where(owned, local, 0)
         mine = use & owned
-        second = prob.second_level(x, t, local, mine)
+        act = _f.target_activations(x, prob.W2, prob.b2, local, prob.acc)
+        act = lax.psum(jnp.where(mine[:, None], act, jnp.zeros((), act.dtype)), self.model_axis)
         logits = prob._replace(x=x).masked_class_logits()
-        term = _f.take_rows(logits, local) + second
-        term = lax.psum(jnp.where(mine, term, jnp.zeros((), term.dtype)), self.model_axis)
-        return _f.neg_inf_where_invalid(term - self.class_lse(logits), use)
+        owner = jnp.where(mine, _f.take_rows(logits, local), jnp.zeros((), logits.dtype))
+        first = lax.psum(owner, self.model_axis) - self.class_lse(logits)
+        return act, first
 
 
 def _hs_log_probs(
-    x, params, target, *, n_outputs, class_sizes, mesh, data_axis, model_axis, mask=None
+    x,
+    params,
+    target,
+    *,
+    n_outputs,
+    class_sizes,
+    mesh,
+    data_axis,
+    model_axis,
+    mask=None,
+    mark=False,
 ):
     """Log-probabilities ``(..., n_outputs)`` (``target is None``) or ``(...)``.
 
@@ -127,6 +142,8 @@ def _hs_log_probs(
     n_classes = _as_array("W1", params[0]).shape[-1]
     n_real = getattr(params, "n_real_classes", None)
     prob = _p.prepare(x, params, n_outputs, class_sizes, n_real_classes=n_real)
+    if mark:  # the loss reads W2 and b2 only in the targets' classes
+        prob = prob._replace(W2=sites.mark_weight(prob.W2), b2=sites.mark_weight(prob.b2))
     n_outputs = prob.n_outputs
     if prob.lead == ():
         raise ValueError(
@@ -168,14 +185,21 @@ def _hs_log_probs(
             out = place(mesh, out, P(d))[:, :n_outputs]
         return _p.unflatten(prob, out)
     t = _p.checked_target(prob, target, mask)  # concrete out-of-range or padded targets raise
+    flat_mask = None if mask is None else place(mesh, mask.reshape(-1), P(d))
     if mask is None:
-        body = lambda *a: shard(*a[:-1]).target_log_probs(a[-1])
-        out = shard_map(mesh, body, [*specs, P(d)], P(d), [*args, t])
+        body = lambda *a: shard(*a[:-1]).target_parts(a[-1])
+        act, first = shard_map(mesh, body, [*specs, P(d)], (P(d), P(d)), [*args, t])
     else:
-        body = lambda *a: shard(*a[:-2]).target_log_probs(a[-2], mask=a[-1])
-        flat_mask = place(mesh, mask.reshape(-1), P(d))
-        out = shard_map(mesh, body, [*specs, P(d), P(d)], P(d), [*args, t, flat_mask])
-    return _p.unflatten(prob, out)
+        body = lambda *a: shard(*a[:-2]).target_parts(a[-2], mask=a[-1])
+        act, first = shard_map(
+            mesh, body, [*specs, P(d), P(d)], (P(d), P(d)), [*args, t, flat_mask]
+        )
+    # The second level per example, on the global batch: the sparse rules of W2 and b2
+    # are the single-device ones, on global classes (value_and_sparse_grad).
+    t, use, x = prob.select_targets(t, flat_mask)
+    act = prob.mark_sparse_use(act, x, t // prob.per_class, use)
+    logp = _f.neg_inf_where_invalid(first + prob.second_from_activations(act, t, use), use)
+    return _p.unflatten(prob, logp)
 
 
 @named
@@ -307,6 +331,7 @@ def h_softmax_loss(
         data_axis=data_axis,
         model_axis=model_axis,
         mask=mask,
+        mark=True,
     )
     return _targets.reduce_nll(logp, mask, reduction)
 
