@@ -66,9 +66,14 @@ QUICK = {"V8192_b256_w128": (8_192, 256, 128, 3, 0.0)}
 TOP_K = 10
 # Gradients of the loss, then the exact top-10 (decoding at initialisation).
 CONTENDERS = (
-    "adaptive", "adaptive_all_rows", "full", "hsoftmax",
-    "adaptive_topk", "full_topk", "hsoftmax_topk",
-)  # fmt: skip
+    "adaptive",
+    "adaptive_all_rows",
+    "full",
+    "hsoftmax",
+    "adaptive_topk",
+    "full_topk",
+    "hsoftmax_topk",
+)
 
 
 def zipf_targets(vocab: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,8 +102,9 @@ def run_case(name, vocab, batch, width, n_clusters, shortlist_mass, *, warmup, r
     b = jnp.zeros((vocab,), jnp.float32)
     x = jax.random.normal(k_x, (batch, width), jnp.float32)
     target = jnp.asarray(target_np)
-    per_cluster = np.bincount(np.searchsorted(layout.cutoffs, target_np, side="right"),
-                              minlength=n_clusters + 1)  # fmt: skip
+    per_cluster = np.bincount(
+        np.searchsorted(layout.cutoffs, target_np, side="right"), minlength=n_clusters + 1
+    )
 
     def adaptive(params, x, target):
         return jax.grad(lambda p, x: adaptive_softmax_loss(x, p, target), argnums=(0, 1))(params, x)
@@ -144,12 +150,19 @@ def run_case(name, vocab, batch, width, n_clusters, shortlist_mass, *, warmup, r
         ),
     )
     row = dict(
-        case=name, vocab=vocab, batch=batch, width=width, dtype="float32",
-        shortlist_mass=shortlist_mass, cutoffs=list(layout.cutoffs), cluster_sizes=list(params.cluster_sizes),
+        case=name,
+        vocab=vocab,
+        batch=batch,
+        width=width,
+        dtype="float32",
+        shortlist_mass=shortlist_mass,
+        cutoffs=list(layout.cutoffs),
+        cluster_sizes=list(params.cluster_sizes),
         cluster_widths=[int(p.shape[1]) for p in params.tail_proj],
         targets_per_cluster=[int(c) for c in per_cluster],
-        hsoftmax_grid=list(hs_params.W2.shape[::2]), loss_at_init=losses,
-    )  # fmt: skip
+        hsoftmax_grid=list(hs_params.W2.shape[::2]),
+        loss_at_init=losses,
+    )
     runners = {}
     for label, (f, args) in contenders.items():
         jitted = jax.jit(f)

@@ -143,12 +143,17 @@ def run_case(name, vocab, batch, width, *, warmup, repeats):
     params, Wb, x, target = make_case(vocab, batch, width)
     n_classes, _, per_class = params.W2.shape
     row = dict(
-        case=name, vocab=vocab, batch=batch, width=width, dtype="float32",
-        n_classes=n_classes, n_outputs_per_class=per_class,
+        case=name,
+        vocab=vocab,
+        batch=batch,
+        width=width,
+        dtype="float32",
+        n_classes=n_classes,
+        n_outputs_per_class=per_class,
         # Sanity: the two losses are comparable (both ~log(vocab) at initialisation).
         hs_loss_at_init=float(h_softmax_loss(x, params, target, n_outputs=vocab)),
         full_loss_at_init=float(full_softmax_loss(*Wb, x, target)),
-    )  # fmt: skip
+    )
     runners = {}
     for label, c in contenders(vocab, params, Wb, x, target).items():
         stats = compile_stats(c.fn, *c.args, **c.kwargs)

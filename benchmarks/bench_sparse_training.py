@@ -369,9 +369,11 @@ def main(argv=None):
     p.add_argument("--sections", default="hsoftmax,layers,embedding")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument(
-        "--targets", default="uniform", choices=("uniform", "zipf"),
+        "--targets",
+        default="uniform",
+        choices=("uniform", "zipf"),
         help="h_softmax targets: uniform (most classes touched) or Zipf",
-    )  # fmt: skip
+    )
     p.add_argument("--out", default=os.path.join(HERE, "bench_sparse_training.json"))
     args = p.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -393,9 +395,15 @@ def main(argv=None):
         for vocab, batch in grid:
             big = vocab > 1_000_000  # W2 of 2 GiB: only the training-classes lazy step runs
             row = bench_hsoftmax(
-                vocab, batch, warmup=warmup, repeats=repeats, full=batch == 256 and not big,
-                dense=not big, default_lazy=not big, targets=args.targets,
-            )  # fmt: skip
+                vocab,
+                batch,
+                warmup=warmup,
+                repeats=repeats,
+                full=batch == 256 and not big,
+                dense=not big,
+                default_lazy=not big,
+                targets=args.targets,
+            )
             print(json.dumps(row), flush=True)
             results["hsoftmax"].append(row)
     if "layers" in sections:

@@ -94,9 +94,14 @@ class Regime:
     def make(cls, name, shape):
         batch, i_blocks, o_blocks, i_win, o_win, i_size, o_size = shape
         dims = dict(
-            batch=batch, i_blocks=i_blocks, o_blocks=o_blocks,
-            i_win=i_win, o_win=o_win, i_size=i_size, o_size=o_size,
-        )  # fmt: skip
+            batch=batch,
+            i_blocks=i_blocks,
+            o_blocks=o_blocks,
+            i_win=i_win,
+            o_win=o_win,
+            i_size=i_size,
+            o_size=o_size,
+        )
         return cls(
             name,
             tuple(shape),

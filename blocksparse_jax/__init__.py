@@ -1,4 +1,11 @@
-"""blocksparse_jax: block-sparse dot products and large-vocabulary softmaxes for JAX."""
+"""blocksparse_jax: block-sparse dot products and large-vocabulary softmaxes for JAX.
+
+The functional API is re-exported here.  The subpackages ``flax`` and
+``equinox`` (the layers, which need those frameworks) and ``parallel`` are
+imported on first use: ``import blocksparse_jax as bsj; bsj.flax.HSoftmax``.
+"""
+
+import importlib
 
 from blocksparse_jax import optim
 from blocksparse_jax.adaptive import (
@@ -87,3 +94,26 @@ __all__ = [
     "sparse_block_outer",
     "value_and_sparse_grad",
 ]
+
+_ON_FIRST_USE = {"flax": "flax", "equinox": "equinox", "parallel": None}
+
+
+def __getattr__(name: str):
+    """Imports the subpackages ``flax``, ``equinox`` and ``parallel`` when first used."""
+    if name not in _ON_FIRST_USE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    extra = _ON_FIRST_USE[name]
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if extra is None or e.name != extra:
+            raise
+        raise ModuleNotFoundError(
+            f"blocksparse_jax.{name} needs {extra}: install it with "
+            f'python3 -m pip install -e ".[{extra}]" from a checkout',
+            name=e.name,
+        ) from e
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_ON_FIRST_USE))

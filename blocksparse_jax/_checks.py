@@ -204,3 +204,16 @@ def normalize_index(idx: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     raw = jnp.where((raw >= 0) & (raw < n), jnp.int32(-1), raw)  # a wrapped value stays invalid
     valid = probe_gather(n, jnp.where(ok, safe, raw))
     return safe, valid
+
+
+def static_int(name: str, value, *, hint: str = "") -> int:
+    """``value`` as a Python int fixed at trace time; a traced value says how to mark it static."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a Python int, fixed at trace time; got a traced value "
+            f"({type(value).__name__}). Under jax.jit mark it static, e.g. "
+            f"jax.jit(f, static_argnames={name!r}){hint}"
+        )
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a Python int; got {type(value).__name__} {value!r}")
+    return int(value)

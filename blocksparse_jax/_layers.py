@@ -1,9 +1,16 @@
-"""What the Flax NNX and Equinox layers share: their computations on plain arrays.
+"""What the Flax NNX and Equinox layers share: their methods, checks and computations.
 
-:mod:`blocksparse_jax.flax` and :mod:`blocksparse_jax.equinox` hold the
-parameters and the non-trainable state in each framework's idiom and call the
-functions here, so both frameworks give the same values as the functional API.
-Nothing here imports Flax or Equinox.
+Each layer is a mixin here (``HSoftmaxMethods``, ``AdaptiveSoftmaxMethods``,
+``BlockSparseLinearMethods``) holding the layer's methods and their
+docstrings, written once on plain arrays.  :mod:`blocksparse_jax.flax` and
+:mod:`blocksparse_jax.equinox` subclass each mixin with the framework's module
+class, create the weights in ``__init__`` (in the framework's idiom: an
+``nnx.Param`` or an array field) and give the mixin the arrays through one
+accessor (``_state()`` or ``params``), so both frameworks give the values of
+the functional API.  Nothing here imports Flax or Equinox.
+
+A new layer is a mixin here, one class of a few lines in each framework's
+module, and a row in the layer tests' table of layers.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from blocksparse_jax import _checks
 from blocksparse_jax.adaptive import (
+    AdaptiveSoftmaxParams,
     adaptive_log_softmax,
     adaptive_softmax_predict,
     adaptive_softmax_top_k,
@@ -31,6 +40,7 @@ from blocksparse_jax.hsoftmax import (
     h_softmax_top_k,
 )
 from blocksparse_jax.hsoftmax._params import default_n_classes
+from blocksparse_jax.optim import embedding_lookup
 
 
 class SoftmaxOutput(NamedTuple):
@@ -80,10 +90,11 @@ def cast(dtype, *arrays):
         return arrays
     dtype = jnp.dtype(dtype)
     return tuple(
-        a if a is None or (isinstance(a, jax.Array) and a.dtype == dtype)
+        a
+        if a is None or (isinstance(a, jax.Array) and a.dtype == dtype)
         else jnp.asarray(a).astype(dtype)
         for a in arrays
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -169,7 +180,9 @@ class HSoftmaxState(NamedTuple):
         """Word ids of output ids; ``-1`` (no output) stays ``-1``."""
         if self.output_to_word is None:
             return ids
-        return self.output_to_word.at[ids].get(mode="fill", fill_value=-1, wrap_negative_indices=False)
+        return self.output_to_word.at[ids].get(
+            mode="fill", fill_value=-1, wrap_negative_indices=False
+        )
 
     def check_k(self, k) -> int:
         """``k`` as an int in ``[1, n_outputs]`` (the words of a layout): never more than there are."""
@@ -185,43 +198,96 @@ class HSoftmaxState(NamedTuple):
         return {"n_outputs": self.config.n_grid, "class_sizes": self.class_sizes}
 
 
-def hsoftmax_call(s: HSoftmaxState, x, target) -> SoftmaxOutput:
-    """The targets' log-probabilities and their negative mean."""
-    x, params = s.prepared(x)
-    if s.word_to_output is not None:
-        target = _checks.as_index_array("target", target)
-        _checks.check_int("target", target)
-        _checks.check_index_values("target", target, s.config.n_outputs, "n_words", from_end=False)
-        # Under jit an out-of-range word (a negative padding id included) becomes
-        # output -1: log-probability -inf, and no gradient.
-        target = s.word_to_output.at[target].get(
-            mode="fill", fill_value=-1, wrap_negative_indices=False
-        )
-    # h_softmax_loss (not h_log_softmax with a target: the same values) is the op
-    # value_and_sparse_grad follows, so W2 and b2 can get a SparseBlockGrad.
-    nll = h_softmax_loss(x, params, target, reduction="none", **s.kwargs())
-    return SoftmaxOutput(-nll, jnp.mean(nll))
+class HSoftmaxMethods:
+    """The methods of the ``HSoftmax`` layers; a framework's class provides :meth:`_state`."""
 
+    config: HSoftmaxConfig
 
-def hsoftmax_log_prob(s: HSoftmaxState, x) -> jax.Array:
-    """``(batch, n_outputs)`` log-probabilities, in word order with a layout."""
-    x, params = s.prepared(x)
-    logp = h_log_softmax(x, params, **s.kwargs())
-    return logp if s.word_to_output is None else logp[..., s.word_to_output]
+    def _state(self) -> HSoftmaxState:
+        raise NotImplementedError
 
+    @property
+    def params(self) -> HSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.HSoftmaxParams`, for the functional API."""
+        return self._state().params
 
-def hsoftmax_top_k(s: HSoftmaxState, x, k: int) -> tuple[jax.Array, jax.Array]:
-    """The exact ``k`` best outputs (words with a layout) and their log-probabilities."""
-    k = s.check_k(k)
-    x, params = s.prepared(x)
-    logp, ids = h_softmax_top_k(x, params, k, **s.kwargs())
-    return logp, s.to_words(ids)
+    @property
+    def n_in(self) -> int:
+        """Input width."""
+        return self.config.n_in
 
+    @property
+    def n_outputs(self) -> int:
+        """Number of outputs (the layout's words)."""
+        return self.config.n_outputs
 
-def hsoftmax_sample(s: HSoftmaxState, x, key) -> jax.Array:
-    """One exact sample per example (a word with a layout)."""
-    x, params = s.prepared(x)
-    return s.to_words(h_softmax_sample(key, x, params, **s.kwargs()))
+    @property
+    def n_classes(self) -> int:
+        """Number of classes."""
+        return self.config.n_classes
+
+    @scoped
+    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
+        """The targets' log-probabilities and the loss.
+
+        Args:
+          x: ``(batch, n_in)`` inputs.
+          target: ``(batch,)`` integer targets (word ids with a layout).
+
+        Returns:
+          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
+          log-probability of each target, ``loss`` its negative mean.
+
+        Raises:
+          IndexError: a concrete target outside ``[0, n_outputs)``; under
+            ``jit`` such a target gets log-probability ``-inf``.
+        """
+        s = self._state()
+        x, params = s.prepared(x)
+        if s.word_to_output is not None:
+            target = _checks.as_index_array("target", target)
+            _checks.check_int("target", target)
+            _checks.check_index_values(
+                "target", target, s.config.n_outputs, "n_words", from_end=False
+            )
+            # Under jit an out-of-range word (a negative padding id included) becomes
+            # output -1: log-probability -inf, and no gradient.
+            target = s.word_to_output.at[target].get(
+                mode="fill", fill_value=-1, wrap_negative_indices=False
+            )
+        # h_softmax_loss (not h_log_softmax with a target: the same values) is the op
+        # value_and_sparse_grad follows, so W2 and b2 can get a SparseBlockGrad.
+        nll = h_softmax_loss(x, params, target, reduction="none", **s.kwargs())
+        return SoftmaxOutput(-nll, jnp.mean(nll))
+
+    @scoped
+    def log_prob(self, x: ArrayLike) -> jax.Array:
+        """Log-probabilities of all outputs, ``(batch, n_outputs)`` (in word order with a layout)."""
+        s = self._state()
+        x, params = s.prepared(x)
+        logp = h_log_softmax(x, params, **s.kwargs())
+        return logp if s.word_to_output is None else logp[..., s.word_to_output]
+
+    @scoped
+    def predict(self, x: ArrayLike) -> jax.Array:
+        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
+        return self.top_k(x, 1)[1][..., 0]
+
+    @scoped
+    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
+        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
+        s = self._state()
+        k = s.check_k(k)
+        x, params = s.prepared(x)
+        logp, ids = h_softmax_top_k(x, params, k, **s.kwargs())
+        return logp, s.to_words(ids)
+
+    @scoped
+    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
+        """One exact sample per example from the layer's distribution, ``(batch,)`` int32."""
+        s = self._state()
+        x, params = s.prepared(x)
+        return s.to_words(h_softmax_sample(key, x, params, **s.kwargs()))
 
 
 # ---------------------------------------------------------------------------
@@ -246,49 +312,150 @@ def block_sparse_init(key, sizes, dtype) -> jax.Array:
     return (w / np.sqrt(i_size).astype(np.float32)).astype(dtype)
 
 
-def block_sparse_linear(W, b, h, input_idx, output_idx, dtype) -> jax.Array:
-    """``sparse_block_dot`` with bias ``b``, or ``sparse_block_gemv`` from zeros without one."""
-    W, b, h = cast(dtype, W, b, h)
-    if b is not None:
-        return sparse_block_dot(W, h, input_idx, b, output_idx)
-    o = jnp.zeros((*jnp.shape(output_idx), W.shape[3]), W.dtype)
-    return sparse_block_gemv(o, W, h, input_idx, output_idx)
+class BlockSparseLinearMethods:
+    """The call of the ``BlockSparseLinear`` layers; a framework's class provides :meth:`_weights`."""
+
+    dtype: object
+
+    def _weights(self) -> tuple[jax.Array, jax.Array | None]:
+        """``(W, b)``, ``b`` ``None`` without a bias."""
+        raise NotImplementedError
+
+    @scoped
+    def __call__(self, h: ArrayLike, input_idx: ArrayLike, output_idx: ArrayLike) -> jax.Array:
+        """The selected output blocks.
+
+        Args:
+          h: ``(batch, i_win, i_size)`` input blocks (or ``(i_win, i_size)``).
+          input_idx: ``(batch, i_win)`` integer indices of the input blocks.
+          output_idx: ``(batch, o_win)`` integer indices of the output blocks.
+
+        Returns:
+          ``(batch, o_win, o_size)``.
+        """
+        W, b, h = cast(self.dtype, *self._weights(), h)
+        if b is not None:
+            return sparse_block_dot(W, h, input_idx, b, output_idx)
+        o = jnp.zeros((*jnp.shape(output_idx), W.shape[3]), W.dtype)
+        return sparse_block_gemv(o, W, h, input_idx, output_idx)
 
 
 # ---------------------------------------------------------------------------
 # Adaptive softmax
 
 
-def adaptive_prepared(params, x, dtype):
-    """``x`` and the parameters cast to the computation dtype."""
-    if dtype is None:
-        return x, params
-    return jnp.asarray(x).astype(dtype), jax.tree.map(lambda a: a.astype(dtype), params)
+class AdaptiveSoftmaxMethods:
+    """The methods of the ``AdaptiveSoftmax`` layers; a framework's class provides :attr:`params`."""
+
+    dtype: object
+
+    @property
+    def params(self) -> AdaptiveSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.AdaptiveSoftmaxParams`, for the functional API."""
+        raise NotImplementedError
+
+    @property
+    def n_in(self) -> int:
+        """Input width."""
+        return self.params.n_in
+
+    @property
+    def n_outputs(self) -> int:
+        """Number of outputs."""
+        return self.params.n_outputs
+
+    @property
+    def cutoffs(self) -> tuple[int, ...]:
+        """The cutoffs: the shortlist size, then the first output of each further cluster."""
+        return self.params.cutoffs
+
+    def _prepared(self, x):
+        """``x`` and the parameters cast to the computation dtype."""
+        params = self.params
+        if self.dtype is None:
+            return x, params
+        return jnp.asarray(x).astype(self.dtype), jax.tree.map(
+            lambda a: a.astype(self.dtype), params
+        )
+
+    @scoped
+    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
+        """The targets' log-probabilities and the loss.
+
+        Args:
+          x: ``(batch, n_in)`` inputs.
+          target: ``(batch,)`` integer targets in ``[0, n_outputs)``.
+
+        Returns:
+          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
+          log-probability of each target, ``loss`` its negative mean.
+        """
+        x, params = self._prepared(x)
+        output = adaptive_log_softmax(x, params, target)
+        return SoftmaxOutput(output, -jnp.mean(output))
+
+    @scoped
+    def log_prob(self, x: ArrayLike) -> jax.Array:
+        """Log-probabilities of all outputs, ``(batch, n_outputs)``."""
+        return adaptive_log_softmax(*self._prepared(x))
+
+    @scoped
+    def predict(self, x: ArrayLike) -> jax.Array:
+        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
+        return adaptive_softmax_predict(*self._prepared(x))
+
+    @scoped
+    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
+        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
+        return adaptive_softmax_top_k(*self._prepared(x), k)
+
+    @scoped
+    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
+        """One exact sample per example, ``(batch,)`` int32 (from all log-probabilities, as :meth:`log_prob`)."""
+        logp = adaptive_log_softmax(*self._prepared(x))
+        return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
 
 
-def adaptive_call(params, x, target, dtype) -> SoftmaxOutput:
-    """The targets' log-probabilities and their negative mean."""
-    x, params = adaptive_prepared(params, x, dtype)
-    output = adaptive_log_softmax(x, params, target)
-    return SoftmaxOutput(output, -jnp.mean(output))
+# ---------------------------------------------------------------------------
+# Embedding
 
 
-def adaptive_log_prob(params, x, dtype) -> jax.Array:
-    x, params = adaptive_prepared(params, x, dtype)
-    return adaptive_log_softmax(x, params)
+def embed_init(key, n_rows, dim, dtype) -> jax.Array:
+    """``(n_rows, dim)`` drawn from ``N(0, 1 / dim)`` (the scale of Flax's ``nnx.Embed``)."""
+    n_rows, dim = positive_int("num_embeddings", n_rows), positive_int("features", dim)
+    table = jax.random.normal(key, (n_rows, dim), jnp.float32) * np.float32(dim**-0.5)
+    return table.astype(dtype)
 
 
-def adaptive_top_k(params, x, k, dtype) -> tuple[jax.Array, jax.Array]:
-    x, params = adaptive_prepared(params, x, dtype)
-    return adaptive_softmax_top_k(x, params, k)
+class EmbedMethods:
+    """The call of the ``Embed`` layers; a framework's class provides :meth:`_table`."""
 
+    dtype: object
 
-def adaptive_predict(params, x, dtype) -> jax.Array:
-    x, params = adaptive_prepared(params, x, dtype)
-    return adaptive_softmax_predict(x, params)
+    def _table(self) -> jax.Array:
+        """The ``(num_embeddings, features)`` table."""
+        raise NotImplementedError
 
+    @property
+    def num_embeddings(self) -> int:
+        """Number of rows."""
+        return self._table().shape[0]
 
-def adaptive_sample(params, x, key, dtype) -> jax.Array:
-    """One exact sample per example, drawn from all ``n_outputs`` log-probabilities."""
-    x, params = adaptive_prepared(params, x, dtype)
-    return jax.random.categorical(key, adaptive_log_softmax(x, params), axis=-1).astype(jnp.int32)
+    @property
+    def features(self) -> int:
+        """Width of a row."""
+        return self._table().shape[1]
+
+    @scoped
+    def __call__(self, ids: ArrayLike) -> jax.Array:
+        """The rows of ``ids`` (any integer shape): ``(*ids.shape, features)``.
+
+        The table is read by :func:`~blocksparse_jax.embedding_lookup` as it is
+        (the rows are cast to ``dtype`` afterwards), so that
+        :func:`~blocksparse_jax.value_and_sparse_grad` gives it a gradient of
+        the rows read only.  Under ``jit`` an id outside ``[0,
+        num_embeddings)`` (a ``-1`` padding id) reads zeros and trains nothing;
+        a concrete one raises ``IndexError``.
+        """
+        rows = embedding_lookup(self._table(), ids)
+        return rows if self.dtype is None else rows.astype(self.dtype)

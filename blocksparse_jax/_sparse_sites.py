@@ -34,32 +34,83 @@ from jax.interpreters import ad, batching, mlir
 
 
 class BlockLayout(NamedTuple):
-    """How a weight splits into blocks: ``weight.reshape(view)``, blocks along ``axis``.
+    """How a weight splits into blocks: ``weight.reshape(view)``, blocks indexed by ``n_axes`` axes.
 
-    ``view`` has the weight's size; block ``k`` is ``weight.reshape(view)``
-    indexed by ``k`` along ``axis`` (``W (i_blocks, o_blocks, i_size, o_size)``
-    of the block-sparse ops: ``view = (i_blocks * o_blocks, i_size, o_size)``,
-    ``axis = 0``; an embedding table ``(n_rows, dim)``: itself, ``axis = 0``).
+    ``view`` has the weight's size; the axes ``axis .. axis + n_axes - 1`` of
+    ``view`` index the blocks (block ``k`` is the ``k``-th in row-major order
+    over them), the others make a block.  ``W (i_blocks, o_blocks, i_size,
+    o_size)`` of the block-sparse ops: ``view = W.shape``, ``n_axes = 2``
+    (``k = i * o_blocks + o``); an embedding table ``(n_rows, dim)``: one
+    block per row.  The block axes are indexed as they are (no reshape merges
+    them), so a weight sharded along one of them stays sharded.
     """
 
     shape: tuple[int, ...]  # the weight's shape
     view: tuple[int, ...]
     axis: int = 0
+    n_axes: int = 1
 
     @property
     def n_blocks(self) -> int:
-        return self.view[self.axis]
+        return math.prod(self.view[self.axis : self.axis + self.n_axes])
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        return self.view[: self.axis] + self.view[self.axis + 1 :]
+        return self.view[: self.axis] + self.view[self.axis + self.n_axes :]
 
     @classmethod
     def leading(cls, shape, block_ndim: int) -> BlockLayout:
         """Blocks indexed by the leading axes, each the trailing ``block_ndim`` axes."""
         shape = tuple(int(d) for d in shape)
-        lead = shape[: len(shape) - block_ndim]
-        return cls(shape, (math.prod(lead), *shape[len(shape) - block_ndim :]), 0)
+        return cls(shape, shape, 0, len(shape) - block_ndim)
+
+    def _where(self, idx):
+        """The index of ``view`` that selects blocks ``idx`` (one past the end: none)."""
+        if self.n_axes == 1:
+            parts = (idx,)
+        else:
+            dims = self.view[self.axis : self.axis + self.n_axes]
+            parts, rest = [], idx
+            for d in reversed(dims[1:]):
+                parts.append(rest % d)
+                rest = rest // d
+            parts = (rest, *reversed(parts))  # rest >= dims[0] for an index past the end
+        return (slice(None),) * self.axis + tuple(parts)
+
+    def take(self, view, idx) -> jax.Array:
+        """``(len(idx), *block_shape)``: blocks ``idx`` of ``view`` (zeros for one out of range).
+
+        From a weight sharded over an ``Explicit`` mesh the blocks come back
+        replicated (each device gathers those it holds; XLA sums them).
+        """
+        kw = {"out_sharding": _replicated(view)} if _explicitly_sharded(view) else {}
+        blocks = view.at[self._where(idx)].get(mode="fill", fill_value=0, **kw)
+        return jnp.moveaxis(blocks, self.axis, 0)
+
+    def put(self, view, idx, blocks, *, add: bool = False, **kwargs) -> jax.Array:
+        """``view`` with blocks ``idx`` set to (``add``: increased by) ``blocks``; out of range dropped.
+
+        A sharded weight stays sharded: each device writes the blocks it holds.
+        """
+        if _explicitly_sharded(view):
+            kwargs["out_sharding"] = jax.typeof(view).sharding
+        blocks = jnp.moveaxis(blocks.astype(view.dtype), 0, self.axis)
+        ref = view.at[self._where(idx)]
+        return (
+            ref.add(blocks, mode="drop", **kwargs)
+            if add
+            else ref.set(blocks, mode="drop", **kwargs)
+        )
+
+
+def _explicitly_sharded(x) -> bool:
+    """Is ``x``'s type sharded over some axis of an ``Explicit`` mesh?"""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+    return any(s is not None for s in spec)
+
+
+def _replicated(x):
+    return jax.sharding.NamedSharding(jax.typeof(x).sharding.mesh, jax.sharding.PartitionSpec())
 
 
 class BlockPairs(NamedTuple):

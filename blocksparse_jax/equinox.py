@@ -30,17 +30,17 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import DTypeLike
 
 from blocksparse_jax import _layers
 from blocksparse_jax._layers import SoftmaxOutput
 from blocksparse_jax.adaptive import AdaptiveSoftmaxParams, adaptive_softmax_init
 from blocksparse_jax.hsoftmax import HSoftmaxLayout, HSoftmaxParams, h_softmax_init
 
-__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "HSoftmax", "SoftmaxOutput"]
+__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "Embed", "HSoftmax", "SoftmaxOutput"]
 
 
-class HSoftmax(eqx.Module):
+class HSoftmax(_layers.HSoftmaxMethods, eqx.Module):
     """A two-level hierarchical softmax layer with its loss, decoding and sampling.
 
     Given ``layout`` (an :class:`~blocksparse_jax.HSoftmaxLayout` from
@@ -119,29 +119,9 @@ class HSoftmax(eqx.Module):
         self.config = config
         self.dtype = dtype
 
-    @property
-    def n_in(self) -> int:
-        """Input width."""
-        return self.config.n_in
-
-    @property
-    def n_outputs(self) -> int:
-        """Number of outputs (the layout's words)."""
-        return self.config.n_outputs
-
-    @property
-    def n_classes(self) -> int:
-        """Number of classes."""
-        return self.config.n_classes
-
-    @property
-    def params(self) -> HSoftmaxParams:
-        """The weights as :class:`~blocksparse_jax.HSoftmaxParams`, for the functional API."""
-        return HSoftmaxParams(self.W1, self.b1, self.W2, self.b2)
-
     def _state(self) -> _layers.HSoftmaxState:
         return _layers.HSoftmaxState(
-            self.params,
+            HSoftmaxParams(self.W1, self.b1, self.W2, self.b2),
             self.config,
             self.word_to_output,
             self.output_to_word,
@@ -149,46 +129,8 @@ class HSoftmax(eqx.Module):
             self.dtype,
         )
 
-    @_layers.scoped
-    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
-        """The targets' log-probabilities and the loss.
 
-        Args:
-          x: ``(batch, n_in)`` inputs.
-          target: ``(batch,)`` integer targets (word ids with a layout).
-
-        Returns:
-          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
-          log-probability of each target, ``loss`` its negative mean.
-
-        Raises:
-          IndexError: a concrete target outside ``[0, n_outputs)``; under
-            ``jit`` such a target gets log-probability ``-inf``.
-        """
-        return _layers.hsoftmax_call(self._state(), x, target)
-
-    @_layers.scoped
-    def log_prob(self, x: ArrayLike) -> jax.Array:
-        """Log-probabilities of all outputs, ``(batch, n_outputs)`` (in word order with a layout)."""
-        return _layers.hsoftmax_log_prob(self._state(), x)
-
-    @_layers.scoped
-    def predict(self, x: ArrayLike) -> jax.Array:
-        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
-        return _layers.hsoftmax_top_k(self._state(), x, 1)[1][..., 0]
-
-    @_layers.scoped
-    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
-        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
-        return _layers.hsoftmax_top_k(self._state(), x, k)
-
-    @_layers.scoped
-    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
-        """One exact sample per example from the layer's distribution, ``(batch,)`` int32."""
-        return _layers.hsoftmax_sample(self._state(), x, key)
-
-
-class AdaptiveSoftmax(eqx.Module):
+class AdaptiveSoftmax(_layers.AdaptiveSoftmaxMethods, eqx.Module):
     """The adaptive softmax (PyTorch's ``AdaptiveLogSoftmaxWithLoss``) as a layer.
 
     A head over the ``cutoffs[0]`` most frequent outputs plus one entry per
@@ -247,9 +189,14 @@ class AdaptiveSoftmax(eqx.Module):
         key: jax.Array,
     ):
         params = adaptive_softmax_init(
-            key, n_in, n_outputs, cutoffs, div_value=div_value, head_bias=head_bias,
+            key,
+            n_in,
+            n_outputs,
+            cutoffs,
+            div_value=div_value,
+            head_bias=head_bias,
             dtype=param_dtype,
-        )  # fmt: skip
+        )
         self.head_W, self.head_b, self.tail_proj, self.tail_out = params
         self.dtype = dtype
 
@@ -258,60 +205,18 @@ class AdaptiveSoftmax(eqx.Module):
         """The weights as :class:`~blocksparse_jax.AdaptiveSoftmaxParams`, for the functional API."""
         return AdaptiveSoftmaxParams(self.head_W, self.head_b, self.tail_proj, self.tail_out)
 
-    @property
-    def n_outputs(self) -> int:
-        """Number of outputs."""
-        return self.params.n_outputs
 
-    @property
-    def cutoffs(self) -> tuple[int, ...]:
-        """The cutoffs."""
-        return self.params.cutoffs
-
-    @_layers.scoped
-    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
-        """The targets' log-probabilities and the loss.
-
-        Args:
-          x: ``(batch, n_in)`` inputs.
-          target: ``(batch,)`` integer targets in ``[0, n_outputs)``.
-
-        Returns:
-          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
-          log-probability of each target, ``loss`` its negative mean.
-        """
-        return _layers.adaptive_call(self.params, x, target, self.dtype)
-
-    @_layers.scoped
-    def log_prob(self, x: ArrayLike) -> jax.Array:
-        """Log-probabilities of all outputs, ``(batch, n_outputs)``."""
-        return _layers.adaptive_log_prob(self.params, x, self.dtype)
-
-    @_layers.scoped
-    def predict(self, x: ArrayLike) -> jax.Array:
-        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
-        return _layers.adaptive_predict(self.params, x, self.dtype)
-
-    @_layers.scoped
-    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
-        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
-        return _layers.adaptive_top_k(self.params, x, k, self.dtype)
-
-    @_layers.scoped
-    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
-        """One exact sample per example, ``(batch,)`` int32 (from all log-probabilities, as :meth:`log_prob`)."""
-        return _layers.adaptive_sample(self.params, x, key, self.dtype)
-
-
-class BlockSparseLinear(eqx.Module):
+class BlockSparseLinear(_layers.BlockSparseLinearMethods, eqx.Module):
     """A block-sparse linear layer: :func:`~blocksparse_jax.sparse_block_dot` with its own weights.
 
     ``W`` ``(i_blocks, o_blocks, i_size, o_size)`` is drawn from ``N(0, 1 /
     i_size)`` (the scale of a dense layer over one input block), ``b``
     ``(o_blocks, o_size)`` is zero.  Each call selects, per example, the input
-    blocks ``input_idx`` and the output blocks ``output_idx``::
+    blocks ``input_idx`` and the output blocks ``output_idx``:
 
-        out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+    ```
+    out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+    ```
 
     Args:
       i_blocks: number of input blocks.
@@ -361,16 +266,50 @@ class BlockSparseLinear(eqx.Module):
         self.use_bias = bool(use_bias)
         self.dtype = dtype
 
-    @_layers.scoped
-    def __call__(self, h: ArrayLike, input_idx: ArrayLike, output_idx: ArrayLike) -> jax.Array:
-        """The selected output blocks.
+    def _weights(self) -> tuple[jax.Array, jax.Array | None]:
+        return self.W, self.b
 
-        Args:
-          h: ``(batch, i_win, i_size)`` input blocks (or ``(i_win, i_size)``).
-          input_idx: ``(batch, i_win)`` integer indices of the input blocks.
-          output_idx: ``(batch, o_win)`` integer indices of the output blocks.
 
-        Returns:
-          ``(batch, o_win, o_size)``.
-        """
-        return _layers.block_sparse_linear(self.W, self.b, h, input_idx, output_idx, self.dtype)
+class Embed(_layers.EmbedMethods, eqx.Module):
+    """An embedding table whose gradient, under sparse training, holds only the rows looked up.
+
+    ``eqx.nn.Embedding``'s lookup through :func:`~blocksparse_jax.embedding_lookup`,
+    taking ids of any shape (a batch, not only one id):
+    :func:`~blocksparse_jax.value_and_sparse_grad` returns ``weight``'s
+    gradient as a :class:`~blocksparse_jax.SparseBlockGrad` of the rows a step
+    read, and :func:`blocksparse_jax.optim.lazy` updates only those rows and
+    their optimizer state (PyTorch's ``nn.Embedding(sparse=True)`` with
+    ``SparseAdam``).  Under ``jax.grad`` the gradient is the usual dense one.
+
+    Args:
+      num_embeddings: number of rows.
+      features: width of a row.
+      dtype: the dtype of the rows returned, or ``None`` for ``param_dtype``.
+      param_dtype: the table's dtype.
+      key: the PRNG key the table is drawn from, ``N(0, 1 / features)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from blocksparse_jax.equinox import Embed
+      >>> layer = Embed(1000, 8, key=jax.random.key(0))
+      >>> layer(jnp.array([[3, 7], [999, 0]])).shape
+      (2, 2, 8)
+    """
+
+    weight: jax.Array
+    dtype: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        key: jax.Array,
+    ):
+        self.weight = _layers.embed_init(key, num_embeddings, features, param_dtype)
+        self.dtype = dtype
+
+    def _table(self) -> jax.Array:
+        return self.weight

@@ -23,14 +23,21 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import DTypeLike
 
 from blocksparse_jax import _layers
 from blocksparse_jax._layers import SoftmaxOutput
 from blocksparse_jax.adaptive import AdaptiveSoftmaxParams, adaptive_softmax_init
 from blocksparse_jax.hsoftmax import HSoftmaxLayout, HSoftmaxParams, h_softmax_init
 
-__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "HSoftmax", "LayoutState", "SoftmaxOutput"]
+__all__ = [
+    "AdaptiveSoftmax",
+    "BlockSparseLinear",
+    "Embed",
+    "HSoftmax",
+    "LayoutState",
+    "SoftmaxOutput",
+]
 
 
 class LayoutState(nnx.Variable):
@@ -42,7 +49,7 @@ class LayoutState(nnx.Variable):
     """
 
 
-class HSoftmax(nnx.Module):
+class HSoftmax(_layers.HSoftmaxMethods, nnx.Module):
     """A two-level hierarchical softmax layer with its loss, decoding and sampling.
 
     Given ``layout`` (an :class:`~blocksparse_jax.HSoftmaxLayout` from
@@ -112,9 +119,6 @@ class HSoftmax(nnx.Module):
         self.output_to_word = nnx.data(None) if o2w is None else LayoutState(o2w)
         self.class_sizes = nnx.data(None) if sizes is None else LayoutState(sizes)
         self.config = config
-        self.n_in = config.n_in
-        self.n_outputs = config.n_outputs
-        self.n_classes = config.n_classes
         self.dtype = dtype
         self.param_dtype = param_dtype
 
@@ -132,51 +136,8 @@ class HSoftmax(nnx.Module):
             self.dtype,
         )
 
-    @property
-    def params(self) -> HSoftmaxParams:
-        """The weights as :class:`~blocksparse_jax.HSoftmaxParams`, for the functional API."""
-        return self._state().params
 
-    @_layers.scoped
-    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
-        """The targets' log-probabilities and the loss.
-
-        Args:
-          x: ``(batch, n_in)`` inputs.
-          target: ``(batch,)`` integer targets (word ids with a layout).
-
-        Returns:
-          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
-          log-probability of each target, ``loss`` its negative mean.
-
-        Raises:
-          IndexError: a concrete target outside ``[0, n_outputs)``; under
-            ``jit`` such a target gets log-probability ``-inf``.
-        """
-        return _layers.hsoftmax_call(self._state(), x, target)
-
-    @_layers.scoped
-    def log_prob(self, x: ArrayLike) -> jax.Array:
-        """Log-probabilities of all outputs, ``(batch, n_outputs)`` (in word order with a layout)."""
-        return _layers.hsoftmax_log_prob(self._state(), x)
-
-    @_layers.scoped
-    def predict(self, x: ArrayLike) -> jax.Array:
-        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
-        return _layers.hsoftmax_top_k(self._state(), x, 1)[1][..., 0]
-
-    @_layers.scoped
-    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
-        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
-        return _layers.hsoftmax_top_k(self._state(), x, k)
-
-    @_layers.scoped
-    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
-        """One exact sample per example from the layer's distribution, ``(batch,)`` int32."""
-        return _layers.hsoftmax_sample(self._state(), x, key)
-
-
-class AdaptiveSoftmax(nnx.Module):
+class AdaptiveSoftmax(_layers.AdaptiveSoftmaxMethods, nnx.Module):
     """The adaptive softmax (PyTorch's ``AdaptiveLogSoftmaxWithLoss``) as a layer.
 
     A head over the ``cutoffs[0]`` most frequent outputs plus one entry per
@@ -242,9 +203,6 @@ class AdaptiveSoftmax(nnx.Module):
         self.head_b = nnx.data(None) if params.head_b is None else nnx.Param(params.head_b)
         self.tail_proj = nnx.List([nnx.Param(w) for w in params.tail_proj])
         self.tail_out = nnx.List([nnx.Param(w) for w in params.tail_out])
-        self.n_in = params.n_in
-        self.n_outputs = params.n_outputs
-        self.cutoffs = params.cutoffs
         self.div_value = div_value
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -259,50 +217,18 @@ class AdaptiveSoftmax(nnx.Module):
             tuple(w[...] for w in self.tail_out),
         )
 
-    @_layers.scoped
-    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
-        """The targets' log-probabilities and the loss.
 
-        Args:
-          x: ``(batch, n_in)`` inputs.
-          target: ``(batch,)`` integer targets in ``[0, n_outputs)``.
-
-        Returns:
-          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
-          log-probability of each target, ``loss`` its negative mean.
-        """
-        return _layers.adaptive_call(self.params, x, target, self.dtype)
-
-    @_layers.scoped
-    def log_prob(self, x: ArrayLike) -> jax.Array:
-        """Log-probabilities of all outputs, ``(batch, n_outputs)``."""
-        return _layers.adaptive_log_prob(self.params, x, self.dtype)
-
-    @_layers.scoped
-    def predict(self, x: ArrayLike) -> jax.Array:
-        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
-        return _layers.adaptive_predict(self.params, x, self.dtype)
-
-    @_layers.scoped
-    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
-        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted."""
-        return _layers.adaptive_top_k(self.params, x, k, self.dtype)
-
-    @_layers.scoped
-    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
-        """One exact sample per example, ``(batch,)`` int32 (from all log-probabilities, as :meth:`log_prob`)."""
-        return _layers.adaptive_sample(self.params, x, key, self.dtype)
-
-
-class BlockSparseLinear(nnx.Module):
+class BlockSparseLinear(_layers.BlockSparseLinearMethods, nnx.Module):
     """A block-sparse linear layer: :func:`~blocksparse_jax.sparse_block_dot` with its own weights.
 
     ``W`` ``(i_blocks, o_blocks, i_size, o_size)`` is drawn from ``N(0, 1 /
     i_size)`` (the scale of a dense layer over one input block), ``b``
     ``(o_blocks, o_size)`` is zero.  Each call selects, per example, the input
-    blocks ``input_idx`` and the output blocks ``output_idx``::
+    blocks ``input_idx`` and the output blocks ``output_idx``:
 
-        out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+    ```
+    out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+    ```
 
     Args:
       i_blocks: number of input blocks.
@@ -348,17 +274,52 @@ class BlockSparseLinear(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
 
-    @_layers.scoped
-    def __call__(self, h: ArrayLike, input_idx: ArrayLike, output_idx: ArrayLike) -> jax.Array:
-        """The selected output blocks.
+    def _weights(self) -> tuple[jax.Array, jax.Array | None]:
+        return self.W[...], None if self.b is None else self.b[...]
 
-        Args:
-          h: ``(batch, i_win, i_size)`` input blocks (or ``(i_win, i_size)``).
-          input_idx: ``(batch, i_win)`` integer indices of the input blocks.
-          output_idx: ``(batch, o_win)`` integer indices of the output blocks.
 
-        Returns:
-          ``(batch, o_win, o_size)``.
-        """
-        b = None if self.b is None else self.b[...]
-        return _layers.block_sparse_linear(self.W[...], b, h, input_idx, output_idx, self.dtype)
+class Embed(_layers.EmbedMethods, nnx.Module):
+    """An embedding table whose gradient, under sparse training, holds only the rows looked up.
+
+    ``nnx.Embed``'s lookup through :func:`~blocksparse_jax.embedding_lookup`:
+    :func:`~blocksparse_jax.value_and_sparse_grad` returns ``embedding``'s
+    gradient as a :class:`~blocksparse_jax.SparseBlockGrad` of the rows a step
+    read, and :func:`blocksparse_jax.optim.lazy` updates only those rows and
+    their optimizer state (PyTorch's ``nn.Embedding(sparse=True)`` with
+    ``SparseAdam``).  Under ``jax.grad`` the gradient is the usual dense one.
+
+    Args:
+      num_embeddings: number of rows.
+      features: width of a row.
+      dtype: the dtype of the rows returned, or ``None`` for ``param_dtype``.
+      param_dtype: the table's dtype.
+      rngs: the ``nnx.Rngs`` the table is drawn from (``rngs.params()``), ``N(0, 1 / features)``.
+
+    Attributes:
+      embedding: ``(num_embeddings, features)`` (``nnx.Param``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from blocksparse_jax.flax import Embed
+      >>> layer = Embed(1000, 8, rngs=nnx.Rngs(0))
+      >>> layer(jnp.array([[3, 7], [999, 0]])).shape
+      (2, 2, 8)
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        table = _layers.embed_init(rngs.params(), num_embeddings, features, param_dtype)
+        self.embedding = nnx.Param(table)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    def _table(self) -> jax.Array:
+        return self.embedding[...]

@@ -1,13 +1,81 @@
-"""The code blocks of the guides in ``docs/``, so that tests run what the docs show."""
+"""The code blocks of the README and the guides in ``docs/``, so that tests run what the docs show."""
 
+import builtins
 import json
 import os
 import pathlib
 import re
 import subprocess
+import symtable
 import sys
+from typing import NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+_FENCE = re.compile(r'^```python(?: title="([^"]*)")?\n(.*?)^```$', re.M | re.S)
+
+
+class Block(NamedTuple):
+    """A fenced python block: its page (relative to the repository), first line, title, code."""
+
+    page: str
+    line: int
+    title: str | None
+    code: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.page}:{self.line}" + (f" ({self.title})" if self.title else "")
+
+
+def python_blocks() -> list[Block]:
+    """Every ```` ```python ```` block of ``README.md`` and ``docs/*.md``, in page order."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = []
+    for path in pages:
+        text = path.read_text()
+        for m in _FENCE.finditer(text):
+            line = text.count("\n", 0, m.start()) + 1
+            blocks.append(Block(str(path.relative_to(ROOT)), line, m.group(1), m.group(2)))
+    return blocks
+
+
+def free_names(code: str) -> set[str]:
+    """The names ``code`` reads but neither defines nor imports (nor finds among the builtins)."""
+    top = symtable.symtable(code, "<block>", "exec")
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    read: set[str] = set()
+    tables = [top]
+    while tables:
+        table = tables.pop()
+        tables.extend(table.get_children())
+        for sym in table.get_symbols():
+            if table is top and sym.is_referenced():
+                read.add(sym.get_name())
+            elif table is not top and sym.is_global():
+                read.add(sym.get_name())
+    return read - defined - set(dir(builtins))
+
+
+def run_script(
+    code: str, *, xla_flags: str | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter with JAX's default settings, from the repository root.
+
+    ``xla_flags`` (e.g. ``--xla_force_host_platform_device_count=8``) is the
+    interpreter's ``XLA_FLAGS``; the suite's own are not passed on.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def code_block(page: str, title: str) -> str:
@@ -34,11 +102,7 @@ def run_block(page: str, title: str, report: str, replace: dict[str, str] | None
         assert old in code, f"{old!r} not in the block {title!r} of docs/{page}"
         code = code.replace(old, new)
     code += f"\nimport json as _json\nprint(_json.dumps({report}))\n"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    run = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
+    run = run_script(code)
     assert run.returncode == 0, run.stdout + run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -55,12 +119,7 @@ print(json.dumps({{"attempted": attempted, "failures": "".join(failures)}}))
 
 def run_doctests(module: str) -> int:
     """Runs ``module``'s docstring examples in a fresh interpreter; returns how many ran."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    run = subprocess.run(
-        [sys.executable, "-c", _DOCTEST.format(module=module)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
-    )  # fmt: skip
+    run = run_script(_DOCTEST.format(module=module))
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["failures"] == "", report["failures"]

@@ -8,6 +8,7 @@ no float32 copy of low-precision weights; and the multi-platform artifact runs
 on CPU with the CPU plan's values.
 """
 
+import functools
 import math
 import re
 
@@ -19,7 +20,7 @@ import pytest
 from jax import export
 
 import blocksparse_jax as bsj
-from blocksparse_jax.blocksparse import _cost, _dispatch, _gather
+from blocksparse_jax.blocksparse import _cost, _dispatch, _gather, _ragged
 from tests.reference import gemv_grads_ref, gemv_ref, outer_ref
 
 NAMES = ("batch", "i_blocks", "o_blocks", "i_win", "o_win", "i_size", "o_size")
@@ -250,6 +251,41 @@ def test_ragged_under_vmap_and_grad_of_grad():
     chex.assert_trees_all_close(dh2, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    ("w_dtype", "h_dtype"), [(jnp.float64, jnp.float64), (jnp.bfloat16, jnp.float32)]
+)
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_ragged_in_chunks_of_groups_gives_gathers_values(transpose_w, w_dtype, h_dtype):
+    """A budget of a few groups: ``ragged`` runs its groups in chunks, with gather's values
+    (repeated blocks, a masked slot, and a non-finite activation that must stay in its pairs)."""
+    p = _problem((6, 3, 4, 2, 3, 2, 4), seed=11)
+    acc = np.dtype(np.float64 if h_dtype == jnp.float64 else np.float32)
+    small = 3 * (2 * 4 * 8 + 12 * 4 * 8)  # about three groups' blocks and expansions
+    # The gemv (or, transposed, its input gradient's gemv): its pairs are (example, i, j).
+    W = jnp.asarray(p["W"], w_dtype)
+    ii, oi = (p["oi"], p["ii"]) if transpose_w else (p["ii"], p["oi"])
+    h = jnp.asarray(p["g"] if transpose_w else p["h"], h_dtype)
+    valid_in = np.ones(ii.shape, bool)
+    valid_in[2, 1] = False
+    kw = dict(transpose_w=transpose_w, acc_dtype=acc)
+    gemv = jax.jit(lambda *a: _ragged.gemv(*a, **kw, budget=small))
+    gemv_ref = jax.jit(lambda *a: _gather.gemv(*a, **kw))
+    for h_case in (h, h.at[0, 0, 0].set(jnp.nan)):  # chunks of ragged_dot, then gather's path
+        args = (W, h_case, ii, oi, valid_in)
+        chex.assert_trees_all_close(gemv(*args), gemv_ref(*args), rtol=1e-6, atol=1e-6)
+    # The weight update, in chunks of groups: each block's sum added once.
+    x, y = jnp.asarray(p["h"], h_dtype), jnp.asarray(p["g"], h_dtype)
+    valid_x = np.ones(p["ii"].shape, bool)
+    valid_x[2, 1] = False
+    valid_y = np.ones(p["oi"].shape, bool)
+    outer = jax.jit(lambda *a: _ragged.outer(*a, acc_dtype=acc, budget=small))
+    outer_ref = jax.jit(lambda *a: _gather.outer(*a, acc_dtype=acc))
+    f64 = lambda a: np.asarray(a, np.float64)
+    for x_case in (x, x.at[1, 0, 0].set(jnp.inf)):
+        args = (W, x_case, y, p["ii"], p["oi"], valid_x, valid_y)
+        chex.assert_trees_all_close(f64(outer(*args)), f64(outer_ref(*args)), rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------
 # Low precision stays low.
 # --------------------------------------------------------------------------------------
@@ -351,6 +387,52 @@ def test_low_precision_gradient_rounds_each_block_once(strategy):
     # One rounding to bfloat16 (8 significant bits): within 2**-8 relative.
     np.testing.assert_allclose(got[0, 1], want, rtol=2**-8)
     assert not np.any(got[[0, 1, 1], [0, 0, 1]])  # the untouched blocks
+
+
+# A bfloat16 W of 28 MiB (1,200 blocks of 128 x 96): 144 pairs, and 900 for the chunked sums.
+MIXED = (24, 40, 30, 2, 3, 128, 96)
+MIXED_MANY_PAIRS = (150, 40, 30, 2, 3, 128, 96)
+
+
+@functools.cache
+def _mixed_problem(shape):
+    p = _problem(shape, dtype=np.float32, seed=7)
+    return {k: (jnp.asarray(v, jnp.bfloat16) if k == "W" else v) for k, v in p.items()}
+
+
+@pytest.mark.parametrize(
+    ("shape", "o_dtype", "h_dtype"),
+    [(MIXED, o, h) for o in (jnp.bfloat16, jnp.float32) for h in (jnp.bfloat16, jnp.float32)]
+    + [(MIXED_MANY_PAIRS, jnp.float32, jnp.float32)],
+    ids=["o-bf16-h-bf16", "o-bf16-h-f32", "o-f32-h-bf16", "o-f32-h-f32", "many-pairs"],
+)
+@pytest.mark.parametrize("strategy", [s for s in _dispatch.STRATEGIES if s != "auto"])
+def test_low_precision_gradient_temp_whatever_the_other_dtypes(strategy, shape, o_dtype, h_dtype):
+    """A bfloat16 ``W`` with ``o`` and ``h`` (and so the cotangent) in bfloat16 or float32.
+
+    ``dW`` and ``dh`` together hold at most 1.5x ``W``'s bytes of XLA temporaries
+    (the weight gradient's own buffer is 1x; a float32 copy of ``W`` alone would
+    be 2x), with fewer pairs than blocks, however many; values against float64.
+    """
+    p = _mixed_problem(shape)
+    W, ii, oi = p["W"], p["ii"], p["oi"]
+    o, h, g = (jnp.asarray(p[k], d) for k, d in (("o", o_dtype), ("h", h_dtype), ("g", o_dtype)))
+    assert ii.size * oi.shape[1] < W.shape[0] * W.shape[1]
+
+    def f(W, h, g):
+        gemv = lambda W, h: bsj.sparse_block_gemv(o, W, h, ii, oi, strategy=strategy)
+        out, vjp = jax.vjp(gemv, W, h)
+        return vjp(g)
+
+    compiled = jax.jit(f).lower(W, h, g).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes <= 1.5 * W.nbytes
+    dW, dh = compiled(W, h, g)
+    assert (dW.dtype, dh.dtype) == (W.dtype, h.dtype)
+    f64 = lambda a: np.asarray(a, np.float64)
+    want_dW, want_dh = gemv_grads_ref(f64(W), f64(h), ii, oi, f64(g))
+    for got, want, dtype in ((dW, want_dW, W.dtype), (dh, want_dh, h.dtype)):
+        tol = 2**-7 if dtype == jnp.bfloat16 else 1e-5  # one rounding of the float32 sum
+        np.testing.assert_allclose(f64(got), want, rtol=tol, atol=tol * np.max(np.abs(want)))
 
 
 def test_low_precision_h_softmax_gradient_has_no_float32_copy_of_W2():

@@ -121,13 +121,33 @@ def _drop(key):
         (lambda h: [1, 2], "header is a JSON list"),
         (lambda h: {**h, "config": "x"}, "run configuration is not a JSON object"),
         (lambda h: {**h, "models": {"mystery": h["models"]["hsoftmax"]}}, "unknown model"),
-        (lambda h: {**h, "models": {"hsoftmax": {**h["models"]["hsoftmax"], "step": -1}}}, "'step'"),
-        (lambda h: {**h, "models": {"hsoftmax": {**h["models"]["hsoftmax"], "losses": [1.0]}}}, "loss history"),
-        (lambda h: {**h, "models": {"hsoftmax": {**h["models"]["hsoftmax"], "n_leaves": 99}}}, "lacks the array"),
+        (
+            lambda h: {**h, "models": {"hsoftmax": {**h["models"]["hsoftmax"], "step": -1}}},
+            "'step'",
+        ),
+        (
+            lambda h: {**h, "models": {"hsoftmax": {**h["models"]["hsoftmax"], "losses": [1.0]}}},
+            "loss history",
+        ),
+        (
+            lambda h: {**h, "models": {"hsoftmax": {**h["models"]["hsoftmax"], "n_leaves": 99}}},
+            "lacks the array",
+        ),
         (lambda h: None, "no 'header'"),
     ],
-    ids=["no-config", "no-models", "version", "list", "config-str", "unknown-kind", "step", "losses", "n-leaves", "no-header"],
-)  # fmt: skip
+    ids=[
+        "no-config",
+        "no-models",
+        "version",
+        "list",
+        "config-str",
+        "unknown-kind",
+        "step",
+        "losses",
+        "n-leaves",
+        "no-header",
+    ],
+)
 def test_checkpoint_with_a_bad_header(edit_header, needle, checkpoint, text, tmp_path, capsys):
     path = _rewrite(checkpoint[0], tmp_path / "edited.npz", edit_header=edit_header)
     _run_with(text, tmp_path, path, capsys, needle)
@@ -193,7 +213,10 @@ def test_checkpoint_of_another_run(checkpoint, text, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["--seed", str(2**64)], "--seed: must be less than 2**64 (64 bits), got 18446744073709551616"),
+        (
+            ["--seed", str(2**64)],
+            "--seed: must be less than 2**64 (64 bits), got 18446744073709551616",
+        ),
         (["--seed", str(10**40)], "--seed: must be less than 2**64"),
         (["--seed", "-1"], "--seed: must be a non-negative integer, got -1"),
         (["--seed", "1.5"], "--seed: expected an integer, got '1.5'"),
@@ -206,7 +229,7 @@ def test_checkpoint_of_another_run(checkpoint, text, tmp_path, capsys):
         (["--text", ""], "--text: expected a path, got an empty string"),
         (["--checkpoint", ""], "--checkpoint: expected a path, got an empty string"),
     ],
-)  # fmt: skip
+)
 def test_bad_option_values(argv, needle, capsys, tmp_path):
     line = bad([*argv, "--out", str(tmp_path / "out")] if "--out" not in argv else argv, capsys)
     assert needle in line

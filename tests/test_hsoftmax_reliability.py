@@ -104,8 +104,11 @@ def test_non_finite_weights_of_an_unused_class_do_not_leak():
     _, new_ref, dx_ref = bsj.h_softmax_sgd_step(x, p, target, 0.5, mask=mask)
     np.testing.assert_array_equal(new.W2[0], bad.W2[0])
     np.testing.assert_array_equal(new.b2[0], bad.b2[0])
-    chex.assert_trees_all_close((new.W2[1:], new.b2[1:], new.W1, dx), (new_ref.W2[1:],
-                                new_ref.b2[1:], new_ref.W1, dx_ref), rtol=1e-12)  # fmt: skip
+    chex.assert_trees_all_close(
+        (new.W2[1:], new.b2[1:], new.W1, dx),
+        (new_ref.W2[1:], new_ref.b2[1:], new_ref.W1, dx_ref),
+        rtol=1e-12,
+    )
     # All outputs: only class 0's outputs are NaN.
     logp = bsj.h_log_softmax(x, bad)
     assert np.all(np.isnan(logp[:, :P])) and all_finite(logp[:, P:])
@@ -324,8 +327,11 @@ def test_n_outputs_defaults_to_the_parameters_grid_and_jits_plainly():
     ],
 )
 def test_traced_static_argument_says_how_to_mark_it_static(call, name):
-    with pytest.raises(TypeError, match=rf"{name} must be a Python int, fixed at trace time; got a "
-                       rf"traced value .*jax.jit\(f, static_argnames='{name}'\)"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match=rf"{name} must be a Python int, fixed at trace time; got a "
+        rf"traced value .*jax.jit\(f, static_argnames='{name}'\)",
+    ):
         jax.jit(call)(xs(), params(), 3)
     assert call(xs(), params(), 3) is not None  # the same call with a Python int works
 
@@ -423,10 +429,13 @@ def test_parallel_refuses_what_one_device_refuses(mesh14):
     x, t = xs(4), jnp.array([0, 4, 8, 2])
     for kw, error, match in (
         (dict(n_outputs=10), ValueError, r"n_outputs must be in .* = \[1, 9\] .*got n_outputs=10"),
-        (dict(class_sizes=jnp.array([3, 3, 3, 0])), ValueError,
-         r"class_sizes must have shape \(n_classes,\) = \(3,\)"),
+        (
+            dict(class_sizes=jnp.array([3, 3, 3, 0])),
+            ValueError,
+            r"class_sizes must have shape \(n_classes,\) = \(3,\)",
+        ),
         (dict(class_sizes=jnp.array([3, 3])), ValueError, r"class_sizes must have shape"),
-    ):  # fmt: skip
+    ):
         with pytest.raises(error, match=match):
             bsj.h_softmax_loss(x, p3, t, **kw)
         with pytest.raises(error, match=match):

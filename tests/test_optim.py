@@ -498,7 +498,7 @@ def test_elementwise_check(optax_promotion):
     leaves, treedef = jax.tree.flatten(g, is_leaf=lambda x: isinstance(x, SparseBlockGrad))
 
     def _elementwise(tx, name):
-        return _is_elementwise(tx, name, treedef, leaves, [table, jnp.ones(2, F32)], [0], {})
+        return _is_elementwise(tx, treedef, leaves, [table, jnp.ones(2, F32)], [0], {})
 
     for tx in (
         optax.sgd(0.1, momentum=0.9),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import blocksparse_jax as bsj
-from blocksparse_jax import SparseBlockGrad, embedding_lookup, value_and_sparse_grad
+from blocksparse_jax import embedding_lookup, value_and_sparse_grad
 
 F32 = jnp.float32
 

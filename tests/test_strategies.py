@@ -307,7 +307,10 @@ def test_auto_exports_each_platform_its_own_branch(monkeypatch, cpu_choice):
 @pytest.mark.parametrize("bad", ["fast", "Gather", None, 3])
 def test_bad_strategy_name(bad):
     p = _problem(SMALL)
-    msg = r"strategy must be one of 'auto', 'gather', 'loop', 'dense', 'grouped', 'ragged'; got"
+    msg = (
+        r"strategy must be one of 'auto', 'gather', 'loop', 'dense', 'grouped', 'ragged' "
+        r"\(or the experimental 'pallas'\); got"
+    )
     with pytest.raises(ValueError, match=msg):
         sparse_block_gemv(p["o"], p["W"], p["h"], p["ii"], p["oi"], strategy=bad)
     with pytest.raises(ValueError, match=msg):

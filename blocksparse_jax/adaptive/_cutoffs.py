@@ -52,9 +52,11 @@ def adaptive_softmax_cutoffs(
     :func:`adaptive_softmax_loss`, by dynamic programming over the cut
     positions (Grave et al., 2017, section 4).  With ``q_i`` the share of the
     counts in tail cluster ``i``, ``size_i`` its number of words and ``d_i =
-    int(n_in // div_value**(i + 1))`` its width, the cost counted is::
+    int(n_in // div_value**(i + 1))`` its width, the cost counted is:
 
-        (shortlist + n_clusters) * (n_in + 1) + sum_i q_i * size_i * (d_i + 1)
+    ```
+    (shortlist + n_clusters) * (n_in + 1) + sum_i q_i * size_i * (d_i + 1)
+    ```
 
     multiply-adds plus one exponential per output evaluated (the projections,
     the same for every cut, are left out).

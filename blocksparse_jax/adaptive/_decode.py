@@ -41,8 +41,9 @@ def _cluster_top_k(hr, W, k: int, w: int, acc):
         # The last block is shifted back to stay in bounds; columns seen before are masked.
         start = jnp.minimum(m * w, size - w)
         cols = start + jnp.arange(w, dtype=jnp.int32)
-        logits = jnp.dot(hr, lax.dynamic_slice_in_dim(W, start, w, axis=1),
-                         preferred_element_type=acc)  # fmt: skip
+        logits = jnp.dot(
+            hr, lax.dynamic_slice_in_dim(W, start, w, axis=1), preferred_element_type=acc
+        )
         logits = jnp.where((cols >= m * w)[None, :], logits, -jnp.inf)
         new_max = jnp.maximum(run_max, jnp.max(logits, axis=1))
         run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.sum(

@@ -2,11 +2,13 @@
 
 With ``S = cutoffs[0]`` shortlist outputs and ``K`` tail clusters, cluster
 ``i`` holding the outputs ``cutoffs[i] <= o < cutoffs[i + 1]`` (the last one
-ending at ``n_outputs``)::
+ending at ``n_outputs``):
 
-    head = log_softmax(x @ head_W + head_b)                      (S + K entries)
-    log p(o | x) = head[o]                                       for o < S
-    log p(o | x) = head[S + i] + log_softmax((x @ tail_proj[i]) @ tail_out[i])[o - cutoffs[i]]
+```
+head = log_softmax(x @ head_W + head_b)                      (S + K entries)
+log p(o | x) = head[o]                                       for o < S
+log p(o | x) = head[S + i] + log_softmax((x @ tail_proj[i]) @ tail_out[i])[o - cutoffs[i]]
+```
 
 For one target per example only the target's cluster is evaluated, and only
 for the examples whose target is in it (``_buckets``): a batch whose targets
@@ -21,11 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from blocksparse_jax import _checks
+from blocksparse_jax import _checks, _targets
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax.adaptive import _buckets
 from blocksparse_jax.adaptive._params import AdaptiveSoftmaxParams, prepare
-from blocksparse_jax.hsoftmax import _problem as _hs
 
 
 def head_log_probs(x: jax.Array, params: AdaptiveSoftmaxParams, acc) -> jax.Array:
@@ -72,7 +73,7 @@ def _target_log_probs(x, params: AdaptiveSoftmaxParams, t, mask, acc, chunk_rows
     whatever their ``x`` holds (NaN included) reaches no output and no gradient.
     """
     S = params.shortlist_size
-    t, valid = _hs.normalize_target(t, params.n_outputs)
+    t, valid = _targets.normalize_target(t, params.n_outputs)
     keep = valid & mask
     x = jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
     t = jnp.where(keep, t, jnp.zeros((), t.dtype))
@@ -97,7 +98,7 @@ def _full_jit(x, params, *, acc):
 def _target_jit(x, params, t, mask, *, acc, chunk_rows, reduction):
     with jax.named_scope("adaptive_softmax_loss" if reduction else "adaptive_log_softmax"):
         logp = _target_log_probs(x, params, t, mask, acc, chunk_rows)
-        return logp if reduction is None else _hs.reduce_nll(logp, mask, reduction)
+        return logp if reduction is None else _targets.reduce_nll(logp, mask, reduction)
 
 
 def _chunk_rows(batch: int, params: AdaptiveSoftmaxParams) -> tuple[int, ...]:
@@ -106,17 +107,17 @@ def _chunk_rows(batch: int, params: AdaptiveSoftmaxParams) -> tuple[int, ...]:
 
 def _checked_target(target, batch: int, n_outputs: int, batched: bool) -> jax.Array:
     """``target`` as ``(batch,)``; its shape and (when concrete) its values checked."""
-    t, exact = _hs.check_target(target, (batch,) if batched else ())
-    _hs.check_target_values(exact, n_outputs, None, 1)  # IndexError when concrete
+    t, exact = _targets.check_target(target, (batch,) if batched else ())
+    _targets.check_target_range(exact, n_outputs)
     return t.reshape(batch)
 
 
 def _loss_target_and_mask(target, mask, reduction: str, *, batched: bool):
     """Validates ``reduction`` and ``mask``; returns ``(target, mask)``, masked targets 0."""
-    _hs.check_reduction(reduction)
+    _targets.check_reduction(reduction)
     target = _as_array("target", target)
     _checks.check_int("target", target)
-    mask = _hs.check_mask(mask, target.shape[:1] if batched else ())
+    mask = _targets.check_mask(mask, target.shape[:1] if batched else ())
     keep = mask.reshape(mask.shape + (1,) * (target.ndim - mask.ndim))
     return jnp.where(keep, target, jnp.zeros((), target.dtype)), mask
 
@@ -127,11 +128,13 @@ def adaptive_log_softmax(
     r"""Log-probabilities of the adaptive softmax (PyTorch's ``AdaptiveLogSoftmaxWithLoss``).
 
     With ``S = cutoffs[0]`` and tail cluster ``i`` holding the outputs
-    ``cutoffs[i] <= o < cutoffs[i + 1]``::
+    ``cutoffs[i] <= o < cutoffs[i + 1]``:
 
-        head = log_softmax(x @ head_W + head_b)
-        log p(o | x) = head[o]                                          (o < S)
-        log p(o | x) = head[S + i] + log_softmax(x @ tail_proj[i] @ tail_out[i])[o - cutoffs[i]]
+    ```
+    head = log_softmax(x @ head_W + head_b)
+    log p(o | x) = head[o]                                          (o < S)
+    log p(o | x) = head[S + i] + log_softmax(x @ tail_proj[i] @ tail_out[i])[o - cutoffs[i]]
+    ```
 
     Without ``target`` every output is computed: ``(batch, n_outputs)``, as
     PyTorch's ``log_prob``.  With ``target`` only the target's cluster is, and
@@ -197,9 +200,9 @@ def adaptive_softmax_loss(
 ) -> jax.Array:
     r"""Negative log-likelihood of the targets under the adaptive softmax.
 
-    ::
-
-        loss[b] = -log p(target[b] | x[b])          (see adaptive_log_softmax)
+    ```
+    loss[b] = -log p(target[b] | x[b])          (see adaptive_log_softmax)
+    ```
 
     reduced by ``mean`` over the unmasked examples (0 if there are none),
     ``sum`` or not at all (``none``, masked entries 0).  ``reduction="mean"``

@@ -55,12 +55,6 @@ speed and memory differ.  ``dense`` multiplies every block, the unselected ones
 by zero, which is exact only for finite factors: when ``W`` (or, for the weight
 update, an activation) holds a NaN or an inf, that call computes with
 ``gather`` instead (a run-time ``lax.cond``).
-
-Modules: ``_ops`` (the public ops and their validation), ``_core`` (the custom
-VJPs), ``_dispatch`` (strategy choice), ``_cost`` (the CPU and accelerator cost
-models), one module per strategy (``_gather``, ``_loop``, ``_dense``,
-``_grouped``, ``_ragged``), and the
-helpers they share (``_pairs``, ``_carry``).
 """
 
 from blocksparse_jax.blocksparse._carry import vary_over

@@ -14,6 +14,12 @@ pairs as a problem of its own, one pair per example, whose "weight" is the
 buffer of distinct blocks (``gather``, and so ``pallas``, runs this way).  ``loop``
 and ``grouped`` instead walk the pairs sorted by block and carry one block's
 sum; ``ragged`` sums its groups and ``dense`` its GEMM in float32 themselves.
+
+The float32 sums of all distinct blocks would grow with the pairs, up to twice
+the bytes of a ``bfloat16`` weight; they are made a chunk of
+:func:`slots_per_chunk` distinct blocks at a time (one chunk while they fit the
+strategy's budget or a quarter of ``o``'s bytes; on GPU and TPU the budget is
+device-sized), each chunk added to ``o`` before the next.
 """
 
 from __future__ import annotations
@@ -58,6 +64,26 @@ def distinct_blocks(rows, cols, valid, n_cols: int, capacity: int):
     return slot, gkey // n_cols, gkey % n_cols, used
 
 
+def slots_per_chunk(capacity: int, slot_bytes: int, o_bytes: int, budget: int) -> int:
+    """Distinct blocks summed at once: all ``capacity`` while their sums fit ``budget``
+    bytes or a quarter of ``o``'s.
+
+    ``slot_bytes`` is one block's sum (in the accumulation dtype); a chunk holds
+    at least one block.
+    """
+    return max(1, min(capacity, max(budget, o_bytes // 4) // max(1, slot_bytes)))
+
+
+def add_to_bits(bits, dtype, sums, g_rows, g_cols, used):
+    """:func:`add_blocks` on ``o`` held as its bits (:func:`loop_operand`); returns the bits."""
+    old = lax.bitcast_convert_type(bits[g_rows, g_cols], dtype)
+    new = (old.astype(sums.dtype) + sums).astype(dtype)
+    if new.dtype != bits.dtype:
+        new = lax.bitcast_convert_type(new, bits.dtype)
+    rows = jnp.where(used, g_rows, bits.shape[0])  # an unused slot writes nothing
+    return bits.at[rows, g_cols].set(new, mode="drop")
+
+
 def add_blocks(o, sums, g_rows, g_cols, used):
     """``o`` with ``sums[k]`` added to block ``(g_rows[k], g_cols[k])`` of each used slot ``k``.
 
@@ -66,19 +92,21 @@ def add_blocks(o, sums, g_rows, g_cols, used):
     XLA:CPU would otherwise run a low-precision scatter on a float32 copy of ``o``.
     """
     bits, dtype = loop_operand(o)
-    old = lax.bitcast_convert_type(bits[g_rows, g_cols], dtype)
-    new = lax.bitcast_convert_type((old.astype(sums.dtype) + sums).astype(dtype), bits.dtype)
-    rows = jnp.where(used, g_rows, o.shape[0])  # an unused slot writes nothing
-    return lax.bitcast_convert_type(bits.at[rows, g_cols].set(new, mode="drop"), dtype)
+    bits = add_to_bits(bits, dtype, sums, g_rows, g_cols, used)
+    return lax.bitcast_convert_type(bits, dtype) if bits.dtype != dtype else bits
 
 
-def outer_by_block(outer, o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, **kw):
+def outer_by_block(outer, o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, budget):
     """A strategy's ``outer`` summed per distinct block in ``acc_dtype``, added to ``o`` once.
 
-    ``outer`` is a strategy's ``outer`` function (the interface of ``_dispatch``);
-    it runs on a problem with one pair per example: the pair's rows of ``x`` and
-    ``y``, and its slot among the distinct blocks as the block index, so that
-    it sums, in ``acc_dtype``, the products of each distinct block's pairs.
+    ``outer`` is a strategy's ``outer`` function (the interface of ``_dispatch``,
+    ``budget`` its keyword); it runs on a problem with one pair per example: the
+    pair's rows of ``x`` and ``y``, and its slot among the distinct blocks as the
+    block index, so that it sums, in ``acc_dtype``, the products of each distinct
+    block's pairs.
+    With more distinct blocks than :func:`slots_per_chunk` allows, a loop runs
+    that problem once per chunk of slots (the pairs of other chunks masked)
+    and adds each chunk's sums to ``o``, carried as its bits.
     """
     batch, x_win, x_size = x.shape
     y_win, y_size = y.shape[1:]
@@ -92,18 +120,41 @@ def outer_by_block(outer, o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype,
     p = jnp.arange(n, dtype=jnp.int32)
     pb, pi, pj = p // (x_win * y_win), (p // y_win) % x_win, p % y_win
     xs, ys = x[pb, pi][:, None], y[pb, pj][:, None]  # (pairs, 1, size)
-    # An absent pair is masked (never multiplied); its slot only has to be in range.
-    slots = jnp.where(valid, slot, 0)[:, None]
-    (zeros,) = carry((jnp.zeros((capacity, 1, x_size, y_size), acc_dtype),), o, x, y)
-    sums = outer(
-        zeros,
-        xs,
-        ys,
-        slots,
-        jnp.zeros((n, 1), jnp.int32),
-        valid[:, None],
-        jnp.ones((n, 1), jnp.bool_),
-        acc_dtype=acc_dtype,
-        **kw,
-    )
-    return add_blocks(o, sums[:, 0], g_rows, g_cols, used)
+    slot_bytes = x_size * y_size * jnp.dtype(acc_dtype).itemsize
+    span = slots_per_chunk(capacity, slot_bytes, o.size * o.dtype.itemsize, budget)
+    n_chunks = -(-capacity // span)
+    pad = n_chunks * span - capacity
+    g_rows, g_cols = (jnp.pad(a, (0, pad)) for a in (g_rows, g_cols))
+    used = jnp.pad(used, (0, pad))
+
+    def chunk_sums(first):
+        """The ``(span, x_size, y_size)`` sums of slots ``first .. first + span - 1``."""
+        mine = valid & (slot >= first) & (slot < first + span)
+        # A pair of another chunk (or an absent one) is masked: never multiplied.
+        slots = jnp.where(mine, slot - first, 0)[:, None]
+        (zeros,) = carry((jnp.zeros((span, 1, x_size, y_size), acc_dtype),), o, x, y)
+        sums = outer(
+            zeros,
+            xs,
+            ys,
+            slots,
+            jnp.zeros((n, 1), jnp.int32),
+            mine[:, None],
+            jnp.ones((n, 1), jnp.bool_),
+            acc_dtype=acc_dtype,
+            budget=budget,
+        )
+        return sums[:, 0]
+
+    if n_chunks == 1:
+        return add_blocks(o, chunk_sums(0), g_rows, g_cols, used)
+    bits, dtype = loop_operand(o)
+
+    def body(c, bits):
+        first = c * span
+        window = [lax.dynamic_slice_in_dim(a, first, span) for a in (g_rows, g_cols, used)]
+        return add_to_bits(bits, dtype, chunk_sums(first), *window)
+
+    (bits,) = carry((bits,), xs, ys, slot)
+    bits = lax.fori_loop(jnp.int32(0), jnp.int32(n_chunks), body, bits)
+    return lax.bitcast_convert_type(bits, dtype) if bits.dtype != dtype else bits

@@ -13,6 +13,12 @@ gathered ``(batch, i_win, o_win, i_size, o_size)`` weight blocks.
 Every index array comes with a ``valid`` mask of the same shape (``False``: the
 slot is absent, see ``_dispatch``).  The masks are not differentiated; a
 masked slot gets a zero cotangent by selection, whatever values it holds.
+
+The public ops convert their inputs to JAX arrays, but under ``jax.grad`` a
+custom VJP's forward rule receives the primal values the user passed, NumPy
+arrays included.  The forward rules convert them again, so that the strategies
+and the residuals only ever hold JAX arrays (a NumPy ``W`` indexed by a batched
+index under ``jax.vmap`` would fail).
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ import jax.numpy as jnp
 
 from blocksparse_jax import _checks
 from blocksparse_jax.blocksparse._dispatch import gemv_contract, outer_contract
+
+
+def _arrays(*xs) -> tuple[jax.Array, ...]:
+    return tuple(jnp.asarray(x) for x in xs)
 
 
 def _where(valid, x):
@@ -56,6 +66,7 @@ def _gemv(o, W, h, input_idx, output_idx, valid_in, valid_out, transpose_w, stra
 
 
 def _gemv_fwd(o, W, h, input_idx, output_idx, valid_in, valid_out, transpose_w, strategy):
+    o, W, h = _arrays(o, W, h)
     out = _gemv(o, W, h, input_idx, output_idx, valid_in, valid_out, transpose_w, strategy)
     return out, (W, h, input_idx, output_idx, valid_in, valid_out)
 
@@ -92,13 +103,13 @@ def _outer(o, x, y, x_idx, y_idx, valid_x, valid_y, alpha, strategy):
 
 
 def _outer_fwd(o, x, y, x_idx, y_idx, valid_x, valid_y, alpha, strategy):
+    o, x, y, alpha = _arrays(o, x, y, alpha)
     out = _outer(o, x, y, x_idx, y_idx, valid_x, valid_y, alpha, strategy)
     return out, (x, y, x_idx, y_idx, valid_x, valid_y, alpha)
 
 
 def _outer_bwd(strategy, res, G):
     x, y, xi, yi, vx, vy, alpha = res
-    alpha = jnp.asarray(alpha)  # a Python-float alpha may arrive as a JAX scalar wrapper
     acc = _checks.accumulation_dtype(x.dtype, y.dtype, G.dtype)
     # d/dy[b, j] = alpha * sum_i x[b, i] @ G[xi, yi];  d/dx[b, i] = alpha * sum_j G[xi, yi] @ y[b, j]
     # (zero, by selection, in a masked slot: gemv zeroes masked outputs, _where the products).

@@ -22,7 +22,10 @@ from blocksparse_jax.blocksparse import _gather
 
 @dataclasses.dataclass(frozen=True)
 class CpuCosts:
-    """Constants of the CPU cost model (seconds, bytes, flop/s), calibrated on a 2-core x86 CPU.
+    """Constants of the CPU cost model (seconds, bytes, flop/s).
+
+    The defaults were fitted on the machine described in ``benchmarks/README.md``;
+    ``estimate_costs(..., costs=CpuCosts(...))`` takes others.
 
     Attributes:
       dram_bandwidth: bytes/s of reading blocks of ``W`` from main memory.

@@ -38,30 +38,30 @@ def _all_finite(*xs):
 
 
 def _dense_activations(W, h, input_idx, *, transpose_w, acc_dtype):
-    """``h`` scattered into the full block space, summed in ``acc_dtype``, then in ``W``'s dtype.
+    """``h`` scattered into the full block space, summed in ``acc_dtype``.
 
     Returns ``(hd, fits)``: ``fits`` is ``False`` where a sum does not fit
-    ``W``'s dtype (float16 overflow), in which case the caller takes the exact
-    path.  Casting the activations, never ``W``, keeps low-precision weights
-    low in memory: no float32 copy of ``W`` is made.
+    ``h``'s dtype (float16 overflow), in which case the caller takes the exact
+    path (the single product of :func:`_gemv_dense` runs in ``h``'s dtype).
     """
     batch = h.shape[0]
     nr, nc, s, t = W.shape
     b = jnp.arange(batch, dtype=jnp.int32)[:, None]
     shape = (batch, nc, t) if transpose_w else (batch, nr, s)
     hd = jnp.zeros(shape, acc_dtype).at[b, input_idx].add(h.astype(acc_dtype))
-    hd_w = hd.astype(W.dtype)
-    return hd_w, jnp.all(jnp.isfinite(hd_w) | ~jnp.isfinite(hd))
+    return hd, jnp.all(jnp.isfinite(hd.astype(h.dtype)) | ~jnp.isfinite(hd))
 
 
-def _gemv_dense(W, hd, output_idx, *, transpose_w, acc_dtype, budget):
-    """The dense product and the selected outputs.
+def _gemv_dense(W, hd, output_idx, *, transpose_w, acc_dtype, budget, dtype):
+    """The dense product and the selected outputs; ``hd`` is in ``acc_dtype``.
 
     A low-precision ``W`` whose float32 copy would exceed ``budget`` is
-    multiplied in row blocks of at most ``budget`` bytes in float32, in a loop
-    that carries ``W`` as its bits: XLA:CPU computes float16 products in
-    float32 and would otherwise convert the whole of ``W``.  On GPU and TPU
-    (a device-sized budget) it is one product in ``W``'s dtype.
+    multiplied in row blocks of at most ``budget`` bytes, each widened to
+    ``acc_dtype``, in a loop that carries ``W`` as its bits: XLA:CPU computes
+    float16 products in float32 and would otherwise convert the whole of
+    ``W``.  Otherwise (on GPU and TPU, a device-sized budget) it is one product
+    in ``dtype``, the activations' (``W``'s dtype for activations of that
+    dtype: their sums are rounded to it once).
     """
     nr = W.shape[0]
     rows = nr
@@ -72,13 +72,15 @@ def _gemv_dense(W, hd, output_idx, *, transpose_w, acc_dtype, budget):
     # space (nr, s); otherwise the reverse.
     spec = "blt,klst->bks" if transpose_w else "bks,klst->blt"
     if rows == nr:
-        y = jnp.einsum(spec, hd, W, preferred_element_type=acc_dtype)
+        hd = hd.astype(dtype)
+        y = jnp.einsum(spec, hd, W.astype(dtype), preferred_element_type=acc_dtype)
     else:
-        Wl, dtype = loop_operand(W)
+        Wl, w_dtype = loop_operand(W)
 
         def body(c, y):
             k = c * rows
-            blk = lax.bitcast_convert_type(lax.dynamic_slice_in_dim(Wl, k, rows), dtype)
+            blk = lax.bitcast_convert_type(lax.dynamic_slice_in_dim(Wl, k, rows), w_dtype)
+            blk = blk.astype(acc_dtype)
             if transpose_w:
                 part = jnp.einsum(spec, hd, blk, preferred_element_type=acc_dtype)
                 return lax.dynamic_update_slice_in_dim(y, part, k, axis=1)
@@ -99,7 +101,7 @@ def gemv(
     hd, fits = _dense_activations(W, h, input_idx, **kw)
     return lax.cond(
         _all_finite(W) & fits,
-        lambda W, hd, h, ii, oi, vi: _gemv_dense(W, hd, oi, **kw, budget=budget),
+        lambda W, hd, h, ii, oi, vi: _gemv_dense(W, hd, oi, **kw, budget=budget, dtype=h.dtype),
         lambda W, hd, h, ii, oi, vi: _gather.gemv(W, h, ii, oi, vi, **kw, budget=budget),
         W,
         hd,

@@ -68,8 +68,11 @@ _ACCELERATORS = ("cuda", "rocm", "tpu")
 def check_strategy(strategy) -> str:
     """Returns ``strategy`` if it names a strategy; raises ``ValueError`` listing the valid ones."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES + EXPERIMENTAL_STRATEGIES:
+        names = ", ".join(repr(s) for s in STRATEGIES)
+        experimental = ", ".join(repr(s) for s in EXPERIMENTAL_STRATEGIES)
         raise ValueError(
-            f"strategy must be one of {', '.join(repr(s) for s in STRATEGIES)}; got {strategy!r}"
+            f"strategy must be one of {names} (or the experimental {experimental}); "
+            f"got {strategy!r}"
         )
     return strategy
 

@@ -9,6 +9,10 @@ usually one chunk (no loop).  The weight update scatter-adds each chunk's
 outer products.  The blocks of masked pairs are selected away (``jnp.where``)
 in the gathered buffer, and their updates in the update buffer.  This is the
 reference strategy: the others give its values, NaN and inf included.
+
+A low-precision ``W`` is gathered as its bits and only the gathered blocks are
+widened; a low-precision weight update sums each distinct block in the
+accumulation dtype first (:func:`~blocksparse_jax.blocksparse._accumulate.outer_by_block`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from blocksparse_jax.blocksparse._accumulate import is_low_precision, outer_by_block
+from blocksparse_jax.blocksparse._pairs import loop_operand
 
 GATHER_BUDGET_BYTES = 2 * 2**20
 """Largest gathered-block buffer of the ``gather`` strategy (one chunk of the batch)."""
@@ -36,14 +41,16 @@ def _split(x, chunk, n):
 
 
 def _gemv_all(W, h, input_idx, output_idx, valid_in, *, transpose_w, acc_dtype):
+    bits, dtype = loop_operand(W)
     if transpose_w:
-        blocks = W[output_idx[:, None, :], input_idx[:, :, None]]  # (b, i, j, t, s)
+        blocks = bits[output_idx[:, None, :], input_idx[:, :, None]]  # (b, i, j, t, s)
         spec = "bis,bijts->bjt"
     else:
-        blocks = W[input_idx[:, :, None], output_idx[:, None, :]]  # (b, i, j, s, t)
+        blocks = bits[input_idx[:, :, None], output_idx[:, None, :]]  # (b, i, j, s, t)
         spec = "bis,bijst->bjt"
+    blocks = lax.bitcast_convert_type(blocks, dtype) if blocks.dtype != dtype else blocks
     blocks = jnp.where(valid_in[:, :, None, None, None], blocks, jnp.zeros((), blocks.dtype))
-    blocks = blocks.astype(h.dtype)  # the gathered blocks only, never the whole of W
+    blocks = blocks.astype(h.dtype)
     return jnp.einsum(spec, h, blocks, preferred_element_type=acc_dtype)
 
 

@@ -121,9 +121,11 @@ def outer(o, x, y, x_idx, y_idx, valid_x, valid_y, *, acc_dtype, rows_per_step=N
         yv = jnp.where(mine, lax.dynamic_slice_in_dim(ys, pos, P), jnp.zeros((), ys.dtype))
         upd = outer_product(xv, yv, acc_dtype=acc_dtype)
         start = (rs[pos], cs[pos], z, z)
-        blk = block(ol, rs[pos], cs[pos], o_dtype)
         if not low:
-            return end, lax.dynamic_update_slice(ol, (blk + upd)[None, None], start), run_sum
+            # Read and written at the same start, so XLA updates the block in place.
+            blk = lax.dynamic_slice(ol, start, (1, 1, x_size, y_size))
+            return end, lax.dynamic_update_slice(ol, blk + upd[None, None], start), run_sum
+        blk = block(ol, rs[pos], cs[pos], o_dtype)
         # A run's first step starts a new sum; its last step adds the sum to the block.
         first = (pos == 0) | (rs[pos - 1] != rs[pos]) | (cs[pos - 1] != cs[pos])
         run_sum = jnp.where(first, upd, run_sum + upd)

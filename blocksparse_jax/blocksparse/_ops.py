@@ -183,9 +183,11 @@ def sparse_block_gemv(
 ) -> jax.Array:
     r"""Block-sparse matrix-vector product, Theano's ``SparseBlockGemv``.
 
-    For every example ``b`` and output slot ``j``::
+    For every example ``b`` and output slot ``j``:
 
-        out[b, j] = o[b, j] + sum_i h[b, i] @ W[input_idx[b, i], output_idx[b, j]]
+    ```
+    out[b, j] = o[b, j] + sum_i h[b, i] @ W[input_idx[b, i], output_idx[b, j]]
+    ```
 
     Only the ``i_win * o_win`` selected blocks of ``W`` are read per example.
     For one example, pass ``o (o_win, o_size)``, ``h (i_win, i_size)`` and 1-D
@@ -266,9 +268,9 @@ def sparse_block_dot(
 ) -> jax.Array:
     r"""Block-sparse dot product plus bias (Theano's ``sparse_block_dot``, in Theano's argument order).
 
-    ::
-
-        out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+    ```
+    out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+    ```
 
     The bias of an output block is added once per output slot, never once per
     input block.
@@ -330,9 +332,11 @@ def sparse_block_outer(
 ) -> jax.Array:
     r"""Block-sparse outer product update, Theano's ``SparseBlockOuter``.
 
-    For every example ``b``, ``i`` and ``j``::
+    For every example ``b``, ``i`` and ``j``:
 
-        out[x_idx[b, i], y_idx[b, j]] += alpha * outer(x[b, i], y[b, j])
+    ```
+    out[x_idx[b, i], y_idx[b, j]] += alpha * outer(x[b, i], y[b, j])
+    ```
 
     starting from ``out = o``; repeated block indices accumulate.  ``alpha`` is
     applied as the formula says (Theano's CPU implementation ignored it).
@@ -418,5 +422,4 @@ def sparse_block_outer(
     yi, vy = _normalize("y_idx", y_idx, y_blocks, "y_blocks")
     if not x_batched:
         x, y, xi, vx, yi, vy = _batched(x, y, xi, vx, yi, vy)
-    # An out-of-range block's update is dropped (its pairs are masked).
     return outer_masked(o, x, y, xi, vx, yi, vy, alpha, strategy)

@@ -16,12 +16,12 @@ def pair_blocks(input_idx, output_idx, transpose_w):
 
 
 def loop_operand(W):
-    """``W`` as a loop of the strategies carries it: low-precision floats as their bits.
+    """``W`` as the strategies' loops carry it and gather from it: low-precision floats as bits.
 
     XLA:CPU has no low-precision products and converts a low-precision
-    ``W`` carried by a loop to float32 as a whole (a float32 copy of ``W``);
-    carried as unsigned integers of the same width, each block is converted
-    back (:func:`block`) and widened inside the loop, one block at a time.
+    ``W`` that a loop reads to float32 as a whole (a float32 copy of ``W``);
+    held as unsigned integers of the same width, each block (or gathered
+    chunk) is converted back (:func:`block`) and widened on its own.
     """
     if W.dtype.itemsize < 4:
         return lax.bitcast_convert_type(W, jnp.dtype(f"uint{8 * W.dtype.itemsize}")), W.dtype

@@ -116,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_path,
         default=DEFAULTS["out"],
         metavar="DIR",
-        help="folder for metrics.json and loss.png (default: ./%(default)s/)",
+        help="folder for metrics.json, summary.txt and loss.png (default: ./%(default)s/)",
     )
     parser.add_argument(
         "--output",

@@ -174,7 +174,7 @@ def plot_losses(path: str, m: dict) -> bool:
 
 
 def write_outputs(out_dir: str, m: dict) -> str | None:
-    """Writes ``metrics.json`` and, with matplotlib, ``loss.png``; returns the plot's path."""
+    """Writes ``metrics.json``, ``summary.txt`` and, with matplotlib, ``loss.png``; returns the plot's path."""
     with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as fh:
         json.dump(m, fh, indent=1, ensure_ascii=False)
         fh.write("\n")

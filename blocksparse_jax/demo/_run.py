@@ -573,4 +573,6 @@ def _write_report(out_dir: str, metrics: dict) -> None:
             f"--out {out_dir!r}: cannot write {os.path.basename(e.filename or '') or 'the results'}"
             f" ({e.strerror or e})"
         ) from None
-    print(f"wrote {os.path.join(out_dir, 'metrics.json')}" + (f" and {plot}" if plot else ""))
+    written = [os.path.join(out_dir, name) for name in ("metrics.json", "summary.txt")]
+    written += [plot] if plot else []
+    print(f"wrote {', '.join(written[:-1])} and {written[-1]}")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from blocksparse_jax import _sparse_sites as sites
+from blocksparse_jax import _targets
 from blocksparse_jax._scope import named
 from blocksparse_jax.full import _core
 from blocksparse_jax.full._params import (
@@ -20,7 +21,6 @@ from blocksparse_jax.full._params import (
     prepare,
 )
 from blocksparse_jax.full._sparse import FilteredChunksRule
-from blocksparse_jax.hsoftmax import _problem as _hs
 
 
 class LossOptions(NamedTuple):
@@ -60,7 +60,7 @@ def _used_stats(x, W, b, target, mask, plan: _core.Plan) -> Used:
     not arithmetic), so whatever it held (NaN included) reaches no output and
     no gradient.
     """
-    t, valid = _hs.normalize_target(target, plan.n_outputs)
+    t, valid = _targets.normalize_target(target, plan.n_outputs)
     keep = valid & mask
     x = jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
     t = jnp.where(keep, t, jnp.zeros((), t.dtype))
@@ -86,7 +86,7 @@ def per_example_loss(lse, picked, total, valid, n_outputs: int, options: LossOpt
 def _reduce_jit(lse, picked, total, valid, mask, *, n_outputs, options, reduction):
     with jax.named_scope("full_softmax_loss"):
         loss = per_example_loss(lse, picked, total, valid, n_outputs, options)
-        return _hs.reduce_nll(-loss, mask, reduction)
+        return _targets.reduce_nll(-loss, mask, reduction)
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "options", "reduction"))
@@ -95,7 +95,7 @@ def _loss_jit(x, W, b, target, mask, *, plan, options, reduction):
         used = _used_stats(x, W, b, target, mask, plan)
         s = used.stats
         loss = per_example_loss(s.lse, s.target, s.total, used.valid, plan.n_outputs, options)
-        return _hs.reduce_nll(-loss, mask, reduction)
+        return _targets.reduce_nll(-loss, mask, reduction)
 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
@@ -279,9 +279,9 @@ def full_softmax_loss(
       >>> grads.W.shape, grads.b.shape
       ((16, 1000), (1000,))
     """
-    _hs.check_reduction(reduction)
+    _targets.check_reduction(reduction)
     x, params, lead = prepare(x, params)
-    mask = _hs.check_mask(mask, lead)
+    mask = _targets.check_mask(mask, lead)
     t = checked_target(target, lead, params.n_outputs, mask)
     options = LossOptions(
         check_option("label_smoothing", label_smoothing, low=0.0, high=1.0),

@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from blocksparse_jax import _checks
+from blocksparse_jax import _checks, _targets
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._scope import named
-from blocksparse_jax.hsoftmax import _problem as _hs
 from blocksparse_jax.hsoftmax._params import check_count
 
 
@@ -160,7 +159,7 @@ def check_chunk_size(chunk_size) -> int | None:
     """``chunk_size`` (columns per chunk) as a positive Python int, or ``None`` (automatic)."""
     if chunk_size is None:
         return None
-    chunk_size = _hs.static_int("chunk_size", chunk_size)
+    chunk_size = _checks.static_int("chunk_size", chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (columns per chunk); got {chunk_size}")
     return chunk_size
@@ -188,11 +187,11 @@ def checked_target(target, lead: tuple[int, ...], n_outputs: int, mask=None) -> 
     Entries where a concrete ``mask`` is ``False`` are not checked; with a
     traced ``mask`` none is.
     """
-    t, value = _hs.check_target(target, lead)
+    t, value = _targets.check_target(target, lead)
     keep = None
     if mask is not None:
         keep = _checks.concrete_value(mask)
         if keep is None:
             return t
-    _hs.check_target_values(value, n_outputs, None, 1, keep)
+    _targets.check_target_range(value, n_outputs, keep)
     return t

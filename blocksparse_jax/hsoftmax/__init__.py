@@ -2,9 +2,11 @@
 
 The ``n_outputs`` outputs are laid out on a grid of ``n_classes`` classes of
 ``n_outputs_per_class`` slots each; output ``o`` lives in class
-``o // n_outputs_per_class``, slot ``o % n_outputs_per_class``, and::
+``o // n_outputs_per_class``, slot ``o % n_outputs_per_class``, and:
 
-    p(o | x) = softmax(x @ W1 + b1)[class(o)] * softmax(x @ W2[class(o)] + b2[class(o)])[slot(o)]
+```
+p(o | x) = softmax(x @ W1 + b1)[class(o)] * softmax(x @ W2[class(o)] + b2[class(o)])[slot(o)]
+```
 
 The first level costs ``O(n_in * n_classes)`` per example.  For one target per
 example the second level only needs the target's class: a ``sparse_block_dot``
@@ -38,14 +40,6 @@ reaches no gradient.  Differentiation is reverse mode (``jax.grad``,
 Every public function validates shapes, dtypes and (when they are concrete)
 target values eagerly, then runs its computation as one ``jax.jit`` cached per
 configuration, so an eager call is not dispatched op by op.
-
-Modules: ``_params`` (parameters and init), ``_theano`` (``h_softmax``),
-``_problem`` (validation and the formulas: the internal interface that
-:mod:`blocksparse_jax.parallel` builds on), ``_first_level`` (the targets'
-class log-probabilities, a chunk of classes at a time: no ``(batch,
-n_classes)`` array in a training step), ``_log_space`` (log-probabilities and
-the loss), ``_sgd`` (the sparse SGD step), ``_decode`` (top-k and sampling),
-``_layout`` (frequency classes).
 """
 
 from blocksparse_jax.hsoftmax._decode import h_softmax_sample, h_softmax_top_k

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from blocksparse_jax._checks import static_int
 from blocksparse_jax._scope import named
+from blocksparse_jax.hsoftmax import _formulas as _f
 from blocksparse_jax.hsoftmax import _problem as _p
 from blocksparse_jax.hsoftmax._params import HSoftmaxParams
 
@@ -95,7 +97,7 @@ def h_softmax_top_k(
     """
     prob = _p.prepare(x, params, n_outputs, class_sizes)
     C, P = prob.W2.shape[0], prob.per_class
-    k = _p.static_int("k", k)
+    k = static_int("k", k)
     n_real = _p.n_valid_outputs(prob)
     limit = prob.n_outputs if n_real is None else n_real
     if not 1 <= k <= limit:
@@ -107,14 +109,14 @@ def h_softmax_top_k(
     if n_best_classes is not None and not approximate:
         raise ValueError("n_best_classes is used only with approximate=True")
     if approximate:
-        m = min(k, C) if n_best_classes is None else _p.static_int("n_best_classes", n_best_classes)
+        m = min(k, C) if n_best_classes is None else static_int("n_best_classes", n_best_classes)
         if not 1 <= m <= C:
             raise ValueError(f"n_best_classes must be in [1, n_classes] = [1, {C}]; got {m}")
         return _p.run(_top_k_approximate, prob, k=k, m=m)
     if classes_per_step is None:
         cc = min(_TOP_K_CLASSES_PER_STEP, _TOP_K_CHUNK_ELEMENTS // max(1, prob.x.shape[0] * P))
     else:
-        cc = _p.static_int("classes_per_step", classes_per_step)
+        cc = static_int("classes_per_step", classes_per_step)
         if cc < 1:
             raise ValueError(f"classes_per_step must be >= 1; got {classes_per_step}")
     return _p.run(_top_k_exact, prob, k=k, cc=max(1, min(C, cc)))
@@ -150,10 +152,10 @@ def _top_k_exact(prob: _p.Problem, *, k: int, cc: int):
         start = jnp.minimum(i * cc, C - cc)
         classes = lax.dynamic_slice_in_dim(order, start, cc)  # (cc,)
         fresh = start + jnp.arange(cc, dtype=jnp.int32) >= i * cc
-        act = _p.all_activations(x, W2[classes], b2[classes], prob.acc)  # (batch, cc, P)
+        act = _f.all_activations(x, W2[classes], b2[classes], prob.acc)  # (batch, cc, P)
         slot_ok = prob.slot_valid(classes) & fresh[:, None]  # (cc, P)
-        logp = class_logp[:, classes][:, :, None] + _p.masked_log_softmax(act, slot_ok[None])
-        logp = _p.neg_inf_where_invalid(logp, slot_ok[None]).reshape(batch, cc * P)
+        logp = class_logp[:, classes][:, :, None] + _f.masked_log_softmax(act, slot_ok[None])
+        logp = _f.neg_inf_where_invalid(logp, slot_ok[None]).reshape(batch, cc * P)
         ids = (classes[:, None] * P + slots[None, :]).reshape(-1)
         vals = jnp.concatenate([best_vals, logp], axis=1)
         cand = jnp.concatenate([best_idx, jnp.broadcast_to(ids[None, :], logp.shape)], axis=1)
@@ -177,9 +179,9 @@ def _no_output(vals, idx):
 def _top_k_approximate(prob: _p.Problem, *, k: int, m: int):
     batch, P = prob.x.shape[0], prob.per_class
     cl, best = lax.top_k(prob.class_log_probs(), m)  # (batch, m)
-    act = _p.target_activations(prob.x, prob.W2, prob.b2, best, prob.acc)  # (batch, m, P)
+    act = _f.target_activations(prob.x, prob.W2, prob.b2, best, prob.acc)  # (batch, m, P)
     slot_ok = prob.slot_valid(best)
-    logp = _p.neg_inf_where_invalid(cl[:, :, None] + _p.masked_log_softmax(act, slot_ok), slot_ok)
+    logp = _f.neg_inf_where_invalid(cl[:, :, None] + _f.masked_log_softmax(act, slot_ok), slot_ok)
     ids = best[:, :, None] * P + lax.broadcasted_iota(jnp.int32, (batch, m, P), 2)
     k_eff = min(k, m * P)
     vals, pos = lax.top_k(logp.reshape(batch, m * P), k_eff)
@@ -241,9 +243,9 @@ def h_softmax_sample(
 def _sample(prob: _p.Problem, key) -> jax.Array:
     k_class, k_slot = jax.random.split(key)
     classes = jax.random.categorical(k_class, prob.class_log_probs(), axis=-1).astype(jnp.int32)
-    act = _p.target_activations(prob.x, prob.W2, prob.b2, classes, prob.acc)
+    act = _f.target_activations(prob.x, prob.W2, prob.b2, classes, prob.acc)
     act = jnp.where(prob.slot_valid(classes), act, -jnp.inf)
     slots = jax.random.categorical(k_slot, act, axis=-1).astype(jnp.int32)
     # With every class empty (a traced all-zero class_sizes) there is no output to draw.
-    drawn = _p._take(prob.slot_valid(classes), slots) & prob.class_valid[classes]
+    drawn = _f.take_rows(prob.slot_valid(classes), slots) & prob.class_valid[classes]
     return jnp.where(drawn, classes * prob.per_class + slots, jnp.int32(-1))

@@ -1,17 +1,16 @@
 """The first level's log-probability of each example's class, a chunk of classes at a time.
 
-``class_log_prob(x, W1, b1, class_valid, classes)`` is::
+``class_log_prob(x, W1, b1, class_valid, classes)`` is:
 
-    logits = x @ W1 + b1                     (batch, n_classes), -inf for the empty classes
-    out[b] = logits[b, classes[b]] - logsumexp(logits[b])
+```
+logits = x @ W1 + b1                     (batch, n_classes), -inf for the empty classes
+out[b] = logits[b, classes[b]] - logsumexp(logits[b])
+```
 
-Written with ``jnp`` and differentiated by JAX, a training step holds several
-``(batch, n_classes)`` arrays at once (the logits, the probabilities, their
-cotangent): with a few thousand classes and a batch of 1,024 that is more
-memory than the second level and the lazily updated ``W2`` blocks together.
-This custom-VJP operation walks the classes in chunks of columns instead, so
+as a custom-VJP operation that walks the classes in chunks of columns, so that
 no array larger than a chunk's ``(batch, cols)`` logits is built, forward or
-backward:
+backward (differentiated by JAX, the formula holds the ``(batch, n_classes)``
+logits, probabilities and cotangent at once):
 
 * the forward pass keeps a running maximum and sum per example (an online
   log-sum-exp) and picks the target's logit from the chunk that holds it; only
@@ -23,14 +22,13 @@ backward:
   ``x``'s gradient.
 
 A chunk holds about ``_CHUNK_ELEMENTS`` logits, or as many as the caller
-allows (``chunk_elements``: the hierarchical softmax allows ``W2``'s elements
-over 64); classes that fit one chunk are computed without a loop, and when
-every class is valid (``all_valid``) without masks.  On CPU the chunks are a
-``lax.scan``; on GPU and TPU, where a loop's iterations run one after another,
-the classes are one chunk (no loop) (:func:`_per_platform`).  The last chunk is moved back to end at the last
-class, and the classes it shares with the chunk before are left out of its
-sums.  So the backward pass is itself reverse-differentiable and
-``jax.jacrev`` of ``jax.jacrev`` works.
+allows (``chunk_elements``); classes that fit one chunk are computed without a
+loop, and when every class is valid (``all_valid``) without masks.  On CPU the
+chunks are a ``lax.scan``; on GPU and TPU, where a loop's iterations run one
+after another, the classes are one chunk (:func:`_per_platform`).  The last
+chunk is moved back to end at the last class, and the classes it shares with
+the chunk before are left out of its sums.  The backward pass is itself
+reverse-differentiable: ``jax.jacrev`` of ``jax.jacrev`` works.
 """
 
 from __future__ import annotations
@@ -45,12 +43,9 @@ from jax import lax
 
 from blocksparse_jax import _checks
 
-# A chunk holds about this many logits (512 KiB in float32, a few such arrays
-# stay in the caches), and at least _MIN_COLS classes (a narrower product of
-# (batch, n_in) by (n_in, cols) would run below the machine's speed).  A caller
-# may allow larger chunks (``chunk_elements``): fewer chunks are faster (a loop
-# runs its products on one core, and slices W1's columns), at the price of
-# larger temporaries.
+# A chunk holds about this many logits (512 KiB in float32), and at least
+# _MIN_COLS classes; a caller may allow larger chunks (``chunk_elements``): fewer
+# loop steps, larger temporaries.
 _CHUNK_ELEMENTS = 1 << 17
 _MIN_COLS = 128
 _COL_MULTIPLE = 8
@@ -147,7 +142,6 @@ def _values(x, W1, b1, valid, classes, st: _Static, whole):
     lse = jnp.where(jnp.isneginf(m), zero, m) + jnp.log(s)
     # A row with no class at all gets lse 0, so that its log-probabilities are -inf, not NaN.
     lse = jnp.where(jnp.isneginf(lse), zero, lse)
-    # The class is empty: whatever was picked, the result is -inf.
     return jnp.where(valid[classes], picked - lse, neg_inf), lse
 
 

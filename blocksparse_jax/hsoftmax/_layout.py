@@ -104,38 +104,27 @@ def frequency_classes(
     ``class_sizes=`` tells the log-space functions which slots are padding.
 
     Usage (``n_outputs`` defaults to the layout's ``n_outputs``, the
-    parameters' ``n_classes * n_outputs_per_class``)::
+    parameters' ``n_classes * n_outputs_per_class``):
 
-        layout = frequency_classes(counts)
-        params = h_softmax_init(key, n_in, layout.n_outputs, n_classes=layout.n_classes)
+    ```
+    layout = frequency_classes(counts)
+    params = h_softmax_init(key, n_in, layout.n_outputs, n_classes=layout.n_classes)
 
-        @jax.jit
-        def loss_fn(params, x, word_ids):
-            out_ids = layout.to_output(word_ids)       # a jnp lookup: works under jit
-            return h_softmax_loss(x, params, out_ids, class_sizes=layout.class_sizes)
+    @jax.jit
+    def loss_fn(params, x, word_ids):
+        out_ids = layout.to_output(word_ids)       # a jnp lookup: works under jit
+        return h_softmax_loss(x, params, out_ids, class_sizes=layout.class_sizes)
 
-        words = layout.to_word(h_softmax_sample(key, x, params, class_sizes=layout.class_sizes))
+    words = layout.to_word(h_softmax_sample(key, x, params, class_sizes=layout.class_sizes))
+    ```
 
     Uneven classes cost memory and time: the second level of every example
     costs ``n_outputs_per_class`` (the largest class) and ``W2`` holds
     ``n_classes * n_outputs_per_class`` slots.  The default cap,
     ``max_class_size = ceil(1.25 * ceil(n_words / n_classes))``, keeps ``W2``
-    within 1.25 times the vocabulary.  On Zipf counts (``1 / rank``) of 65,536
-    words in 256 classes:
-
-    ============  ===========  ======================  ==================
-    cap (x even)  slots/words  per-example cost C + P  largest class mass
-    ============  ===========  ======================  ==================
-    1             1.00         512                     0.53
-    1.25          1.25         576                     0.13
-    1.5           1.50         640                     0.09
-    2             2.00         768                     0.09
-    4             4.00         1280                    0.09
-    ============  ===========  ======================  ==================
-
-    A cap of 1 forces an even split (the 256 most frequent words share a
-    class holding half the mass); 1.25 already spreads the mass, and larger
-    caps mostly add padding.
+    within 1.25 times the vocabulary; a cap of 1 forces an even split, which
+    puts the most frequent words together in a class of large mass (the
+    hierarchical softmax guide compares caps on Zipf counts).
 
     Args:
       counts: ``(n_words,)`` non-negative word counts (or frequencies).
@@ -143,7 +132,7 @@ def frequency_classes(
       max_class_size: the largest class allowed, at least
         ``ceil(n_words / n_classes)``; default ``ceil(1.25 * ceil(n_words /
         n_classes))``, which bounds the second level's cost and ``W2``'s size
-        at 1.25 times those of an even split (see the table above).
+        at 1.25 times those of an even split.
 
     Returns:
       An :class:`HSoftmaxLayout` (NumPy arrays, computed on the host).

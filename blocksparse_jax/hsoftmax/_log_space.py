@@ -6,6 +6,7 @@ import jax
 from jax.typing import ArrayLike
 
 from blocksparse_jax import _sparse_sites as sites
+from blocksparse_jax import _targets
 from blocksparse_jax._scope import named
 from blocksparse_jax.hsoftmax import _problem as _p
 from blocksparse_jax.hsoftmax._params import HSoftmaxParams
@@ -22,9 +23,11 @@ def h_log_softmax(
 ) -> jax.Array:
     r"""Log-probabilities of the two-level hierarchical softmax, computed in log space.
 
-    With ``c = o // n_outputs_per_class`` and ``s = o % n_outputs_per_class``::
+    With ``c = o // n_outputs_per_class`` and ``s = o % n_outputs_per_class``:
 
-        log p(o | x) = log_softmax(x @ W1 + b1)[c] + log_softmax(x @ W2[c] + b2[c])[s]
+    ```
+    log p(o | x) = log_softmax(x @ W1 + b1)[c] + log_softmax(x @ W2[c] + b2[c])[s]
+    ```
 
     where both softmaxes run only over real outputs: padded slots (``o >=
     n_outputs``, or ``s >= class_sizes[c]``) and empty classes are masked out,
@@ -108,9 +111,9 @@ def h_softmax_loss(
 ) -> jax.Array:
     r"""Negative log-likelihood of the targets under the hierarchical softmax.
 
-    ::
-
-        loss[b] = -log p(target[b] | x[b])          (see h_log_softmax)
+    ```
+    loss[b] = -log p(target[b] | x[b])          (see h_log_softmax)
+    ```
 
     reduced by ``mean`` over the unmasked examples (0 if there are none),
     ``sum`` or not at all (``none``, masked entries 0).  The second level is
@@ -159,11 +162,11 @@ def h_softmax_loss(
       >>> jnp.flatnonzero(jnp.any(grads.W2 != 0, axis=(1, 2)))   # classes of 1, 42 and 99
       Array([0, 4, 9], dtype=int32)
     """
-    _p.check_reduction(reduction)
+    _targets.check_reduction(reduction)
     prob = _p.prepare(x, params, n_outputs, class_sizes)
     # The second level reads W2 and b2 only in the targets' classes.
     prob = prob._replace(W2=sites.mark_weight(prob.W2), b2=sites.mark_weight(prob.b2))
-    mask = _p.check_mask(mask, prob.lead)
+    mask = _targets.check_mask(mask, prob.lead)
     t = _p.checked_target(prob, target, mask)
     logp = _p.run(_target_log_probs, prob, t, mask.reshape(-1))
-    return _p.reduce_nll(logp, mask, reduction)
+    return _targets.reduce_nll(logp, mask, reduction)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from blocksparse_jax import _targets
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._order import after
@@ -29,9 +30,9 @@ def h_softmax_sgd_step(
 ) -> tuple[jax.Array, HSoftmaxParams, jax.Array]:
     r"""One SGD step on :func:`h_softmax_loss` that updates ``W2`` sparsely, in place.
 
-    ::
-
-        params' = params - learning_rate * grad(h_softmax_loss)(params)
+    ```
+    params' = params - learning_rate * grad(h_softmax_loss)(params)
+    ```
 
     The same values as the dense step, but the gradients of ``W2`` and ``b2``
     are never built: they are non-zero only in the targets' classes, and the
@@ -92,10 +93,11 @@ def h_softmax_sgd_step(
     if not jnp.issubdtype(learning_rate.dtype, jnp.floating):
         raise TypeError(f"learning_rate must be a float scalar; got dtype {learning_rate.dtype}")
     prob = _p.prepare(x, params, n_outputs, class_sizes)
-    mask = _p.check_mask(mask, prob.lead)
+    mask = _targets.check_mask(mask, prob.lead)
     t = _p.checked_target(prob, target, mask)
-    loss, new, dx = _p.run_flat(_sgd_step, prob, t, mask.reshape(-1), learning_rate,
-                                reduction=reduction)  # fmt: skip
+    loss, new, dx = _p.run_flat(
+        _sgd_step, prob, t, mask.reshape(-1), learning_rate, reduction=reduction
+    )
     return loss, new, _p.unflatten(prob, dx).astype(prob.x.dtype)
 
 
@@ -104,7 +106,7 @@ def _sgd_step(prob: _p.Problem, t, mask, learning_rate, *, reduction):
 
     def loss_fn(x, W1, b1, act_offset):
         p = prob._replace(x=x, W1=W1, b1=b1)
-        return _p.reduce_nll(p.target_log_probs(t, act_offset, mask), mask, reduction)
+        return _targets.reduce_nll(p.target_log_probs(t, act_offset, mask), mask, reduction)
 
     # W2 and b2 are held fixed: their dense gradients are never built (XLA drops
     # them); the cotangent of the second-level activations updates their blocks.

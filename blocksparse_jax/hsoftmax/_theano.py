@@ -8,9 +8,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from blocksparse_jax import _targets
+from blocksparse_jax._checks import static_int
 from blocksparse_jax._scope import named
-from blocksparse_jax.hsoftmax import _problem as _p
+from blocksparse_jax.hsoftmax import _formulas as _f
 from blocksparse_jax.hsoftmax._params import check_params
+from blocksparse_jax.hsoftmax._validate import check_n_outputs, check_x
 
 
 @named
@@ -29,9 +32,11 @@ def h_softmax(
     r"""Two-level hierarchical softmax, exactly as Theano's ``h_softmax``.
 
     With ``class_probs = softmax(x @ W1 + b1)`` and, for every class ``c``,
-    ``p_c = softmax(x @ W2[c] + b2[c])`` over its ``n_outputs_per_class`` slots::
+    ``p_c = softmax(x @ W2[c] + b2[c])`` over its ``n_outputs_per_class`` slots:
 
-        out[b, o] = class_probs[b, o // n_outputs_per_class] * p_{o // n_outputs_per_class}[b, o % n_outputs_per_class]
+    ```
+    out[b, o] = class_probs[b, o // n_outputs_per_class] * p_{o // n_outputs_per_class}[b, o % n_outputs_per_class]
+    ```
 
     Without ``target`` every output is computed (``O(n_in * n_classes *
     n_outputs_per_class)`` per example).  With ``target`` only the target's
@@ -85,21 +90,21 @@ def h_softmax(
       Probabilistic Neural Network Language Model", AISTATS 2005.
     """
     W1, b1, W2, b2 = check_params((W1, b1, W2, b2))
-    x = _p.check_x(x, W1.shape[0], theano=True)
+    x = check_x(x, W1.shape[0], theano=True)
     for name, given, actual, source in (
         ("batch_size", batch_size, x.shape[0], "x.shape[0]"),
         ("n_classes", n_classes, W1.shape[1], "W1.shape[1]"),
         ("n_outputs_per_class", n_outputs_per_class, W2.shape[2], "W2.shape[2]"),
     ):
         if isinstance(given, jax.core.Tracer):
-            _p.static_int(name, given)  # raises, saying how to mark it static
+            static_int(name, given)  # raises, saying how to mark it static
         if given != actual:
             raise ValueError(f"{name}={given} does not match {source}={actual}; pass {actual}")
-    n_outputs = _p.check_n_outputs(n_outputs, W2.shape[0], W2.shape[2])
-    dt, acc = _p.dtypes(x, W1, b1, W2, b2)
+    n_outputs = check_n_outputs(n_outputs, W2.shape[0], W2.shape[2])
+    dt, acc = _f.dtypes(x, W1, b1, W2, b2)
     if target is not None:
-        target, value = _p.check_target(target, (x.shape[0],))
-        _p.check_target_values(value, n_outputs, None, W2.shape[2])
+        target, value = _targets.check_target(target, (x.shape[0],))
+        _targets.check_target_range(value, n_outputs)
     return _h_softmax(x, W1, b1, W2, b2, target, n_outputs=n_outputs, dt=dt, acc=acc)
 
 
@@ -107,17 +112,17 @@ def h_softmax(
 def _h_softmax(x, W1, b1, W2, b2, target, *, n_outputs, dt, acc):
     """Theano's code, line by line (after validation)."""
     batch_size, n_outputs_per_class = x.shape[0], W2.shape[2]
-    class_probs = jax.nn.softmax(_p.class_logits(x, W1, b1, acc), axis=-1)
+    class_probs = jax.nn.softmax(_f.class_logits(x, W1, b1, acc), axis=-1)
     if target is None:
-        output_probs = jax.nn.softmax(_p.all_activations(x, W2, b2, acc), axis=-1)
+        output_probs = jax.nn.softmax(_f.all_activations(x, W2, b2, acc), axis=-1)
         output_probs = class_probs[:, :, None] * output_probs
         return output_probs.reshape(batch_size, W2.shape[0] * n_outputs_per_class)[
             :, :n_outputs
         ].astype(dt)
-    t, valid = _p.normalize_target(target, n_outputs)
+    t, valid = _targets.normalize_target(target, n_outputs)
     target_classes = t // n_outputs_per_class
     target_outputs_in_class = t % n_outputs_per_class
-    output_probs = jax.nn.softmax(_p.target_activations(x, W2, b2, target_classes, acc), axis=-1)
+    output_probs = jax.nn.softmax(_f.target_activations(x, W2, b2, target_classes, acc), axis=-1)
     rows = jnp.arange(batch_size)
     probs = class_probs[rows, target_classes] * output_probs[rows, target_outputs_in_class]
     return jnp.where(valid, probs, jnp.zeros((), acc)).astype(dt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -309,19 +310,12 @@ def _acc(dtype):
 
 def take_blocks(view, layout: BlockLayout, idx) -> jax.Array:
     """``(len(idx), *block_shape)``: the blocks ``idx`` of ``view`` (zeros for an index out of range)."""
-    blocks = jnp.take(view, idx, axis=layout.axis, mode="fill", fill_value=0)
-    return jnp.moveaxis(blocks, layout.axis, 0)
+    return layout.take(view, idx)
 
 
 def scatter_blocks(view, layout: BlockLayout, idx, blocks, *, add=False, **kwargs) -> jax.Array:
-    """``view`` with the blocks ``idx`` set to (or, with ``add``, increased by) ``blocks``.
-
-    Indices out of range are dropped.
-    """
-    blocks = jnp.moveaxis(blocks.astype(view.dtype), 0, layout.axis)
-    where = (slice(None),) * layout.axis + (idx,)
-    ref = view.at[where]
-    return ref.add(blocks, mode="drop", **kwargs) if add else ref.set(blocks, mode="drop", **kwargs)
+    """``view`` with the blocks ``idx`` set to (``add``: increased by) ``blocks``; out of range dropped."""
+    return layout.put(view, idx, blocks, add=add, **kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -358,15 +352,56 @@ def pair_terms(pairs: SlotPairs | BlockPairs, block_shape, acc) -> jax.Array:
     return terms.reshape(terms.shape[0], *block_shape)
 
 
+# Pairs summed per scatter-add when their terms are large (XLA builds a scatter's
+# terms whole): the terms of a chunk take at most this many elements.
+_TERMS_PER_CHUNK = 1 << 20
+
+
 def sum_pairs(pairs: SlotPairs, capacity: int, block_shape, dtype) -> jax.Array:
     """``(capacity, *block_shape)``: the pairs summed into their slots (in float32 or wider)."""
     acc = _acc(dtype)
     out = jnp.zeros((capacity, *block_shape), acc)
-    return out.at[pairs.slot].add(pair_terms(pairs, block_shape, acc), mode="drop").astype(dtype)
+    n_pairs = pairs.slot.shape[0]
+    k = max(1, _TERMS_PER_CHUNK // max(1, math.prod(block_shape)))
+    if pairs.left is None or n_pairs <= k:
+        out = out.at[pairs.slot].add(pair_terms(pairs, block_shape, acc), mode="drop")
+        return out.astype(dtype)
+    # In chunks of k pairs, so that only a chunk's outer products exist at a time.
+    n_chunks = -(-n_pairs // k)
+    pad = n_chunks * k - n_pairs
+    padded = SlotPairs(
+        jnp.concatenate([pairs.slot, jnp.full((pad,), capacity, pairs.slot.dtype)]),
+        jnp.concatenate([pairs.left, jnp.zeros((pad, pairs.left.shape[1]), pairs.left.dtype)]),
+        jnp.concatenate([pairs.right, jnp.zeros((pad, pairs.right.shape[1]), pairs.right.dtype)]),
+    )
+
+    def body(c, out):
+        chunk = SlotPairs(*(lax.dynamic_slice_in_dim(a, c * k, k) for a in padded))
+        return out.at[chunk.slot].add(pair_terms(chunk, block_shape, acc), mode="drop")
+
+    return lax.fori_loop(0, n_chunks, body, out).astype(dtype)
+
+
+def _replicated(x):
+    """``x`` replicated if its type is sharded over the axes of an ``Explicit`` mesh.
+
+    The pairs of a batch split over a data axis: a gradient's few touched
+    blocks are small, every device holds them all.
+    """
+    if x is None:
+        return x
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", ())
+    if any(s is not None for s in spec):
+        return jax.sharding.reshard(
+            x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        )
+    return x
 
 
 def build(pairs: BlockPairs, layout: BlockLayout, dtype) -> SparseBlockGrad:
     """The :class:`SparseBlockGrad` of ``pairs``, which keeps them as its shortcut."""
+    pairs = BlockPairs(*(_replicated(a) for a in pairs))
     n_blocks = layout.n_blocks
     blocks = pairs.blocks.reshape(-1)
     ok = (blocks >= 0) & (blocks < n_blocks)

@@ -30,8 +30,10 @@ from blocksparse_jax._sparse_sites import BlockLayout
 from blocksparse_jax.optim._blocks import SlotPairs, SparseBlockGrad, take_blocks
 
 # The vectorised path when the gathered blocks (gradient, parameter, state and
-# their new values) take at most this many bytes and at most 1/16 of the leaf.
+# their new values) take at most this many bytes and at most 1/16 of the leaf,
+# or at most _VECTOR_FLOOR bytes (a small weight: a loop would cost more than it saves).
 _VECTOR_BYTES = 32 << 20
+_VECTOR_FLOOR = 2 << 20
 # ... in up to this many chunks of at least _MIN_CHUNK slots.
 _CHUNKS = 4
 _MIN_CHUNK = 512
@@ -70,11 +72,12 @@ def choose_path(g: SparseBlockGrad, param, n_entries: int) -> tuple[str, int]:
     """``("vectorised", 0)``, ``("chunks", blocks per iteration)`` or ``("blocks", 1)``.
 
     The gathered blocks (gradient, parameter, state entries and their new
-    values) may take at most ``min(_VECTOR_BYTES, leaf bytes / 16)``.
+    values) may take at most ``min(_VECTOR_BYTES, leaf bytes / 16)``, or
+    ``_VECTOR_FLOOR``.
     """
     block_bytes = math.prod(g.block_shape) * max(4, param.dtype.itemsize)
     per_block = block_bytes * (3 + 2 * n_entries)
-    budget = min(_VECTOR_BYTES, param.size * param.dtype.itemsize // 16)
+    budget = max(min(_VECTOR_BYTES, param.size * param.dtype.itemsize // 16), _VECTOR_FLOOR)
     if g.capacity * per_block <= budget:
         return "vectorised", 0
     k = min(g.capacity, budget // per_block)
@@ -127,9 +130,7 @@ def _write_indices(g: SparseBlockGrad, indices):
 
 
 def _scatter(view, layout: BlockLayout, idx, blocks, opts):
-    blocks = jnp.moveaxis(blocks.astype(view.dtype), 0, layout.axis)
-    where = (slice(None),) * layout.axis + (idx,)
-    return view.at[where].set(blocks, mode="drop", **opts)
+    return layout.put(view, idx, blocks, **opts)
 
 
 def _by_slot(pairs: SlotPairs, acc, pad_rows: int):
@@ -290,23 +291,17 @@ def _by_block(leaf: LeafUpdate) -> Result:
 
     def update_block(s, gb, state):
         (p, es), u_buf = state
-        k = g.indices[s]
-        pb = lax.dynamic_slice_in_dim(p, k, 1, layout.axis)
-        eb = [lax.dynamic_slice_in_dim(e, k, 1, layout.axis) for e in es]
-        pb, eb = jnp.moveaxis(pb, layout.axis, 0), [jnp.moveaxis(b, layout.axis, 0) for b in eb]
+        # A gather and a scatter of one block (XLA makes them slices; a mesh
+        # partitions them without gathering a sharded weight).
+        k = g.indices[s][None]
+        pb = layout.take(p, k)
+        eb = [layout.take(e, k) for e in es]
         ub, eb_new = leaf.inner(gb.astype(g.dtype)[None], pb, eb)
-        p = lax.dynamic_update_slice_in_dim(
-            p, jnp.moveaxis(_add(pb, ub), 0, layout.axis), k, layout.axis
-        )
+        p = layout.put(p, k, _add(pb, ub))
         # The new parameter block reads the old state blocks: the state is written
         # after it (else XLA copies each state array to keep the old blocks readable).
-        k2 = after(k, lax.dynamic_slice_in_dim(p, k, 1, layout.axis))
-        es = [
-            lax.dynamic_update_slice_in_dim(
-                e, jnp.moveaxis(b.astype(e.dtype), 0, layout.axis), k2, layout.axis
-            )
-            for e, b in zip(es, eb_new, strict=True)
-        ]
+        k2 = after(k, layout.take(p, k))
+        es = [layout.put(e, k2, b) for e, b in zip(es, eb_new, strict=True)]
         u_buf = lax.dynamic_update_slice_in_dim(u_buf, ub.astype(acc), s, 0)
         return (p, es), u_buf
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -9,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blocksparse_jax._sparse_sites import BlockLayout
 from blocksparse_jax.optim import _inplace
 from blocksparse_jax.optim._blocks import Applied, Slots, SparseBlockGrad, is_sparse, take_blocks
 from blocksparse_jax.optim._state import StateMap
@@ -36,11 +36,12 @@ def _refuse_multi_steps(state, name: str) -> None:
         )
 
 
-def _tiny(treedef, leaves, p_leaves, sparse, extra_args):
-    """A small stand-in for a call: the same tree, sparse leaves of 4 blocks of ones, others small.
+def _tiny(leaves, p_leaves, sparse):
+    """A small stand-in for a call: the same tree, sparse leaves of 4 blocks, others small.
 
-    The gradients differ wildly between elements (one huge, one NaN on a step)
-    so that a transformation looking across elements shows it.
+    Returns ``(params, grads(step))`` for 2 steps; the gradients differ wildly
+    between elements on the second step (one huge, one NaN), so that a
+    transformation looking across elements shows it.
     """
     tiny_p, tiny_g = [], []
     for i, p in enumerate(p_leaves):
@@ -48,68 +49,114 @@ def _tiny(treedef, leaves, p_leaves, sparse, extra_args):
             shape = (4,) + (1,) * len(leaves[i].block_shape)
         else:
             shape = tuple(min(d, 2) for d in np.shape(p))
-        base = jnp.linspace(-1.0, 1.5, math.prod(shape) or 1)[: math.prod(shape)].reshape(shape)
+        n = math.prod(shape)
+        base = jnp.linspace(-1.0, 1.5, max(n, 1))[:n].reshape(shape)
         tiny_p.append(base.astype(jnp.asarray(p).dtype))
         tiny_g.append((0.3 - base).astype(leaves[i].dtype if i in sparse else jnp.asarray(p).dtype))
 
     def grads(step):
         out = []
         for i, g in enumerate(tiny_g):
-            scale = jnp.asarray([1.0, 1e5, jnp.nan][step] if i not in sparse else 1.0 + step)
-            if i in sparse and i == sparse[0]:  # a chunk of the first sparse leaf goes wild
-                wild = jnp.asarray([2.0, 1e5, jnp.nan][step])
-                g = g.at[1:].multiply(wild.astype(g.dtype))
-            else:
-                g = (g * scale).astype(g.dtype)
-            if i in sparse:
-                layout = BlockLayout(g.shape, g.shape, 0)
-                g = SparseBlockGrad(g, Slots(jnp.arange(4, dtype=jnp.int32), layout))
+            if step == 1 and i in sparse[:1]:  # a chunk of the first sparse leaf goes wild
+                g = g.at[1:2].multiply(jnp.asarray(1e5, g.dtype)).at[2:3].set(jnp.nan)
+            elif step == 1:
+                g = (g * jnp.asarray(1e5 if i % 2 else jnp.nan, g.dtype)).astype(g.dtype)
             out.append(g)
         return out
 
-    extra = jax.tree.map(lambda a: jnp.ones(np.shape(a), jnp.asarray(a).dtype), extra_args)
-    return tiny_p, grads, extra
+    return tiny_p, grads
 
 
-def _is_elementwise(inner, name, treedef, leaves, p_leaves, sparse, extra_args) -> bool:
-    """Does the chunked, in-place path give ``inner``'s update exactly?
+def _is_elementwise(inner, treedef, leaves, p_leaves, sparse, extra_args) -> bool:
+    """Is ``inner`` the same run a chunk of blocks at a time as on all of them?
 
-    Runs three steps of both paths (all touched blocks at once, and chunks of
-    one block) on a small stand-in of the call (:func:`_tiny`).  They agree
-    for an element-wise transformation; one that scales by a global norm,
-    skips non-finite steps, draws random numbers per leaf or looks at whole
-    leaves differs, and runs on all touched blocks at once instead.
+    What :func:`_update_elementwise` does, on a small stand-in of the call
+    (:func:`_tiny`): one call for the dense leaves with the sparse ones empty,
+    one per chunk of one sparse leaf with the others empty, against one call on
+    the whole tree, for two steps.  An element-wise transformation gives the
+    same updates and state; one that scales by a global norm, skips non-finite
+    steps, draws random numbers per leaf or looks at whole leaves does not, and
+    runs on all touched blocks at once instead.
     """
+    n = len(p_leaves)
 
-    def run(elementwise):
-        tiny_p, grads, extra = _tiny(treedef, leaves, p_leaves, sparse, extra_args)
-        params, state, seen = tiny_p, inner.init(treedef.unflatten(tiny_p)), []
-        for step in range(3):
-            g = grads(step)
-            if elementwise:
-                u, state = _update_elementwise(
-                    inner, g, treedef, state, params, sparse, extra, path=("chunks", 1)
-                )
-            else:
-                u, state = _update_whole(inner, g, treedef, state, params, sparse, extra)
-            params = jax.tree.leaves(apply_updates(treedef.unflatten(params), treedef.unflatten(u)))
-            seen += [
-                np.asarray(a, np.float64)
-                for a in [*params, *jax.tree.leaves(state)]
-                if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact)
-            ]
+    def empty_like(a):
+        return jnp.zeros((0, *np.shape(a)[1:]), a.dtype)
+
+    def call(g, state, params):
+        # Extra arguments (a loss value) as ones of their shapes: concrete, the same each run.
+        extra = jax.tree.map(
+            lambda a: (
+                jnp.ones(np.shape(a), jnp.asarray(a).dtype)
+                if isinstance(a, (jax.Array, np.ndarray, np.generic, int, float))
+                else a
+            ),
+            extra_args,
+        )
+        return inner.update(treedef.unflatten(g), state, treedef.unflatten(params), **extra)
+
+    def whole(params, grads):
+        state, seen = inner.init(treedef.unflatten(params)), []
+        for step in range(2):
+            u, state = call(grads(step), state, params)
+            u = treedef.flatten_up_to(u)
+            params = [p + d for p, d in zip(params, u, strict=True)]
+            seen += [*params, *jax.tree.leaves(state)]
         return seen
 
-    # Evaluated now, with concrete values, even when called while tracing a step.
+    def chunked(params, grads):
+        state, seen = inner.init(treedef.unflatten(params)), []
+        for step in range(2):
+            g = grads(step)
+            smap = StateMap(state, treedef.unflatten(params))
+            cut = lambda xs, keep: [x if j in keep else empty_like(x) for j, x in enumerate(xs)]
+            dense = [j for j in range(n) if j not in sparse]
+            u0, s1 = call(
+                cut(g, dense),
+                smap.map(lambda j, e, dense=dense: e if j in dense else empty_like(e)),
+                cut(params, dense),
+            )
+            u = treedef.flatten_up_to(u0)
+            new_entries = {}
+            for i in sparse:
+                parts_u, parts_e = [], []
+                for lo, hi in ((0, 1), (1, 4)):
+                    sl = lambda xs, lo=lo, hi=hi, i=i: [
+                        x[lo:hi] if j == i else empty_like(x) for j, x in enumerate(xs)
+                    ]
+                    s = smap.map(
+                        lambda j, e, lo=lo, hi=hi, i=i: e[lo:hi] if j == i else empty_like(e)
+                    )
+                    ui, si = call(sl(g), s, sl(params))
+                    parts_u.append(treedef.flatten_up_to(ui)[i])
+                    parts_e.append(StateMap(si, treedef.unflatten(sl(params))).entries(i))
+                u[i] = jnp.concatenate(parts_u)
+                new_entries[i] = iter([jnp.concatenate(e) for e in zip(*parts_e, strict=True)])
+            state = StateMap(s1, treedef.unflatten(cut(params, dense))).map(
+                lambda j, e, taken=new_entries: next(taken[j]) if j in sparse else e
+            )
+            params = [p + d for p, d in zip(params, u, strict=True)]
+            seen += [*params, *jax.tree.leaves(state)]
+        return seen
+
+    # Evaluated now (one small compiled program), even when called while tracing a step.
     with jax.ensure_compile_time_eval(), jax.numpy_dtype_promotion("standard"):
+        params, grads = _tiny(leaves, p_leaves, sparse)
         try:
-            want, got = run(False), run(True)
+            want, got = jax.jit(lambda: (whole(params, grads), chunked(params, grads)))()
         except Exception:  # noqa: BLE001 - it cannot run on the stand-in a chunk at a time
             return False
-    return len(got) == len(want) and all(
-        a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=0.0, equal_nan=True)
-        for a, b in zip(got, want, strict=True)
-    )
+    return len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want, strict=True))
+
+
+def _same(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    if not np.issubdtype(a.dtype, np.inexact):
+        return bool(np.array_equal(a, b))
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return bool(np.allclose(a, b, rtol=1e-6, atol=0.0, equal_nan=True))
 
 
 def _describe(inner) -> str:
@@ -233,13 +280,29 @@ def lazy(
         )
         if key not in elementwise:
             elementwise[key] = (not check) or _is_elementwise(
-                inner, name, treedef, leaves, p_leaves, sparse, extra_args
+                inner, treedef, leaves, p_leaves, sparse, extra_args
             )
         run = _update_elementwise if elementwise[key] else _update_whole
-        new_leaves, new_state = run(inner, leaves, treedef, state, p_leaves, sparse, extra_args)
+        with _mesh_of(p_leaves):
+            new_leaves, new_state = run(inner, leaves, treedef, state, p_leaves, sparse, extra_args)
         return jax.tree.unflatten(treedef, new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _mesh_of(arrays):
+    """The mesh of the first array typed on an ``Explicit`` mesh, as the context of the update.
+
+    Arrays the update creates (its buffers) then live on the same mesh as the
+    parameters they are combined with.
+    """
+    for a in arrays:
+        mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+        if mesh is not None and not mesh.empty:
+            if mesh != jax.sharding.get_abstract_mesh():
+                return jax.sharding.use_abstract_mesh(mesh)
+            break
+    return contextlib.nullcontext()
 
 
 def _check_param(g: SparseBlockGrad, p, i: int) -> None:
@@ -289,10 +352,7 @@ def _update_whole(inner, leaves, treedef, state, p_leaves, sparse, extra_args):
         if i not in sparse:
             return new
         g, e = leaves[i], next(old[i])
-        view = _view(e, g)
-        where = (slice(None),) * g.layout.axis + (g.indices,)
-        blocks = jnp.moveaxis(new.astype(e.dtype), 0, g.layout.axis)
-        return view.at[where].set(blocks, mode="drop").reshape(e.shape)
+        return g.layout.put(_view(e, g), g.indices, new).reshape(e.shape)
 
     return u_leaves, StateMap(new_state, blocks_tree).map(write)
 
@@ -326,7 +386,7 @@ def _update_elementwise(inner, leaves, treedef, state, p_leaves, sparse, extra_a
             ps = treedef.unflatten(
                 [p_blk if j == i else empty(j, q.dtype) for j, q in enumerate(p_leaves)]
             )
-            s = smap.map(lambda j, e: next(it) if j == i else empty(j, e.dtype))
+            s = smap.map(lambda j, entry, it=it, i=i: next(it) if j == i else empty(j, entry.dtype))
             u, s_new = inner.update(treedef.unflatten(gs), s, ps, **extra_args)
             return treedef.flatten_up_to(u)[i], StateMap(s_new, ps).entries(i)
 

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from blocksparse_jax import _targets
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._scope import named
 from blocksparse_jax.full import _core
@@ -27,7 +28,6 @@ from blocksparse_jax.full._params import (
     checked_target,
     prepare,
 )
-from blocksparse_jax.hsoftmax import _problem as _hs
 from blocksparse_jax.parallel._mesh import check_divisible, check_mesh, place, shard_map, size, vary
 
 
@@ -95,7 +95,7 @@ def _sharded(x, params, target, mask, *, mesh, data_axis, model_axis, plan_optio
     def shard(x, W, t, mask, *b):
         x, W, *b = vary(axes, x, W, *b)
         b = b[0] if has_bias else None
-        t, valid = _hs.normalize_target(t, V)
+        t, valid = _targets.normalize_target(t, V)
         keep = valid & mask
         x = jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
         first = 0 if model_axis is None else lax.axis_index(model_axis) * n_local
@@ -247,9 +247,9 @@ def full_softmax_loss(
       >>> bool(jnp.allclose(loss, bsj.full_softmax_loss(x, params, target)))
       True
     """
-    _hs.check_reduction(reduction)
+    _targets.check_reduction(reduction)
     lead = tuple(jnp.shape(x)[:-1])
-    mask = _hs.check_mask(mask, lead)
+    mask = _targets.check_mask(mask, lead)
     options = LossOptions(
         check_option("label_smoothing", label_smoothing, low=0.0, high=1.0),
         check_option("z_loss", z_loss, low=0.0),
@@ -265,5 +265,5 @@ def full_softmax_loss(
         plan_options=(chunk_size, softcap, options.label_smoothing > 0), body=body,
     )  # fmt: skip
     mask = place(mesh, mask.reshape(-1), P(data_axis))
-    out = _hs.reduce_nll(-loss, mask, reduction)
+    out = _targets.reduce_nll(-loss, mask, reduction)
     return out.reshape(lead) if reduction == "none" else out

@@ -1,22 +1,29 @@
 """The hierarchical softmax with the classes split over a mesh axis.
 
-Each shard evaluates :class:`~blocksparse_jax.hsoftmax._problem.Problem` on its
-own classes with ``model_axis`` set; the problem's formulas combine the shards.
+Each shard holds a :class:`~blocksparse_jax.hsoftmax._problem.Problem` of its
+own classes; :class:`_Shard` evaluates it and combines the shards: a global
+log-sum-exp over the classes, a ``psum`` of the owning shard's term.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from blocksparse_jax import _sparse_sites as sites
+from blocksparse_jax import _targets
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._scope import named
 from blocksparse_jax.full import FullSoftmaxParams
 from blocksparse_jax.hsoftmax import HSoftmaxParams
+from blocksparse_jax.hsoftmax import _formulas as _f
 from blocksparse_jax.hsoftmax import _problem as _p
 from blocksparse_jax.hsoftmax._params import check_params
 from blocksparse_jax.parallel._full import shard_full_params
@@ -59,8 +66,72 @@ def _unflatten(n_real_classes, children):
 jax.tree_util.register_pytree_node(ShardedHSoftmaxParams, _flatten, _unflatten)
 
 
+class _Shard(NamedTuple):
+    """One model shard inside ``shard_map``: ``prob`` holds its contiguous range of classes."""
+
+    prob: _p.Problem
+    model_axis: str
+
+    def first_class(self):
+        """The global id of this shard's first class."""
+        return lax.axis_index(self.model_axis) * self.prob.W2.shape[0]
+
+    def class_lse(self, logits) -> jax.Array:
+        """``(batch,)`` log-sum-exp of the class logits of every shard.
+
+        The maximum across shards only keeps ``exp`` in range; it is held
+        constant for the gradient (which does not depend on it).  With no class
+        at all it is 0, so that every log-probability is ``-inf`` rather than NaN.
+        """
+        m = lax.pmax(lax.stop_gradient(jnp.max(logits, axis=1)), self.model_axis)
+        m = jnp.where(jnp.isneginf(m), jnp.zeros((), m.dtype), m)
+        s = lax.psum(jnp.sum(jnp.exp(logits - m[:, None]), axis=1), self.model_axis)
+        lse = m + jnp.log(s)
+        return jnp.where(jnp.isneginf(lse), jnp.zeros((), lse.dtype), lse)
+
+    def full_log_probs(self) -> jax.Array:
+        """``(batch, shard classes * n_outputs_per_class)`` log-probabilities of its outputs."""
+        logits = self.prob.masked_class_logits()
+        class_log_probs = logits - self.class_lse(logits)[:, None]
+        return self.prob.output_log_probs(class_log_probs, self.first_class())
+
+    def target_parts(self, t, mask=None) -> tuple[jax.Array, jax.Array]:
+        """``(act, first)``: the targets' second-level activations and first-level terms.
+
+        ``act`` ``(batch, n_outputs_per_class)`` are the activations of each
+        target's class, computed by the shard that owns it and summed over the
+        shards; ``first`` ``(batch,)`` is the log-probability of the target's
+        class (the owner's logit, the log-sum-exp of every shard).  For a class
+        another shard owns, class 0 stands in and its activations are replaced
+        by zeros (selection), so this shard's ``W2`` gets no gradient from it,
+        even where its class 0 holds a NaN.
+        """
+        prob = self.prob
+        t, use, x = prob.select_targets(t, mask)
+        local = t // prob.per_class - self.first_class()
+        owned = (local >= 0) & (local < prob.W2.shape[0])
+        local = jnp.where(owned, local, 0)
+        mine = use & owned
+        act = _f.target_activations(x, prob.W2, prob.b2, local, prob.acc)
+        act = lax.psum(jnp.where(mine[:, None], act, jnp.zeros((), act.dtype)), self.model_axis)
+        logits = prob._replace(x=x).masked_class_logits()
+        owner = jnp.where(mine, _f.take_rows(logits, local), jnp.zeros((), logits.dtype))
+        first = lax.psum(owner, self.model_axis) - self.class_lse(logits)
+        return act, first
+
+
 def _hs_log_probs(
-    x, params, target, *, n_outputs, class_sizes, mesh, data_axis, model_axis, mask=None
+    x,
+    params,
+    target,
+    *,
+    n_outputs,
+    class_sizes,
+    mesh,
+    data_axis,
+    model_axis,
+    mask=None,
+    mark=False,
 ):
     """Log-probabilities ``(..., n_outputs)`` (``target is None``) or ``(...)``.
 
@@ -73,6 +144,8 @@ def _hs_log_probs(
     n_classes = _as_array("W1", params[0]).shape[-1]
     n_real = getattr(params, "n_real_classes", None)
     prob = _p.prepare(x, params, n_outputs, class_sizes, n_real_classes=n_real)
+    if mark:  # the loss reads W2 and b2 only in the targets' classes
+        prob = prob._replace(W2=sites.mark_weight(prob.W2), b2=sites.mark_weight(prob.b2))
     n_outputs = prob.n_outputs
     if prob.lead == ():
         raise ValueError(
@@ -99,10 +172,9 @@ def _hs_log_probs(
         # cotangents must be typed like their inputs, and the transpose of the
         # cast is the psum that reduces each shard's gradient.
         x, W1, b1, W2, b2 = vary(axes, x, W1, b1, W2, b2)
-        return prob._replace(
-            x=x, W1=W1, b1=b1, W2=W2, b2=b2, class_valid=class_valid,
-            class_sizes=None if prob.class_sizes is None else sizes, model_axis=model_axis,
-        )  # fmt: skip
+        class_sizes = None if prob.class_sizes is None else sizes
+        own = dict(x=x, W1=W1, b1=b1, W2=W2, b2=b2, class_valid=class_valid)
+        return _Shard(prob._replace(**own, class_sizes=class_sizes), model_axis)
 
     d, m = data_axis, model_axis
     args = [prob.x, prob.W1, prob.b1, prob.W2, prob.b2, prob.class_valid, sizes]
@@ -115,14 +187,21 @@ def _hs_log_probs(
             out = place(mesh, out, P(d))[:, :n_outputs]
         return _p.unflatten(prob, out)
     t = _p.checked_target(prob, target, mask)  # concrete out-of-range or padded targets raise
+    flat_mask = None if mask is None else place(mesh, mask.reshape(-1), P(d))
     if mask is None:
-        body = lambda *a: shard(*a[:-1]).target_log_probs(a[-1])
-        out = shard_map(mesh, body, [*specs, P(d)], P(d), [*args, t])
+        body = lambda *a: shard(*a[:-1]).target_parts(a[-1])
+        act, first = shard_map(mesh, body, [*specs, P(d)], (P(d), P(d)), [*args, t])
     else:
-        body = lambda *a: shard(*a[:-2]).target_log_probs(a[-2], mask=a[-1])
-        flat_mask = place(mesh, mask.reshape(-1), P(d))
-        out = shard_map(mesh, body, [*specs, P(d), P(d)], P(d), [*args, t, flat_mask])
-    return _p.unflatten(prob, out)
+        body = lambda *a: shard(*a[:-2]).target_parts(a[-2], mask=a[-1])
+        act, first = shard_map(
+            mesh, body, [*specs, P(d), P(d)], (P(d), P(d)), [*args, t, flat_mask]
+        )
+    # The second level per example, on the global batch: the sparse rules of W2 and b2
+    # are the single-device ones, on global classes (value_and_sparse_grad).
+    t, use, x = prob.select_targets(t, flat_mask)
+    act = prob.mark_sparse_use(act, x, t // prob.per_class, use)
+    logp = _f.neg_inf_where_invalid(first + prob.second_from_activations(act, t, use), use)
+    return _p.unflatten(prob, logp)
 
 
 @named
@@ -241,9 +320,9 @@ def h_softmax_loss(
       >>> bool(jnp.allclose(loss, bsj.h_softmax_loss(x, params, target, n_outputs=100)))
       True
     """
-    _p.check_reduction(reduction)
+    _targets.check_reduction(reduction)
     x = _as_array("x", x)
-    mask = _p.check_mask(mask, tuple(x.shape[:-1]))
+    mask = _targets.check_mask(mask, tuple(x.shape[:-1]))
     logp = _hs_log_probs(
         x,
         params,
@@ -254,8 +333,9 @@ def h_softmax_loss(
         data_axis=data_axis,
         model_axis=model_axis,
         mask=mask,
+        mark=True,
     )
-    return _p.reduce_nll(logp, mask, reduction)
+    return _targets.reduce_nll(logp, mask, reduction)
 
 
 def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") -> HSoftmaxParams:

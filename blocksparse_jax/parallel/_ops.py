@@ -13,9 +13,16 @@ from jax.typing import ArrayLike
 
 import blocksparse_jax.blocksparse as _bs
 from blocksparse_jax import _checks
+from blocksparse_jax import _sparse_sites as sites
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._scope import named
-from blocksparse_jax.blocksparse._ops import bias_masked, gemv_masked, outer_masked
+from blocksparse_jax.blocksparse._ops import (
+    BiasRule,
+    GemvWeightRule,
+    bias_masked,
+    gemv_masked,
+    outer_masked,
+)
 from blocksparse_jax.parallel._mesh import (
     check_divisible,
     check_mesh,
@@ -84,13 +91,21 @@ def _gemv_like(single, args: dict, *, mesh, data_axis, model_axis, strategy):
         return part if model_axis is None else lax.psum(part, model_axis)
 
     d, m = data_axis, model_axis
-    operands = [W, h, input_idx, output_idx]
+    # The single-device sparse rules, on the global indices (value_and_sparse_grad):
+    # the weights' gradients are the touched blocks, scattered into W's shards in place.
+    w = sites.mark_weight(W)
+    operands = [w, h, input_idx, output_idx]
     specs = [P(None, m), P(d), P(d), P(d)]
     if bias is not None:
-        operands.append(bias)
+        bw = sites.mark_weight(bias)
+        operands.append(bw)
         specs.append(P(m))
     part = shard_map(mesh, body, specs, P(d), operands)
+    ii, vi = _checks.normalize_index(input_idx, i_blocks)
+    oi, vo = _checks.normalize_index(output_idx, o_blocks)
+    part = sites.mark_use(part, w, (h, ii, vi, oi, vo), GemvWeightRule(o_blocks))
     if bias is not None:
+        part = sites.mark_use(part, bw, (oi, vo), BiasRule())
         return part.astype(bias.dtype)
     o = place(mesh, o, P(d))
     return (o.astype(acc) + part).astype(o.dtype)
@@ -111,9 +126,9 @@ def sparse_block_gemv(
 ) -> jax.Array:
     r""":func:`blocksparse_jax.sparse_block_gemv` with the batch and ``W``'s output blocks sharded.
 
-    ::
-
-        out[b, j] = o[b, j] + sum_i h[b, i] @ W[input_idx[b, i], output_idx[b, j]]
+    ```
+    out[b, j] = o[b, j] + sum_i h[b, i] @ W[input_idx[b, i], output_idx[b, j]]
+    ```
 
     ``o``, ``h`` and the index arrays are split over ``data_axis`` along the
     batch; ``W`` is split over ``model_axis`` along ``o_blocks`` (axis 1), each
@@ -179,9 +194,9 @@ def sparse_block_dot(
 ) -> jax.Array:
     r""":func:`blocksparse_jax.sparse_block_dot` with the batch and the output blocks sharded.
 
-    ::
-
-        out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+    ```
+    out[b_, j] = b[output_idx[b_, j]] + sum_i h[b_, i] @ W[input_idx[b_, i], output_idx[b_, j]]
+    ```
 
     As :func:`sparse_block_gemv`; the bias ``b`` ``(o_blocks, o_size)`` is split
     over ``model_axis`` like ``W``'s second axis, and each output slot's bias is
@@ -230,9 +245,9 @@ def sparse_block_outer(
 ) -> jax.Array:
     r""":func:`blocksparse_jax.sparse_block_outer` with ``o``'s ``y_blocks`` and the batch sharded.
 
-    ::
-
-        out[x_idx[b, i], y_idx[b, j]] += alpha * outer(x[b, i], y[b, j])
+    ```
+    out[x_idx[b, i], y_idx[b, j]] += alpha * outer(x[b, i], y[b, j])
+    ```
 
     ``o`` ``(x_blocks, y_blocks, x_size, y_size)`` is split over ``model_axis``
     along ``y_blocks`` (its axis 1, the ``o_blocks`` of the ``W`` it updates);

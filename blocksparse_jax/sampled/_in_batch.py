@@ -8,12 +8,11 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from blocksparse_jax import _checks
+from blocksparse_jax import _checks, _targets
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._scope import named
 from blocksparse_jax.full._params import check_option
-from blocksparse_jax.hsoftmax import _problem as _hs
 
 
 @functools.partial(jax.jit, static_argnames=("temperature", "reduction"))
@@ -35,7 +34,7 @@ def _in_batch_jit(query, candidates, log_q, ids, mask, *, temperature, reduction
             negative = negative & (ids[None, :] != ids[:, None])
         logits = jnp.where(negative | own, logits, jnp.full((), -jnp.inf, acc))
         logp = jnp.diagonal(logits) - jax.nn.logsumexp(logits, axis=1)
-        return _hs.reduce_nll(logp, mask, reduction)
+        return _targets.reduce_nll(logp, mask, reduction)
 
 
 @named
@@ -95,7 +94,7 @@ def in_batch_softmax_loss(
       >>> loss.shape, bool(loss > 0)
       ((), True)
     """
-    _hs.check_reduction(reduction)
+    _targets.check_reduction(reduction)
     query, candidates = _as_array("query", query), _as_array("candidates", candidates)
     for name, a in (("query", query), ("candidates", candidates)):
         _checks.check_float(name, a)
@@ -127,7 +126,7 @@ def in_batch_softmax_loss(
                 f"{_shape(candidate_ids.shape)}"
             )
     temperature = check_option("temperature", temperature, low=0.0, open_low=True)
-    mask = _hs.check_mask(mask, (batch,))
+    mask = _targets.check_mask(mask, (batch,))
     return _in_batch_jit(
         query, candidates, log_q, candidate_ids, mask, temperature=temperature, reduction=reduction
     )

@@ -26,13 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from blocksparse_jax import _checks
+from blocksparse_jax import _checks, _targets
 from blocksparse_jax import _sparse_sites as sites
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._scope import named
 from blocksparse_jax.full._params import FullSoftmaxParams, checked_target, prepare
-from blocksparse_jax.hsoftmax import _problem as _hs
 from blocksparse_jax.sampled._samplers import (
     SampledValues,
     check_n_sampled,
@@ -100,7 +99,7 @@ class Selected(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("n_outputs",))
 def _select_jit(x, target, mask, ids, *, n_outputs):
     with jax.named_scope("sampled_softmax_loss"):
-        t, valid = _hs.normalize_target(target, n_outputs)
+        t, valid = _targets.normalize_target(target, n_outputs)
         keep = valid & mask
         x = jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
         t = jnp.where(keep, t, jnp.zeros((), t.dtype))
@@ -142,7 +141,7 @@ def _loss_jit(logits, sel, true_count, sampled_count, mask, *, remove_accidental
         out = jnp.concatenate([true[:, None], sampled], axis=1)
         logp = true - jax.nn.logsumexp(out, axis=1)
         logp = jnp.where(sel.valid, logp, jnp.full((), -jnp.inf, acc))
-        return _hs.reduce_nll(logp, mask, reduction)
+        return _targets.reduce_nll(logp, mask, reduction)
 
 
 def _check_sampled(sampled, lead: tuple[int, ...], n_sampled) -> SampledValues:
@@ -163,7 +162,7 @@ def _check_sampled(sampled, lead: tuple[int, ...], n_sampled) -> SampledValues:
     _checks.check_int("sampled.ids", ids)
     _checks.check_ndim("sampled.ids", ids, 1, "(n_sampled,)")
     S = ids.shape[0]
-    if n_sampled is not None and _hs.static_int("n_sampled", n_sampled) != S:
+    if n_sampled is not None and _checks.static_int("n_sampled", n_sampled) != S:
         raise ValueError(
             f"n_sampled={n_sampled} does not match sampled.ids of shape {_shape(ids.shape)}; "
             "leave n_sampled out when passing sampled"
@@ -262,10 +261,10 @@ def sampled_softmax_loss(
       >>> int(jnp.sum(jnp.any(grads.W != 0, axis=0))) <= 4 + 64   # the columns read
       True
     """
-    _hs.check_reduction(reduction)
+    _targets.check_reduction(reduction)
     x, params, lead = prepare(x, params)
     V = params.n_outputs
-    mask = _hs.check_mask(mask, lead)
+    mask = _targets.check_mask(mask, lead)
     t = checked_target(target, lead, V, mask)
     if not isinstance(remove_accidental_hits, (bool, np.bool_)):
         raise TypeError(

@@ -38,7 +38,6 @@ from blocksparse_jax import _checks
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._scope import named
-from blocksparse_jax.hsoftmax import _problem as _hs
 
 # A round draws this many candidates per class still to find (at least _MIN_ROUND).
 _ROUND_FACTOR = 2
@@ -189,7 +188,7 @@ def check_sampler(sampler, n_outputs: int) -> tuple[str | None, jax.Array | None
 
 
 def check_n_sampled(n_sampled, n_outputs: int, counts) -> int:
-    n_sampled = _hs.static_int("n_sampled", n_sampled)
+    n_sampled = _checks.static_int("n_sampled", n_sampled)
     if not 1 <= n_sampled <= n_outputs:
         raise ValueError(
             f"n_sampled must be in [1, n_outputs] = [1, {n_outputs}] (distinct classes are "
@@ -253,7 +252,7 @@ def sample_candidates(
       >>> bool(s.true_expected_count[0] > s.true_expected_count[1])   # class 3 is more frequent
       True
     """
-    n_outputs = _hs.static_int("n_outputs", n_outputs)
+    n_outputs = _checks.static_int("n_outputs", n_outputs)
     if n_outputs < 1:
         raise ValueError(f"n_outputs must be a positive int; got {n_outputs}")
     kind, counts = check_sampler(sampler, n_outputs)

@@ -1,0 +1,73 @@
+"""Every python block of the README and the guides compiles; the self-contained ones run.
+
+The rules, in order:
+
+* every block compiles;
+* a block that reads names it does not define (:func:`~tests.doc_blocks.free_names`)
+  continues the prose or an earlier block: it is compiled, not run;
+* the README's blocks build on each other: they run together, top to bottom, in
+  ``test_readme.py``;
+* the layers guide's titled scripts run in ``test_layers.py``, which checks what
+  they print;
+* a block listed in :data:`NOT_RUN` is not run, for the reason given there;
+* every other block runs on its own in a fresh interpreter with JAX's default
+  settings; one that builds a mesh (``jax.make_mesh``) gets eight host CPU
+  devices, as the suite's multi-device tests do.
+"""
+
+import pytest
+
+from tests.doc_blocks import ROOT, Block, free_names, python_blocks, run_script
+from tests.test_layers import DOC_SCRIPTS
+
+BLOCKS = python_blocks()
+
+# (page, a string only that block holds): why it does not run here.
+NOT_RUN = {
+    ("docs/parallel.md", "jax.distributed.initialize("): (
+        "one process per host and a coordinator (run by hand as two processes)"
+    ),
+}
+RUN_ELSEWHERE = {
+    "README.md": "test_readme.py",
+    "docs/layers.md": "test_layers.py",  # the titled scripts
+}
+
+
+def _rule_for(block: Block) -> str | None:
+    """Why ``block`` is not run on its own here (``None``: it is)."""
+    for (page, marker), reason in NOT_RUN.items():
+        if block.page == page and marker in block.code:
+            return reason
+    if block.page == "README.md" or (block.page == "docs/layers.md" and block.title):
+        return f"runs in {RUN_ELSEWHERE[block.page]}"
+    if free_names(block.code):
+        return f"a fragment (reads {', '.join(sorted(free_names(block.code)))})"
+    return None
+
+
+RUNNABLE = [b for b in BLOCKS if _rule_for(b) is None]
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.name for b in BLOCKS])
+def test_block_compiles(block):
+    compile(block.code, block.name, "exec")
+
+
+def test_the_rules_name_existing_blocks():
+    """Each entry of ``NOT_RUN`` matches exactly one block; the tests named exist."""
+    for (page, marker), reason in NOT_RUN.items():
+        found = [b for b in BLOCKS if b.page == page and marker in b.code]
+        assert len(found) == 1, f"NOT_RUN entry {page!r} / {marker!r} ({reason}) matches {found}"
+    for test in RUN_ELSEWHERE.values():
+        assert (ROOT / "tests" / test).exists(), test
+    titled = {b.title for b in BLOCKS if b.page == "docs/layers.md" and b.title}
+    assert titled == {t for scripts in DOC_SCRIPTS.values() for t in scripts}, titled
+    assert len(RUNNABLE) >= 5, [b.name for b in RUNNABLE]
+
+
+@pytest.mark.parametrize("block", RUNNABLE, ids=[b.name for b in RUNNABLE])
+def test_self_contained_block_runs(block):
+    flags = "--xla_force_host_platform_device_count=8" if "jax.make_mesh" in block.code else None
+    run = run_script(block.code + "\nprint('block ran')\n", xla_flags=flags)
+    assert run.returncode == 0 and "block ran" in run.stdout, run.stdout + run.stderr
