@@ -21,7 +21,7 @@ from blocksparse_jax import (
     sparse_block_dot,
     value_and_sparse_grad,
 )
-from blocksparse_jax.optim import apply_updates, lazy, row_layout, rowwise_adagrad
+from blocksparse_jax.optim import _rowwise, apply_updates, lazy, row_layout, rowwise_adagrad
 
 F32 = jnp.float32
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "rowwise_adagrad.npz")
@@ -98,7 +98,10 @@ def _numpy_rowwise(table, acc, ids, upstream, lr, eps):
 
 
 @pytest.mark.parametrize("eps", [1e-8, 0.0])
-def test_embedding_with_padding_and_duplicates_matches_numpy(eps):
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_embedding_with_padding_and_duplicates_matches_numpy(eps, chunk_rows, monkeypatch):
+    if chunk_rows:  # the rows from the pairs a few at a time: several chunks, some skipped
+        monkeypatch.setattr(_rowwise, "_CHUNK_BYTES", chunk_rows * 6 * 4)
     rng = np.random.default_rng(1)
     n, d, lr = 50, 6, 0.2
     table0 = rng.standard_normal((n, d)).astype(np.float32)
@@ -128,6 +131,38 @@ def test_embedding_with_padding_and_duplicates_matches_numpy(eps):
     values, valid = update_values(table, state, jnp.asarray(ids, jnp.int32), jnp.asarray(up))
     assert not valid.all()  # padding slots: 0 (eps 0 divides nothing by nothing)
     np.testing.assert_array_equal(np.asarray(values)[~np.asarray(valid)], 0.0)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_update_applied_in_place_from_the_pairs_or_from_the_values(clip):
+    """The new table is made in ``update`` (``apply_updates`` returns it), from the pairs or,
+    once another transformation has changed the gradient, from its values."""
+    rng = np.random.default_rng(4)
+    table = jnp.asarray(rng.standard_normal((30, 4)), F32)
+    ids = jnp.asarray(rng.integers(0, 10, (12,)), jnp.int32)
+    loss_fn = lambda t: jnp.sum(jnp.sin(embedding_lookup(t, ids)))
+    tx = rowwise_adagrad(0.1)
+    if clip:  # a global norm far above the gradient's: the same update, other values
+        tx = optax.chain(optax.clip_by_global_norm(1e6), tx)
+    seen = {}
+
+    @jax.jit
+    def step(table, state):
+        _, grads = value_and_sparse_grad(loss_fn)(table)
+        updates, state = tx.update(grads, state, table)
+        new = apply_updates(table, updates)
+        seen["shortcut"] = new is updates.slots.applied.param_out
+        return new, state, updates.todense()
+
+    state = tx.init(table)
+    new, state, dense_update = step(table, state)
+    assert seen["shortcut"]
+    np.testing.assert_allclose(new, table + dense_update, rtol=1e-6, atol=1e-7)
+    want, _ = _numpy_rowwise(
+        np.asarray(table), np.zeros(30), np.asarray(ids),
+        np.cos(np.asarray(table)[np.asarray(ids)]), 0.1, 1e-8,
+    )  # fmt: skip
+    np.testing.assert_allclose(new, want, rtol=2e-5, atol=1e-6)
 
 
 def test_initial_accumulator_value_and_a_schedule():

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from blocksparse_jax._sparse_sites import BlockLayout
-from blocksparse_jax.optim._blocks import SparseBlockGrad, is_sparse
+from blocksparse_jax.optim._blocks import Applied, Slots, SparseBlockGrad, is_sparse
 
 
 class RowwiseAdagradState(NamedTuple):
@@ -146,14 +148,15 @@ def rowwise_adagrad(
         )
 
     def update(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del extra_args
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         g_leaves, treedef = jax.tree.flatten(updates, is_leaf=is_sparse)
         acc_leaves = treedef.flatten_up_to(state.sum_of_squares)
+        p_leaves = [None] * len(g_leaves) if params is None else treedef.flatten_up_to(params)
         new_updates, new_acc = [], []
-        for i, (g, acc) in enumerate(zip(g_leaves, acc_leaves, strict=True)):
+        for i, (g, acc, p) in enumerate(zip(g_leaves, acc_leaves, p_leaves, strict=True)):
             if is_sparse(g) and g.layout.n_axes:
-                u, a = _update_rows(g, acc, lr, eps, i)
+                u, a = _update_rows(g, acc, lr, eps, i, _param_of(g, p))
             elif is_sparse(g):  # a single block: the whole leaf
                 u, a = _update_dense(g.todense(), acc, lr, eps, i)
             else:
@@ -167,6 +170,14 @@ def rowwise_adagrad(
         return treedef.unflatten(new_updates), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _param_of(g: SparseBlockGrad, p):
+    """``p`` when the update can be applied to it here (an array of the gradient's shape)."""
+    if p is None or isinstance(p, SparseBlockGrad) or np.shape(p) != g.shape:
+        return None
+    p = jnp.asarray(p)
+    return p if jnp.issubdtype(p.dtype, jnp.floating) else None
 
 
 def _mismatch(i: int, what: str, acc_shape, rows) -> ValueError:
@@ -200,30 +211,126 @@ def _update_dense(g, acc, lr, eps, i):
     return update.astype(g.dtype), new_acc.astype(acc.dtype)
 
 
-def _update_rows(g: SparseBlockGrad, acc, lr, eps, i):
-    """The touched rows: their accumulators gathered, increased and written back in place."""
+def _update_rows(g: SparseBlockGrad, acc, lr, eps, i, param=None):
+    """The touched rows: their accumulators gathered, increased and written back in place.
+
+    With ``param`` the new parameter is made here too, in place (the update's
+    ``Applied`` shortcut, which :func:`~blocksparse_jax.optim.apply_updates`
+    returns), and, when the gradient's values are still the sum of its pairs
+    (an embedding's looked-up rows), straight from the pairs a chunk of rows at
+    a time: neither the gradient's values nor the update are then built (XLA
+    drops them when nothing else reads them).
+    """
     layout = g.layout
     rows = _rows_shape(layout)
     if layout.axis != 0 or layout.view != layout.shape or np.shape(acc) != rows:
         raise _mismatch(i, f"sparse, blocks of shape {g.block_shape}", np.shape(acc), rows)
-    acc_layout = BlockLayout(rows, rows, 0, len(rows))  # one scalar block per row
     dtype = jnp.promote_types(g.dtype, acc.dtype)
-    old = acc_layout.take(acc, g.indices).astype(dtype)  # (capacity,), 0 for padding slots
-    update, new = _step(g.values.astype(dtype), old, lr, eps, len(g.block_shape))
-    valid = g.valid.reshape((-1,) + (1,) * len(g.block_shape))
-    update = jnp.where(valid, update, jnp.zeros((), dtype))  # 0 / eps or 0 / 0 in padding slots
-    where, opts = _write_indices(g)
-    acc = acc_layout.put(acc, where, new.astype(acc.dtype), **opts)
-    return g.with_values(update), acc
+    rule = _RowRule(layout, BlockLayout(rows, rows, 0, len(rows)), lr, eps, dtype)
+    pairs = g.slots.pairs if g.slots.origin is g.values else None
+    param_out = None
+    if param is not None and pairs is not None and pairs.left is None:
+        param_out, acc = _from_pairs(g, pairs, rule, jnp.asarray(param), acc)
+    elif param is not None:
+        param_out, acc = _from_values(g, rule, jnp.asarray(param), acc)
+    else:
+        acc = _from_values(g, rule, None, acc)[1]
+    # The update itself, from the new accumulators (computed only if something reads it).
+    new = rule.acc_layout.take(acc, g.indices).astype(dtype)
+    update = _scaled(g.values.astype(dtype), new, rule)
+    update = jnp.where(_valid(g), update, jnp.zeros((), dtype))  # padding: 0 (not 0 / 0)
+    if param_out is None:
+        return g.with_values(update), acc
+    applied = Applied(param, update, param_out)
+    return SparseBlockGrad(update, Slots(g.indices, g.layout, applied=applied)), acc
 
 
-def _write_indices(g: SparseBlockGrad):
+class _RowRule(NamedTuple):
+    layout: BlockLayout  # the parameter's blocks (its rows)
+    acc_layout: BlockLayout  # the accumulators: one scalar block per row
+    lr: jax.Array | float
+    eps: float
+    dtype: jnp.dtype  # of the arithmetic
+
+
+def _valid(g: SparseBlockGrad):
+    return g.valid.reshape((-1,) + (1,) * len(g.block_shape))
+
+
+def _scaled(grad_rows, new_acc, rule: _RowRule):
+    """``-lr * g / (sqrt(acc) + eps)``, rows ``(k, *block)``, accumulators ``(k,)``."""
+    scale = jnp.asarray(rule.lr, rule.dtype) / (
+        jnp.sqrt(new_acc) + jnp.asarray(rule.eps, rule.dtype)
+    )
+    return -grad_rows * scale.reshape(scale.shape + (1,) * (grad_rows.ndim - 1))
+
+
+def _rows_step(grad_rows, idx, to, opts, rule: _RowRule, param, acc):
+    """Rows ``idx`` (written to ``to``) with gradient ``grad_rows``: accumulators, then the rows."""
+    old = rule.acc_layout.take(acc, idx).astype(rule.dtype)
+    new = old + jnp.mean(jnp.square(grad_rows), axis=tuple(range(1, grad_rows.ndim)))
+    acc = rule.acc_layout.put(acc, to, new.astype(acc.dtype), **opts)
+    if param is not None:
+        update = _scaled(grad_rows, new, rule)
+        if param.dtype == rule.dtype:  # one scatter-add, no gather of the rows
+            param = rule.layout.put(param, to, update, add=True, **opts)
+        else:  # the sum in float32 or wider, rounded once to the parameter's dtype
+            rows = rule.layout.take(param, idx).astype(rule.dtype)
+            param = rule.layout.put(param, to, (rows + update).astype(param.dtype), **opts)
+    return param, acc
+
+
+def _from_values(g: SparseBlockGrad, rule: _RowRule, param, acc):
+    """All slots at once from the gradient's values."""
+    to, opts = _write_indices(g.indices, g.n_blocks)
+    values = jnp.where(_valid(g), g.values.astype(rule.dtype), jnp.zeros((), rule.dtype))
+    return _rows_step(values, g.indices, to, opts, rule, param, acc)
+
+
+def _from_pairs(g: SparseBlockGrad, pairs, rule: _RowRule, param, acc):
+    """A chunk of slots per loop iteration, each row's gradient summed from the pairs there.
+
+    A chunk's gradient is a scatter-add of the pairs whose slot falls in the
+    chunk (the others are dropped): a ``(chunk, *block)`` buffer, however many
+    pairs the step has.  The loop stops after the last touched slot.
+    """
+    block = g.block_shape
+    k = max(1, min(g.capacity, _CHUNK_BYTES // (math.prod(block) * rule.dtype.itemsize)))
+    n_chunks = -(-g.capacity // k)
+    pad = jnp.full((n_chunks * k - g.capacity,), g.n_blocks, jnp.int32)
+    indices = jnp.concatenate([g.indices, pad])
+    to, opts = _write_indices(indices, g.n_blocks)
+    slot = jnp.where(pairs.slot < g.capacity, pairs.slot, -1)  # -1: a padding pair
+    right = pairs.right.reshape(pairs.right.shape[0], *block)
+
+    def chunk(c, carry):
+        param, acc = carry
+        local = slot - c * k
+        local = jnp.where((local >= 0) & (local < k), local, k)  # k: dropped
+        grad_rows = (
+            jnp.zeros((k, *block), rule.dtype).at[local].add(right.astype(rule.dtype), mode="drop")
+        )
+        idx = lax.dynamic_slice_in_dim(indices, c * k, k)
+        where = lax.dynamic_slice_in_dim(to, c * k, k)
+        return _rows_step(grad_rows, idx, where, opts, rule, param, acc)
+
+    n_used = -(-g.n_touched() // k)
+    return lax.fori_loop(0, n_used, chunk, (param, acc))
+
+
+# A chunk of rows from the pairs: its gradient buffer holds at most this many bytes.
+_CHUNK_BYTES = 1 << 20
+
+
+def _write_indices(indices, n_blocks: int):
     """Where to write the slots: the rows, then each padding slot a distinct index past the end.
 
     Distinct increasing indices let XLA write the rows without ordering the writes.
     """
-    n = g.n_blocks
-    if n + g.capacity >= 2**31:  # no room above n_blocks in int32
-        return g.indices, {}
-    spare = n + jnp.arange(g.capacity, dtype=jnp.int32)
-    return jnp.where(g.valid, g.indices, spare), dict(unique_indices=True, indices_are_sorted=True)
+    n = indices.shape[0]
+    if n_blocks + n >= 2**31:  # no room above n_blocks in int32
+        return indices, {}
+    spare = n_blocks + jnp.arange(n, dtype=jnp.int32)
+    return jnp.where(indices < n_blocks, indices, spare), dict(
+        unique_indices=True, indices_are_sorted=True
+    )
