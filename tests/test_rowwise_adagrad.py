@@ -165,6 +165,33 @@ def test_update_applied_in_place_from_the_pairs_or_from_the_values(clip):
     np.testing.assert_allclose(new, want, rtol=2e-5, atol=1e-6)
 
 
+def test_bfloat16_table_float32_accumulators():
+    rng = np.random.default_rng(5)
+    table0 = rng.standard_normal((16, 4)).astype(np.float32)
+    tx = rowwise_adagrad(0.1)
+    loss_fn = lambda t, ids, up: jnp.sum((embedding_lookup(t, ids) * up).astype(F32))
+    step = _step_fn(loss_fn, tx)
+    table = jnp.asarray(table0, jnp.bfloat16)
+    state = tx.init(table)
+    assert state.sum_of_squares.dtype == F32
+    want_t, want_a = np.asarray(table, np.float64), np.zeros(16)
+    for _ in range(3):
+        ids = rng.integers(0, 6, (8,))
+        up = rng.standard_normal((8, 4)).astype(np.float32)
+        up_bf16 = jnp.asarray(up, jnp.bfloat16)
+        # standard promotion, as users run: value_and_sparse_grad's float32 sums of a
+        # bfloat16 gradient need it
+        with jax.numpy_dtype_promotion("standard"):
+            table, state, _ = step(table, state, jnp.asarray(ids, jnp.int32), up_bf16)
+        assert table.dtype == jnp.bfloat16
+        want_t, want_a = _numpy_rowwise(
+            want_t, want_a, ids, np.asarray(up_bf16, np.float64), 0.1, 1e-8
+        )
+        want_t = np.asarray(jnp.asarray(want_t, jnp.bfloat16), np.float64)  # rounded once a step
+        np.testing.assert_allclose(np.asarray(table, np.float64), want_t, rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(state.sum_of_squares, want_a, rtol=1e-2, atol=1e-3)
+
+
 def test_initial_accumulator_value_and_a_schedule():
     rng = np.random.default_rng(2)
     table0 = rng.standard_normal((20, 3)).astype(np.float32)

@@ -49,8 +49,14 @@ def _rows_shape(layout: BlockLayout) -> tuple[int, ...]:
     return layout.view[layout.axis : layout.axis + layout.n_axes]
 
 
+def _wider(*dtypes):
+    """The floating dtype that holds each of ``dtypes`` (whatever the promotion mode)."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(*dtypes)
+
+
 def _acc_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
+    return _wider(dtype, jnp.float32)
 
 
 def _zeros_of_rows(param, value: float):
@@ -206,7 +212,7 @@ def _update_dense(g, acc, lr, eps, i):
     layout = row_layout(g.shape)
     if np.shape(acc) != _rows_shape(layout):
         raise _mismatch(i, f"dense, shape {g.shape}", np.shape(acc), _rows_shape(layout))
-    dtype = jnp.promote_types(g.dtype, acc.dtype)
+    dtype = _wider(g.dtype, acc.dtype)
     update, new_acc = _step(g.astype(dtype), acc.astype(dtype), lr, eps, len(layout.block_shape))
     return update.astype(g.dtype), new_acc.astype(acc.dtype)
 
@@ -225,7 +231,7 @@ def _update_rows(g: SparseBlockGrad, acc, lr, eps, i, param=None):
     rows = _rows_shape(layout)
     if layout.axis != 0 or layout.view != layout.shape or np.shape(acc) != rows:
         raise _mismatch(i, f"sparse, blocks of shape {g.block_shape}", np.shape(acc), rows)
-    dtype = jnp.promote_types(g.dtype, acc.dtype)
+    dtype = _wider(g.dtype, acc.dtype)
     rule = _RowRule(layout, BlockLayout(rows, rows, 0, len(rows)), lr, eps, dtype)
     pairs = g.slots.pairs if g.slots.origin is g.values else None
     param_out = None
