@@ -24,13 +24,16 @@ call, medians).  A case runs three races one after the other, each holding only
 its own tables (all five would not fit in memory at 16,777,216 x 32): row-wise
 Adagrad (ours against FBGEMM), Adam (lazy against ``SparseAdam``), and dense
 Adam (against our row-wise Adagrad, measured again as the link between races).
-Reported per contender: the median step, the optimizer state's bytes, and for
-the JAX steps XLA's compiled temporaries.
+A race whose tables would not fit in the memory available (``MemAvailable``)
+is skipped with a line saying so.  Reported per contender: the median step,
+the optimizer state's bytes, and for the JAX steps XLA's compiled temporaries.
 
     python3 -m benchmarks.bench_embeddings [--quick] [--cases 4194304x64x4096,...]
+        [--races rowwise_adagrad,adam,dense_adam]
 
-Results go to ``bench_embeddings.json`` next to this file (``--quick``: small
-sizes, nothing written).
+Results go to ``bench_embeddings.json`` next to this file (a run of some cases
+or races replaces those and keeps the others; ``--quick``: small sizes, nothing
+written).
 """
 
 from __future__ import annotations
@@ -164,57 +167,97 @@ def _race(contenders, *, warmup, repeats, settle_s):
     }
 
 
-def bench_case(n_rows, dim, lookups, *, torch, threads, warmup, repeats, settle_s):
+def _table(n_rows, dim):
+    """The initial table (the same for every contender), float32 throughout."""
+    table = np.random.default_rng(3).standard_normal((n_rows, dim), dtype=np.float32)
+    table *= np.float32(0.1)
+    return table
+
+
+def _available_bytes() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` (what can be allocated without swapping or killing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+# The bytes each contender holds, in tables: the table and its optimizer state, plus
+# dense Adam's gradient and update.
+_RESIDENT_TABLES = {"rowwise_adagrad": 1, "fbgemm": 1, "lazy_adam": 3, "torch": 3, "dense_adam": 5}
+
+
+def bench_case(n_rows, dim, lookups, *, races, torch, threads, warmup, repeats, settle_s):
     rng = np.random.default_rng(2)
     ids_np = zipf_ids(rng, n_rows, lookups)
     w_np = rng.standard_normal((dim,)).astype(np.float32)
-    table_np = (rng.standard_normal((n_rows, dim)) * 0.1).astype(np.float32)
     ids, w = jnp.asarray(ids_np), jnp.asarray(w_np)
+    table_bytes = n_rows * dim * 4
     row = {
         "table": [n_rows, dim],
         "lookups": lookups,
         "distinct": int(np.unique(ids_np).size),
-        "table_bytes": table_np.nbytes,
+        "table_bytes": table_bytes,
         "settle_s": settle_s,
         "repeats": repeats,
         "races": {},
+        "skipped": {},
     }
     rowwise, ladam, adam = rowwise_adagrad(LR, eps=EPS), lazy(optax.adam(LR)), optax.adam(LR)
 
-    def ours_rowwise():
-        return JaxContender(
-            "rowwise_adagrad", lazy_step(loss_fn, rowwise), jnp.asarray(table_np), rowwise, ids, w
-        )
+    def jax_contender(name, step, tx):
+        return JaxContender(name, step, jnp.asarray(_table(n_rows, dim)), tx, ids, w)
 
-    def run_race(name, make):
+    def ours_rowwise():
+        return jax_contender("rowwise_adagrad", lazy_step(loss_fn, rowwise), rowwise)
+
+    plans = {
+        "rowwise_adagrad": (
+            ["rowwise_adagrad"] + ["fbgemm"] * len(threads) * (torch is not None),
+            lambda: (
+                [ours_rowwise()]
+                + [
+                    FbgemmContender(torch, _table(n_rows, dim), ids_np, w_np, t)
+                    for t in (threads if torch is not None else [])
+                ]
+            ),
+        ),
+        "adam": (
+            ["lazy_adam"] + ["torch"] * len(threads) * (torch is not None),
+            lambda: (
+                [jax_contender("lazy_adam", lazy_step(loss_fn, ladam), ladam)]
+                + [
+                    TorchSparseAdamContender(torch, _table(n_rows, dim), ids_np, w_np, t)
+                    for t in (threads if torch is not None else [])
+                ]
+            ),
+        ),
+        "dense_adam": (
+            ["dense_adam", "rowwise_adagrad"],
+            lambda: [jax_contender("dense_adam", dense_step(loss_fn, adam), adam), ours_rowwise()],
+        ),
+    }
+    for name in races:
+        kinds, make = plans[name]
+        need = (sum(_RESIDENT_TABLES[k] for k in kinds) + 1) * table_bytes  # + one in transit
+        if need > _available_bytes():
+            row["skipped"][name] = (
+                f"needs about {need / 2**30:.1f} GiB, {_available_bytes() / 2**30:.1f} GiB available"
+            )
+            print(name, "skipped:", row["skipped"][name])
+            continue
         contenders = make()
+        gc.collect()
         row["races"][name] = _race(contenders, warmup=warmup, repeats=repeats, settle_s=settle_s)
-        print(name, json.dumps({k: round(v["ms"], 3) for k, v in row["races"][name].items()}))
+        row["races"][name]["load"] = os.getloadavg()
+        print(name, json.dumps({k: round(v["ms"], 3) for k, v in row["races"][name].items()
+                                if k != "load"}))  # fmt: skip
         del contenders
         gc.collect()
-
-    def race_rowwise():
-        cs = [ours_rowwise()]
-        if torch is not None:
-            cs += [FbgemmContender(torch, table_np, ids_np, w_np, t) for t in threads]
-        return cs
-
-    def race_adam():
-        cs = [JaxContender("lazy_adam", lazy_step(loss_fn, ladam), jnp.asarray(table_np), ladam,
-                           ids, w)]  # fmt: skip
-        if torch is not None:
-            cs += [TorchSparseAdamContender(torch, table_np, ids_np, w_np, t) for t in threads]
-        return cs
-
-    def race_dense():
-        dense = JaxContender(
-            "dense_adam", dense_step(loss_fn, adam), jnp.asarray(table_np), adam, ids, w
-        )
-        return [dense, ours_rowwise()]
-
-    run_race("rowwise_adagrad", race_rowwise)
-    run_race("adam", race_adam)
-    run_race("dense_adam", race_dense)
     return row
 
 
@@ -235,6 +278,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--settle", type=float, default=0.3, help="untimed pause after every call (s)")
     p.add_argument("--torch-threads", default="1", help="comma-separated thread counts")
+    p.add_argument("--races", default="rowwise_adagrad,adam,dense_adam")
     p.add_argument("--out", default=os.path.join(HERE, "bench_embeddings.json"))
     args = p.parse_args(argv)
     cases = (args.cases or ",".join(QUICK_CASES if args.quick else CASES)).split(",")
@@ -245,7 +289,7 @@ def main(argv=None):
     for case in cases:
         n_rows, dim, lookups = (int(x) for x in case.split("x"))
         row = bench_case(
-            n_rows, dim, lookups, torch=torch, threads=threads, warmup=warmup, repeats=repeats,
+            n_rows, dim, lookups, races=args.races.split(","), torch=torch, threads=threads, warmup=warmup, repeats=repeats,
             settle_s=args.settle,
         )  # fmt: skip
         row["load_after"] = os.getloadavg()
@@ -253,8 +297,27 @@ def main(argv=None):
     results["load_after"] = os.getloadavg()
     if args.quick:
         return
+    if os.path.exists(args.out):  # a run of some cases or races replaces only those
+        with open(args.out) as f:
+            old = json.load(f)
+        results["cases"] = _merge(old.get("cases", []), results["cases"])
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
+
+
+def _merge(old_cases, new_cases):
+    """The old cases with the races this run measured replaced (by table and lookups)."""
+    key = lambda c: (tuple(c["table"]), c["lookups"])  # noqa: E731
+    merged = {key(c): c for c in old_cases}
+    for c in new_cases:
+        if key(c) in merged:
+            races = {**merged[key(c)]["races"], **c["races"]}
+            skipped = {k: v for k, v in {**merged[key(c)].get("skipped", {}), **c["skipped"]}.items()
+                       if k not in races}  # fmt: skip
+            merged[key(c)] = {**merged[key(c)], **c, "races": races, "skipped": skipped}
+        else:
+            merged[key(c)] = c
+    return list(merged.values())
 
 
 if __name__ == "__main__":
