@@ -149,6 +149,26 @@ def _measure(mesh, n_devices, args, tx, ids_np, w_np):
     return row
 
 
+def markdown(results) -> str:
+    """The scaling table: per device count, what one device holds and the step's time."""
+    mib = 2**20
+    lines = [
+        "| devices | table / device | state / device | XLA args / device | XLA temp / device "
+        "| largest collective | step | vs 1 device |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    base = next((r["ms"] for r in results["rows"] if r["devices"] == 1), None)
+    for r in results["rows"]:
+        ratio = f"{r['ms'] / base:.2f}" if base else ""
+        lines.append(
+            f"| {r['devices']} | {r['table_shard_bytes'] / mib:,.0f} MiB | "
+            f"{r['state_shard_bytes'] / mib:,.1f} MiB | {r['xla_argument_bytes'] / mib:,.0f} MiB | "
+            f"{r['xla_temp_bytes'] / mib:,.1f} MiB | {r['largest_collective_bytes'] / mib:,.1f} MiB | "
+            f"{r['ms']:,.1f} ms | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a small table; writes no results")
@@ -163,7 +183,12 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--settle", type=float, default=0.1)
     p.add_argument("--out", default=os.path.join(HERE, "bench_embedding_scaling.json"))
+    p.add_argument("--report", action="store_true", help="print the table of --out and exit")
     args = p.parse_args(argv)
+    if args.report:
+        with open(args.out) as f:
+            print(markdown(json.load(f)))
+        return
     if args.quick:
         args.rows, args.dim, args.lookups, args.repeats = 65_536, 16, 1_024, 3
     tx = rowwise_adagrad(0.01) if args.optimizer == "rowwise_adagrad" else lazy(optax.adam(1e-3))

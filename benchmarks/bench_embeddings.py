@@ -280,7 +280,12 @@ def main(argv=None):
     p.add_argument("--torch-threads", default="1", help="comma-separated thread counts")
     p.add_argument("--races", default="rowwise_adagrad,adam,dense_adam")
     p.add_argument("--out", default=os.path.join(HERE, "bench_embeddings.json"))
+    p.add_argument("--report", action="store_true", help="print the table of --out and exit")
     args = p.parse_args(argv)
+    if args.report:
+        with open(args.out) as f:
+            print(markdown(json.load(f)))
+        return
     cases = (args.cases or ",".join(QUICK_CASES if args.quick else CASES)).split(",")
     warmup, repeats = (1, 3) if args.quick else (2, args.repeats)
     torch = _fbgemm_torch()
@@ -303,6 +308,56 @@ def main(argv=None):
         results["cases"] = _merge(old.get("cases", []), results["cases"])
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
+
+
+_ROWS = [  # (race, contender prefix, label)
+    ("rowwise_adagrad", "rowwise_adagrad", "ours: `rowwise_adagrad`"),
+    ("rowwise_adagrad", "fbgemm_rowwise_adagrad", "FBGEMM `EXACT_ROWWISE_ADAGRAD` (fused CPU)"),
+    ("adam", "lazy_adam", "ours: `lazy(optax.adam)`"),
+    ("adam", "torch_sparse_adam", "PyTorch `Embedding(sparse=True)` + `SparseAdam`"),
+    ("dense_adam", "dense_adam", "dense `jax.grad` + `optax.adam`"),
+]
+
+
+_REFERENCE = {"rowwise_adagrad": "fbgemm", "adam": "torch_sparse_adam", "dense_adam": "rowwise"}
+
+
+def markdown(results) -> str:
+    """The race's table: per case and contender the median step and its race's reference.
+
+    ``vs ref`` is the reference's median over this one's, both from the same race:
+    FBGEMM for row-wise Adagrad, ``SparseAdam`` for Adam, our row-wise Adagrad for dense Adam
+    (above 1: faster than the reference).
+    """
+    lines = [
+        "| table | lookups (distinct) | step | ms | vs ref | optimizer state | XLA temp |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for case in results["cases"]:
+        label = f"{case['table'][0]:,} x {case['table'][1]}"
+        for race, prefix, name in _ROWS:
+            timed = {k: v for k, v in case["races"].get(race, {}).items() if isinstance(v, dict)}
+            ref = next((v["ms"] for k, v in timed.items() if k.startswith(_REFERENCE[race])), None)
+            for k, v in timed.items():
+                if not k.startswith(prefix) or k.startswith(_REFERENCE[race]):
+                    continue
+                ratio = f"{ref / v['ms']:.2f}x" if ref else ""
+                state = f"{v['state_bytes'] / 2**20:,.0f} MiB" if v["state_bytes"] else ""
+                temp = f"{v['temp_bytes'] / 2**20:,.1f} MiB" if v["temp_bytes"] is not None else ""
+                lines.append(
+                    f"| {label} | {case['lookups']:,} ({case['distinct']:,}) | {name} | "
+                    f"{v['ms']:,.2f} | {ratio} | {state} | {temp} |"
+                )
+            for k, v in timed.items():  # the reference itself
+                if k.startswith(prefix) and k.startswith(_REFERENCE[race]) and race != "dense_adam":
+                    state = f"{v['state_bytes'] / 2**20:,.0f} MiB" if v["state_bytes"] else ""
+                    lines.append(
+                        f"| {label} | {case['lookups']:,} ({case['distinct']:,}) | {name} | "
+                        f"{v['ms']:,.2f} | 1.00x | {state} | |"
+                    )
+        for race, why in case.get("skipped", {}).items():
+            lines.append(f"| {label} | {case['lookups']:,} | {race}: not run ({why}) | | | | |")
+    return "\n".join(lines)
 
 
 def _merge(old_cases, new_cases):
