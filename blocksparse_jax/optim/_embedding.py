@@ -26,9 +26,26 @@ class RowsRule(sites.SparseRule):
 
 
 def lookup_rows(table, ids, valid) -> jax.Array:
-    """``table[ids]`` where ``valid``, zeros (by selection) elsewhere; ``ids`` in range."""
-    rows = jnp.take(table, ids, axis=0, mode="clip")
+    """``table[ids]`` where ``valid``, zeros (by selection) elsewhere; ``ids`` in range.
+
+    From a table sharded over an ``Explicit`` mesh the rows come out sharded
+    like ``ids`` (each device gathers the rows it holds; XLA sums them).
+    """
+    kw = {}
+    if _explicit_spec(table) is not None:
+        ids_spec = _explicit_spec(ids) or ()
+        ids_spec += (None,) * (ids.ndim - len(ids_spec))
+        kw["out_sharding"] = jax.sharding.NamedSharding(
+            jax.typeof(table).sharding.mesh, jax.sharding.PartitionSpec(*ids_spec, None)
+        )
+    rows = table.at[ids].get(mode="clip", **kw)
     return jnp.where(valid[..., None], rows, jnp.zeros((), rows.dtype))
+
+
+def _explicit_spec(x) -> tuple | None:
+    """The partition spec of ``x``'s type if it is sharded over an ``Explicit`` mesh, else ``None``."""
+    spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec", ()))
+    return spec if any(s is not None for s in spec) else None
 
 
 def valid_ids(ids: jax.Array, n_rows: int) -> tuple[jax.Array, jax.Array]:
