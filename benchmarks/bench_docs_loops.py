@@ -118,9 +118,8 @@ def case_readme():
 
 
 def case_table():
-    from blocksparse_jax import embedding_lookup
-
     from benchmarks.bench_sparse_training import zipf_ids
+    from blocksparse_jax import embedding_lookup
 
     ns = _readme_ns()
     rng = np.random.default_rng(0)
@@ -142,7 +141,9 @@ def case_table():
 
 
 def case_guide_lm(index: int):
-    code = [c for _, c in blocks("docs/sparse_training.md") if "lazy_train_step(loss_fn" in c][index]
+    code = [c for _, c in blocks("docs/sparse_training.md") if "lazy_train_step(loss_fn" in c][
+        index
+    ]
     ns = run_block(code)
     data = (ns["contexts"], ns["targets"]) if "contexts" in ns else (ns["words"],)
     step = lambda p, s, *d: ns["step"](p, s, *d)[:3]

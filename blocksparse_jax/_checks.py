@@ -8,7 +8,7 @@ Index values are checked only when they are concrete (an eager call): an
 out-of-range value raises ``IndexError``.  Under ``jit`` the values are unknown
 at trace time; :func:`normalize_index` then turns every out-of-range entry into
 a *masked* entry (see the docstring of :mod:`blocksparse_jax.blocksparse`) through a
-``lax.gather`` in ``fill`` mode, which is exactly what
+gather in ``fill`` mode, which is exactly what
 ``jax.experimental.checkify.index_checks`` instruments, so checkify reports it.
 """
 
@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
@@ -164,6 +165,19 @@ def check_index_values(name: str, idx, n: int, what: str, *, from_end: bool = Tr
         )
 
 
+def take(table: jax.Array, idx: jax.Array, **kwargs) -> jax.Array:
+    """``table[idx]`` (along axis 0); on an ``Explicit`` mesh sharded like ``idx``.
+
+    ``kwargs`` go to ``.at[idx].get`` (``mode``, ``fill_value``).
+    """
+    sharding = getattr(jax.typeof(idx), "sharding", None)
+    spec = tuple(getattr(sharding, "spec", ()))
+    if any(s is not None for s in spec):
+        out = P(*spec, *([None] * (idx.ndim - len(spec))), *([None] * (table.ndim - 1)))
+        kwargs["out_sharding"] = NamedSharding(sharding.mesh, out)
+    return table.at[idx].get(**kwargs)
+
+
 def probe_gather(n: int, probe: jax.Array) -> jax.Array:
     """``valid[k] = 0 <= probe[k] < n`` as a ``fill``-mode gather that checkify instruments.
 
@@ -172,12 +186,7 @@ def probe_gather(n: int, probe: jax.Array) -> jax.Array:
     """
     if n == 0:
         return jnp.zeros(probe.shape, jnp.bool_)
-    dnums = lax.GatherDimensionNumbers(
-        offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
-    )
-    flat = probe.reshape(-1, 1)
-    valid = lax.gather(jnp.ones((n,), jnp.bool_), flat, dnums, (1,), mode="fill", fill_value=False)
-    return valid.reshape(probe.shape)
+    return take(jnp.ones((n,), jnp.bool_), probe, mode="fill", fill_value=False)
 
 
 def normalize_index(idx: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:

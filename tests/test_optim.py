@@ -5,6 +5,8 @@ from the formulas, plain SGD, ``optax.adam`` when every block is touched, and
 PyTorch's ``nn.Embedding(sparse=True)`` + ``optim.SparseAdam``.
 """
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -494,7 +496,9 @@ def test_elementwise_check(optax_promotion):
     from blocksparse_jax.optim._lazy import _is_elementwise
 
     table = jnp.ones((6, 2), F32)
-    _, g = value_and_sparse_grad(lambda t, w: jnp.sum(embedding_lookup(t, jnp.array([1, 4])) @ w), argnums=(0, 1))(table, jnp.ones(2, F32))
+    _, g = value_and_sparse_grad(
+        lambda t, w: jnp.sum(embedding_lookup(t, jnp.array([1, 4])) @ w), argnums=(0, 1)
+    )(table, jnp.ones(2, F32))
     leaves, treedef = jax.tree.flatten(g, is_leaf=lambda x: isinstance(x, SparseBlockGrad))
 
     def _elementwise(tx, name):
@@ -590,11 +594,11 @@ def test_lazy_step_temp_memory_with_training_classes(V, batch, optax_promotion):
 
 
 def _layer_step_temp(monkeypatch, *, chunks: bool):
-    """Temp of a lazy Adam step of a layer of 4,096 blocks of 16 x 16, 16,384 pairs (all touched)."""
+    """Temp of a lazy Adam step of a layer of 65,536 blocks of 16 x 16 (64 MiB), 2,048 pairs."""
     if not chunks:
         _force(monkeypatch, "loop")
     jax.clear_caches()
-    ib = ob = 64
+    ib = ob = 256
     params = {
         "W": jax.ShapeDtypeStruct((ib, ob, 16, 16), F32),
         "b": jax.ShapeDtypeStruct((ob, 16), F32),
@@ -618,13 +622,15 @@ def _layer_step_temp(monkeypatch, *, chunks: bool):
 
 
 def test_chunked_update_of_small_blocks_stays_within_its_budget(monkeypatch, optax_promotion):
-    W_bytes = 64 * 64 * 16 * 16 * 4
+    shape = (256, 256, 16, 16)
+    W_bytes = math.prod(shape) * 4
+    assert W_bytes // 16 > _inplace._VECTOR_FLOOR  # the budget is W / 16
     g = SparseBlockGrad.from_pairs(
-        jnp.zeros((16_384,), jnp.int32), jnp.ones((16_384, 16)), jnp.ones((16_384, 16)),
-        shape=(64, 64, 16, 16),
+        jnp.arange(2_048, dtype=jnp.int32), jnp.ones((2_048, 16)), jnp.ones((2_048, 16)),
+        shape=shape,
     )  # fmt: skip
-    path, k = _inplace.choose_path(g, jnp.zeros((64, 64, 16, 16), F32), 2)
-    assert path == "chunks" and 16 <= k < 4096  # neither all at once nor one block at a time
+    path, k = _inplace.choose_path(g, jax.ShapeDtypeStruct(shape, F32), 2)
+    assert path == "chunks" and 16 <= k < 2_048  # neither all at once nor one block at a time
     loop = _layer_step_temp(monkeypatch, chunks=False)
     chunked = _layer_step_temp(monkeypatch, chunks=True)
     # A chunk's gathered blocks take at most W / 16 (no copy of W or of a moment)

@@ -112,7 +112,7 @@ class Problem(NamedTuple):
         slots = lax.broadcasted_iota(jnp.int32, (*classes.shape, P), classes.ndim)
         ok = classes[..., None] * P + slots < self.n_outputs
         if self.class_sizes is not None:
-            ok &= slots < self.class_sizes[classes][..., None]
+            ok &= slots < _checks.take(self.class_sizes, classes)[..., None]
         return ok
 
     def masked_class_logits(self) -> jax.Array:
@@ -192,13 +192,18 @@ class Problem(NamedTuple):
         act = sites.mark_use(act, self.W2, (x, classes, use), ClassBlockRule())
         return sites.mark_use(act, self.b2, (classes, use), ClassBiasRule())
 
-    def second_from_activations(self, act, t, use, act_offset=None) -> jax.Array:
-        """``(batch,)`` the targets' second-level log-probabilities from their classes' activations."""
+    def second_from_activations(self, act, t, use, act_offset=None, slots=None) -> jax.Array:
+        """``(batch,)`` the targets' second-level log-probabilities from their classes' activations.
+
+        ``slots``: ``slot_valid`` of the targets' classes, when already known.
+        """
         P = self.per_class
         if act_offset is not None:
             act = act + act_offset
         act = jnp.where(use[:, None], act, jnp.zeros((), act.dtype))
-        return _f.take_rows(_f.masked_log_softmax(act, self.slot_valid(t // P)), t % P)
+        if slots is None:
+            slots = self.slot_valid(t // P)
+        return _f.select_rows(_f.masked_log_softmax(act, slots), t % P)
 
     def target_log_probs(self, t, act_offset=None, mask=None) -> jax.Array:
         """``(batch,)`` log-probabilities of the targets ``t`` (``-inf`` where not used).

@@ -300,7 +300,9 @@ def is_sparse(x) -> bool:
 
 
 def _acc(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
+    """The dtype sums of ``dtype`` run in: float32, or ``dtype`` when wider."""
+    dtype = jnp.dtype(dtype)
+    return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 # --------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from jax import lax
 
 from blocksparse_jax._order import after
 from blocksparse_jax._sparse_sites import BlockLayout
-from blocksparse_jax.optim._blocks import SlotPairs, SparseBlockGrad, take_blocks
+from blocksparse_jax.optim._blocks import SlotPairs, SparseBlockGrad, _acc, take_blocks
 
 # The vectorised path when the gathered blocks (gradient, parameter, state and
 # their new values) take at most this many bytes and at most 1/16 of the leaf,
@@ -99,10 +99,6 @@ def update(leaf: LeafUpdate, path: tuple[str, int] | None = None) -> Result:
 # --------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------
-
-
-def _acc(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _add(p, u):

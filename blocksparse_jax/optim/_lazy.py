@@ -397,7 +397,7 @@ def _update_elementwise(inner, leaves, treedef, state, p_leaves, sparse, extra_a
             ),
             path,
         )
-        values = result.values.astype(jnp.promote_types(p_leaves[i].dtype, jnp.float32))
+        values = result.values.astype(_inplace._acc(p_leaves[i].dtype))
         applied = Applied(p_leaves[i], values, result.param.reshape(g.shape))
         out[i] = SparseBlockGrad(values, Slots(g.indices, g.layout, applied=applied))
         new_entries[i] = [e.reshape(x.shape) for e, x in zip(result.entries, entries, strict=True)]

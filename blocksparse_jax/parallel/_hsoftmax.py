@@ -95,19 +95,21 @@ class _Shard(NamedTuple):
         class_log_probs = logits - self.class_lse(logits)[:, None]
         return self.prob.output_log_probs(class_log_probs, self.first_class())
 
-    def target_parts(self, t, mask=None) -> tuple[jax.Array, jax.Array]:
+    def target_parts(self, t, use) -> tuple[jax.Array, jax.Array]:
         """``(act, first)``: the targets' second-level activations and first-level terms.
 
-        ``act`` ``(batch, n_outputs_per_class)`` are the activations of each
-        target's class, computed by the shard that owns it and summed over the
-        shards; ``first`` ``(batch,)`` is the log-probability of the target's
-        class (the owner's logit, the log-sum-exp of every shard).  For a class
-        another shard owns, class 0 stands in and its activations are replaced
-        by zeros (selection), so this shard's ``W2`` gets no gradient from it,
-        even where its class 0 holds a NaN.
+        ``t`` and ``use`` come from :meth:`Problem.select_targets` on the global
+        batch, and ``prob.x`` is its cut-down ``x``.  ``act`` ``(batch,
+        n_outputs_per_class)`` are the activations of each target's class,
+        computed by the shard that owns it and summed over the shards; ``first``
+        ``(batch,)`` is the log-probability of the target's class (the owner's
+        logit, the log-sum-exp of every shard).  For a class another shard owns,
+        class 0 stands in and its activations are replaced by zeros (selection),
+        so this shard's ``W2`` gets no gradient from it, even where its class 0
+        holds a NaN.
         """
         prob = self.prob
-        t, use, x = prob.select_targets(t, mask)
+        x = prob.x
         local = t // prob.per_class - self.first_class()
         owned = (local >= 0) & (local < prob.W2.shape[0])
         local = jnp.where(owned, local, 0)
@@ -188,19 +190,18 @@ def _hs_log_probs(
         return _p.unflatten(prob, out)
     t = _p.checked_target(prob, target, mask)  # concrete out-of-range or padded targets raise
     flat_mask = None if mask is None else place(mesh, mask.reshape(-1), P(d))
-    if mask is None:
-        body = lambda *a: shard(*a[:-1]).target_parts(a[-1])
-        act, first = shard_map(mesh, body, [*specs, P(d)], (P(d), P(d)), [*args, t])
-    else:
-        body = lambda *a: shard(*a[:-2]).target_parts(a[-2], mask=a[-1])
-        act, first = shard_map(
-            mesh, body, [*specs, P(d), P(d)], (P(d), P(d)), [*args, t, flat_mask]
-        )
+    # The targets are normalised once, on the global batch (an index check inside
+    # shard_map and another outside it is more than checkify can combine).
+    t, use, x = prob.select_targets(t, flat_mask)
+    slots = prob.slot_valid(t // prob.per_class)
+    args[0] = x
+    body = lambda *a: shard(*a[:-2]).target_parts(a[-2], a[-1])
+    act, first = shard_map(mesh, body, [*specs, P(d), P(d)], (P(d), P(d)), [*args, t, use])
     # The second level per example, on the global batch: the sparse rules of W2 and b2
     # are the single-device ones, on global classes (value_and_sparse_grad).
-    t, use, x = prob.select_targets(t, flat_mask)
     act = prob.mark_sparse_use(act, x, t // prob.per_class, use)
-    logp = _f.neg_inf_where_invalid(first + prob.second_from_activations(act, t, use), use)
+    second = prob.second_from_activations(act, t, use, slots=slots)
+    logp = _f.neg_inf_where_invalid(first + second, use)
     return _p.unflatten(prob, logp)
 
 

@@ -73,17 +73,16 @@ def shard_map(mesh, body, in_specs, out_specs, args):
     return jax.jit(f)(*args)
 
 
-def local_index(idx: jax.Array, n: int, n_local: int, model_axis) -> tuple[jax.Array, jax.Array]:
-    """Global block indices -> ``(local index, mine)`` on this model shard.
+def local_index(
+    safe: jax.Array, valid: jax.Array, n_local: int, model_axis
+) -> tuple[jax.Array, jax.Array]:
+    """Global block indices (normalised: ``safe, valid``) -> ``(local index, mine)`` on this shard.
 
-    ``idx`` may hold negative (from the end) and, under ``jit``, out-of-range
-    entries; it is normalised as the core ops do (its probe is what
-    ``checkify.index_checks`` reports).  ``mine`` is ``False`` for an index
-    another shard owns, or an invalid one; its local index is then 0, a valid
-    block, and the caller zeroes that slot's contribution (an out-of-range
-    sentinel would make checkify report every other shard's index).
+    ``mine`` is ``False`` for an index another shard owns, or an invalid one;
+    its local index is then 0, a valid block, and the caller zeroes that slot's
+    contribution (an out-of-range sentinel would make checkify report every
+    other shard's index).
     """
-    safe, valid = _checks.normalize_index(idx, n)
     local = safe if model_axis is None else safe - lax.axis_index(model_axis) * n_local
     mine = valid & (local >= 0) & (local < n_local)
     return jnp.where(mine, local, 0), mine

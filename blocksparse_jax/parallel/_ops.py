@@ -75,9 +75,8 @@ def _gemv_like(single, args: dict, *, mesh, data_axis, model_axis, strategy):
     acc = _checks.accumulation_dtype(W.dtype, h.dtype, (o if bias is None else bias).dtype)
     axes = tuple(a for a in (data_axis, model_axis) if a is not None)
 
-    def body(W, h, ii, oi, *bias):
-        ii, vi = _checks.normalize_index(ii, i_blocks)
-        loc, mine = local_index(oi, o_blocks, ob_local, model_axis)
+    def body(W, h, ii, vi, oi, vo, *bias):
+        loc, mine = local_index(oi, vo, ob_local, model_axis)
         W, h = vary(axes, W, h)
         if bias:
             (b,) = bias
@@ -93,16 +92,18 @@ def _gemv_like(single, args: dict, *, mesh, data_axis, model_axis, strategy):
     d, m = data_axis, model_axis
     # The single-device sparse rules, on the global indices (value_and_sparse_grad):
     # the weights' gradients are the touched blocks, scattered into W's shards in place.
+    # The indices are normalised once, outside shard_map (an index check inside it and
+    # another outside is more than checkify can combine).
+    ii, vi = _checks.normalize_index(input_idx, i_blocks)
+    oi, vo = _checks.normalize_index(output_idx, o_blocks)
     w = sites.mark_weight(W)
-    operands = [w, h, input_idx, output_idx]
-    specs = [P(None, m), P(d), P(d), P(d)]
+    operands = [w, h, ii, vi, oi, vo]
+    specs = [P(None, m), P(d), P(d), P(d), P(d), P(d)]
     if bias is not None:
         bw = sites.mark_weight(bias)
         operands.append(bw)
         specs.append(P(m))
     part = shard_map(mesh, body, specs, P(d), operands)
-    ii, vi = _checks.normalize_index(input_idx, i_blocks)
-    oi, vo = _checks.normalize_index(output_idx, o_blocks)
     part = sites.mark_use(part, w, (h, ii, vi, oi, vo), GemvWeightRule(o_blocks))
     if bias is not None:
         part = sites.mark_use(part, bw, (oi, vo), BiasRule())
@@ -306,7 +307,7 @@ def sparse_block_outer(
 
     def body(o, x, y, xi, yi, alpha):
         xi, vx = _checks.normalize_index(xi, x_blocks)
-        loc, mine = local_index(yi, y_blocks, yb_local, model_axis)
+        loc, mine = local_index(*_checks.normalize_index(yi, y_blocks), yb_local, model_axis)
         zeros = jnp.zeros(o.shape, acc)
         zeros, x, y, alpha = vary(axes, zeros, x, y, alpha)
         # Others' slots are masked: no update, whatever their values.
