@@ -24,13 +24,17 @@ BLOCKS = python_blocks()
 
 # (page, a string only that block holds): why it does not run here.
 NOT_RUN = {
-    ("docs/parallel.md", "jax.distributed.initialize("): (
+    ("docs/parallel.md", "localhost:12355"): (
         "one process per host and a coordinator (run by hand as two processes)"
     ),
+    ("docs/parallel.md", "localhost:12356"): "runs as two processes in test_embeddings_guide.py",
 }
-RUN_ELSEWHERE = {
-    "README.md": "test_readme.py",
-    "docs/layers.md": "test_layers.py",  # the titled scripts
+RUN_ELSEWHERE = {"README.md": "test_readme.py"}
+# Pages whose titled blocks run in their own tests (at test sizes, with checks on what they print).
+TITLED_RUN_ELSEWHERE = {
+    "docs/layers.md": "test_layers.py",
+    "docs/embeddings.md": "test_embeddings_guide.py",
+    "docs/heads.md": "test_heads_guide.py",
 }
 
 
@@ -39,8 +43,10 @@ def _rule_for(block: Block) -> str | None:
     for (page, marker), reason in NOT_RUN.items():
         if block.page == page and marker in block.code:
             return reason
-    if block.page == "README.md" or (block.page == "docs/layers.md" and block.title):
+    if block.page in RUN_ELSEWHERE:
         return f"runs in {RUN_ELSEWHERE[block.page]}"
+    if block.page in TITLED_RUN_ELSEWHERE and block.title:
+        return f"runs in {TITLED_RUN_ELSEWHERE[block.page]}"
     if free_names(block.code):
         return f"a fragment (reads {', '.join(sorted(free_names(block.code)))})"
     return None
@@ -59,7 +65,7 @@ def test_the_rules_name_existing_blocks():
     for (page, marker), reason in NOT_RUN.items():
         found = [b for b in BLOCKS if b.page == page and marker in b.code]
         assert len(found) == 1, f"NOT_RUN entry {page!r} / {marker!r} ({reason}) matches {found}"
-    for test in RUN_ELSEWHERE.values():
+    for test in (*RUN_ELSEWHERE.values(), *TITLED_RUN_ELSEWHERE.values()):
         assert (ROOT / "tests" / test).exists(), test
     titled = {b.title for b in BLOCKS if b.page == "docs/layers.md" and b.title}
     assert titled == {t for scripts in DOC_SCRIPTS.values() for t in scripts}, titled
