@@ -186,7 +186,8 @@ def probe_gather(n: int, probe: jax.Array) -> jax.Array:
     """
     if n == 0:
         return jnp.zeros(probe.shape, jnp.bool_)
-    return take(jnp.ones((n,), jnp.bool_), probe, mode="fill", fill_value=False)
+    ones = jnp.ones((n,), jnp.bool_)
+    return take(ones, probe, mode="fill", fill_value=False, wrap_negative_indices=False)
 
 
 def normalize_index(idx: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
