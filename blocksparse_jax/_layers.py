@@ -59,8 +59,9 @@ class SoftmaxOutput(NamedTuple):
 
     Attributes:
       output: ``(batch,)`` the log-probability of each target (a scalar for a
-        1-D ``x``).
-      loss: the scalar negative mean of ``output``.
+        1-D ``x``); ``SampledSoftmax``'s is that of the sampled softmax.
+      loss: the scalar negative mean of ``output`` (``FullSoftmax``'s holds
+        its ``z_loss`` and ``label_smoothing`` terms as well).
     """
 
     output: jax.Array
