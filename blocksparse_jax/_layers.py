@@ -1,7 +1,8 @@
 """What the Flax NNX and Equinox layers share: their methods, checks and computations.
 
 Each layer is a mixin here (``HSoftmaxMethods``, ``AdaptiveSoftmaxMethods``,
-``BlockSparseLinearMethods``) holding the layer's methods and their
+``FullSoftmaxMethods``, ``SampledSoftmaxMethods``, ``BlockSparseLinearMethods``,
+``EmbedMethods``) holding the layer's methods and their
 docstrings, written once on plain arrays.  :mod:`blocksparse_jax.flax` and
 :mod:`blocksparse_jax.equinox` subclass each mixin with the framework's module
 class, create the weights in ``__init__`` (in the framework's idiom: an
@@ -31,6 +32,14 @@ from blocksparse_jax.adaptive import (
     adaptive_softmax_top_k,
 )
 from blocksparse_jax.blocksparse import sparse_block_dot, sparse_block_gemv
+from blocksparse_jax.full import (
+    FullSoftmaxParams,
+    full_log_softmax,
+    full_softmax_sample,
+    full_softmax_top_k,
+)
+from blocksparse_jax.full._loss import check_softcap, losses_and_log_probs
+from blocksparse_jax.full._params import check_chunk_size, check_option
 from blocksparse_jax.hsoftmax import (
     HSoftmaxLayout,
     HSoftmaxParams,
@@ -41,6 +50,8 @@ from blocksparse_jax.hsoftmax import (
 )
 from blocksparse_jax.hsoftmax._params import default_n_classes
 from blocksparse_jax.optim import embedding_lookup
+from blocksparse_jax.sampled import sampled_softmax_loss
+from blocksparse_jax.sampled._samplers import check_n_sampled, check_sampler
 
 
 class SoftmaxOutput(NamedTuple):
@@ -48,8 +59,9 @@ class SoftmaxOutput(NamedTuple):
 
     Attributes:
       output: ``(batch,)`` the log-probability of each target (a scalar for a
-        1-D ``x``).
-      loss: the scalar negative mean of ``output``.
+        1-D ``x``); ``SampledSoftmax``'s is that of the sampled softmax.
+      loss: the scalar negative mean of ``output`` (``FullSoftmax``'s holds
+        its ``z_loss`` and ``label_smoothing`` terms as well).
     """
 
     output: jax.Array
@@ -414,6 +426,266 @@ class AdaptiveSoftmaxMethods:
         """One exact sample per example, ``(batch,)`` int32 (from all log-probabilities, as :meth:`log_prob`)."""
         logp = adaptive_log_softmax(*self._prepared(x))
         return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Full and sampled softmax
+
+
+class FullSoftmaxConfig(NamedTuple):
+    """A ``FullSoftmax`` layer's options, checked (see the layer's arguments)."""
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    filter_eps: float | None = None
+    chunk_size: int | None = None
+
+
+def full_softmax_config(label_smoothing, z_loss, softcap, filter_eps, chunk_size):
+    """Checks a ``FullSoftmax`` layer's options as :func:`~blocksparse_jax.full_softmax_loss` does."""
+    label_smoothing = check_option("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z_loss = check_option("z_loss", z_loss, low=0.0)
+    if filter_eps is not None:
+        filter_eps = check_option("filter_eps", filter_eps, low=0.0, high=1.0, open_low=True)
+        if label_smoothing:
+            raise ValueError(
+                f"filter_eps={filter_eps} cannot be used with label_smoothing={label_smoothing}: "
+                "label smoothing gives every output a gradient, which the filter would drop. "
+                "Leave one out."
+            )
+    return FullSoftmaxConfig(
+        label_smoothing, z_loss, check_softcap(softcap), filter_eps, check_chunk_size(chunk_size)
+    )
+
+
+class StaticCounts:
+    """A sampler's unigram counts, held as static configuration rather than as a weight.
+
+    A float array field would be taken for a trainable weight (by
+    ``eqx.is_inexact_array``, by an optimizer over the model's arrays), so the
+    counts are kept as a read-only NumPy copy in an object that is no array
+    and no pytree: a static field of the Equinox layer, part of the Flax
+    layer's graph definition.  ``jit`` hashes those on every call: the hash is
+    of the contents, computed once, and equality is identity first.
+    """
+
+    __slots__ = ("array", "_hash")
+
+    def __init__(self, counts):
+        array = np.array(counts)
+        array.setflags(write=False)
+        self.array = array
+        self._hash = hash((array.shape, array.dtype.str, array.tobytes()))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, StaticCounts) or self._hash != other._hash:
+            return False
+        return self.array.dtype == other.array.dtype and np.array_equal(self.array, other.array)
+
+    def __repr__(self) -> str:
+        return f"StaticCounts(shape={self.array.shape}, dtype={self.array.dtype})"
+
+
+class SampledSoftmaxConfig(NamedTuple):
+    """A ``SampledSoftmax`` layer's options, checked (see the layer's arguments)."""
+
+    n_sampled: int
+    sampler: str | StaticCounts
+    remove_accidental_hits: bool
+    chunk_size: int | None
+
+    @property
+    def softcap(self) -> None:
+        """No soft cap: the sampled loss has none, so neither has the exact evaluation."""
+        return None
+
+
+def sampled_softmax_config(n_outputs, n_sampled, sampler, remove_accidental_hits, chunk_size):
+    """Checks a ``SampledSoftmax`` layer's options as :func:`~blocksparse_jax.sampled_softmax_loss` does."""
+    kind, counts = check_sampler(sampler, n_outputs)
+    n_sampled = check_n_sampled(n_sampled, n_outputs, counts)
+    if not isinstance(remove_accidental_hits, (bool, np.bool_)):
+        raise TypeError(
+            f"remove_accidental_hits must be a bool; got {type(remove_accidental_hits).__name__}"
+        )
+    sampler = kind if counts is None else StaticCounts(counts)
+    return SampledSoftmaxConfig(
+        n_sampled, sampler, bool(remove_accidental_hits), check_chunk_size(chunk_size)
+    )
+
+
+class ExactSoftmaxMethods:
+    """What ``FullSoftmax`` and ``SampledSoftmax`` share: the exact softmax on ``x @ W + b``.
+
+    A framework's class provides :attr:`params`; the subclass's ``config``
+    gives ``softcap`` and ``chunk_size``.
+    """
+
+    config: FullSoftmaxConfig | SampledSoftmaxConfig
+    dtype: object
+
+    @property
+    def params(self) -> FullSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.FullSoftmaxParams`, for the functional API."""
+        raise NotImplementedError
+
+    @property
+    def n_in(self) -> int:
+        """Input width."""
+        return self.params.n_in
+
+    @property
+    def n_outputs(self) -> int:
+        """Number of outputs."""
+        return self.params.n_outputs
+
+    def _prepared(self, x) -> tuple[jax.Array, FullSoftmaxParams]:
+        """``x`` and the parameters cast to the computation dtype."""
+        x, W, b = cast(self.dtype, x, *self.params)
+        return x, FullSoftmaxParams(W, b)
+
+    def _options(self) -> dict:
+        return {"softcap": self.config.softcap, "chunk_size": self.config.chunk_size}
+
+    def _exact(self, x, target, **loss_options) -> SoftmaxOutput:
+        x, params = self._prepared(x)
+        losses, logp = losses_and_log_probs(x, params, target, **self._options(), **loss_options)
+        return SoftmaxOutput(logp, jnp.mean(losses))
+
+    @scoped
+    def log_prob(self, x: ArrayLike) -> jax.Array:
+        """Log-probabilities of all outputs, ``(batch, n_outputs)``.
+
+        This builds the ``(batch, n_outputs)`` logits, which :meth:`predict`,
+        :meth:`top_k` and :meth:`sample` never do.
+        """
+        x, params = self._prepared(x)
+        return full_log_softmax(x, params, **self._options())
+
+    @scoped
+    def predict(self, x: ArrayLike) -> jax.Array:
+        """The most probable output of each example, ``(batch,)`` int32 (exact)."""
+        return self.top_k(x, 1)[1][..., 0]
+
+    @scoped
+    def top_k(self, x: ArrayLike, k: int) -> tuple[jax.Array, jax.Array]:
+        """The exact ``k`` most probable outputs: ``(log_probs, ids)``, both ``(batch, k)``, sorted.
+
+        The outputs are walked a chunk of ``chunk_size`` columns at a time
+        (:func:`~blocksparse_jax.full_softmax_top_k`), without the logits.
+        """
+        x, params = self._prepared(x)
+        return full_softmax_top_k(x, params, k, **self._options())
+
+    @scoped
+    def sample(self, x: ArrayLike, key: jax.Array) -> jax.Array:
+        """One exact sample per example, ``(batch,)`` int32, without the logits (Gumbel-max by chunk)."""
+        x, params = self._prepared(x)
+        return full_softmax_sample(key, x, params, **self._options())
+
+
+class FullSoftmaxMethods(ExactSoftmaxMethods):
+    """The call of the ``FullSoftmax`` layers; a framework's class provides :attr:`params`."""
+
+    config: FullSoftmaxConfig
+
+    @scoped
+    def __call__(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
+        """The targets' log-probabilities and the loss, without the ``(batch, n_outputs)`` logits.
+
+        One pass over the outputs, a chunk of ``chunk_size`` columns at a time
+        (:func:`~blocksparse_jax.full_softmax_loss`, whose backward pass
+        recomputes each chunk's logits).
+
+        Args:
+          x: ``(batch, n_in)`` inputs.
+          target: ``(batch,)`` integer targets in ``[0, n_outputs)``.
+
+        Returns:
+          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
+          log-probability of each target; ``loss`` the mean of
+          :func:`~blocksparse_jax.full_softmax_loss`'s per-example losses,
+          which is ``-mean(output)`` plus the layer's ``z_loss`` and
+          ``label_smoothing`` terms when it has them.
+
+        Raises:
+          IndexError: a concrete target outside ``[0, n_outputs)``; under
+            ``jit`` such a target gets log-probability ``-inf`` (and an
+            infinite loss).
+        """
+        c = self.config
+        return self._exact(
+            x, target, label_smoothing=c.label_smoothing, z_loss=c.z_loss, filter_eps=c.filter_eps
+        )
+
+
+class SampledSoftmaxMethods(ExactSoftmaxMethods):
+    """The methods of the ``SampledSoftmax`` layers; a framework's class provides :attr:`params`."""
+
+    config: SampledSoftmaxConfig
+
+    @property
+    def n_sampled(self) -> int:
+        """Number of distinct classes sampled per call."""
+        return self.config.n_sampled
+
+    @scoped
+    def __call__(self, x: ArrayLike, target: ArrayLike, *, key: jax.Array) -> SoftmaxOutput:
+        """The sampled softmax's loss: each target against ``n_sampled`` classes drawn with ``key``.
+
+        :func:`~blocksparse_jax.sampled_softmax_loss`: the classes are drawn
+        once for the batch, and the call reads ``batch + n_sampled`` columns
+        of ``W`` (and entries of ``b``) instead of ``n_outputs``.
+
+        Args:
+          x: ``(batch, n_in)`` inputs.
+          target: ``(batch,)`` integer targets in ``[0, n_outputs)``.
+          key: the PRNG key the sampled classes are drawn with (a new one per
+            step).
+
+        Returns:
+          :class:`SoftmaxOutput` ``(output, loss)``: ``output`` the ``(batch,)``
+          log-probability of each target in the *sampled* softmax (over the
+          target and the sampled classes, each logit less the log of its
+          expected count), an estimate of the exact log-probability that is
+          biased upwards; ``loss`` its negative mean.  :meth:`exact` gives the
+          exact values.
+
+        Raises:
+          IndexError: a concrete target outside ``[0, n_outputs)``; under
+            ``jit`` such a target gets ``-inf`` (and an infinite loss).
+        """
+        c = self.config
+        x, params = self._prepared(x)
+        sampler = c.sampler.array if isinstance(c.sampler, StaticCounts) else c.sampler
+        losses = sampled_softmax_loss(
+            key,
+            x,
+            params,
+            target,
+            n_sampled=c.n_sampled,
+            sampler=sampler,
+            remove_accidental_hits=c.remove_accidental_hits,
+            reduction="none",
+        )
+        return SoftmaxOutput(-losses, jnp.mean(losses))
+
+    @scoped
+    def exact(self, x: ArrayLike, target: ArrayLike) -> SoftmaxOutput:
+        """The exact softmax's ``(output, loss)`` on the same weights, for evaluation.
+
+        What ``FullSoftmax``'s call gives: ``output`` the ``(batch,)`` exact
+        log-probability of each target, ``loss`` its negative mean, in one pass
+        over all ``n_outputs`` columns without the logits
+        (:func:`~blocksparse_jax.full_softmax_loss`).
+        """
+        return self._exact(x, target)
 
 
 # ---------------------------------------------------------------------------

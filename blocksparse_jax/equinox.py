@@ -1,4 +1,4 @@
-"""Equinox layers: the hierarchical softmax and a block-sparse linear layer.
+"""Equinox layers: the softmax heads, a block-sparse linear layer and a sparse embedding.
 
 Imported only when used (``from blocksparse_jax.equinox import HSoftmax``);
 needs the ``[equinox]`` extra.  The layers are ``eqx.Module`` pytrees: the
@@ -8,18 +8,20 @@ trainable parameters) and the sizes as static fields.  They take ``key=`` like
 Equinox's own layers and train with ``eqx.filter_jit``,
 ``eqx.filter_value_and_grad`` and optax.  Their values are those of the
 functional API (:func:`blocksparse_jax.h_log_softmax`,
-:func:`blocksparse_jax.sparse_block_dot`, ...).
+:func:`blocksparse_jax.full_softmax_loss`, :func:`blocksparse_jax.sparse_block_dot`, ...).
 
 Sparse training: :func:`~blocksparse_jax.value_and_sparse_grad` over the
 float arrays of ``eqx.partition(model, eqx.is_inexact_array)`` (the loss
 ``eqx.combine``-s the model; the whole model is refused for its int32 layout
-arrays) returns ``HSoftmax``'s ``W2`` and ``b2`` and ``BlockSparseLinear``'s
-``W`` and ``b`` as :class:`~blocksparse_jax.SparseBlockGrad`, for the lazy
-optimizers of :mod:`blocksparse_jax.optim` (the loop is in the layers guide).
+arrays) returns ``HSoftmax``'s ``W2`` and ``b2``, ``SampledSoftmax``'s ``W``
+and ``b``, ``FullSoftmax``'s ``W`` with ``filter_eps``, ``BlockSparseLinear``'s
+``W`` and ``b`` and ``Embed``'s table as :class:`~blocksparse_jax.SparseBlockGrad`,
+for the lazy optimizers of :mod:`blocksparse_jax.optim` (the loop is in the
+layers guide).
 
 Unlike ``eqx.nn.Linear`` the layers take a batch (``(batch, n_in)``) as well as
 one example (``(n_in,)``, what ``jax.vmap`` over them sees): the
-hierarchical softmax's work is shared across a batch.
+softmax heads' work is shared across a batch.
 """
 
 from __future__ import annotations
@@ -30,14 +32,23 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
 from blocksparse_jax import _layers
 from blocksparse_jax._layers import SoftmaxOutput
 from blocksparse_jax.adaptive import AdaptiveSoftmaxParams, adaptive_softmax_init
+from blocksparse_jax.full import FullSoftmaxParams, full_softmax_init
 from blocksparse_jax.hsoftmax import HSoftmaxLayout, HSoftmaxParams, h_softmax_init
 
-__all__ = ["AdaptiveSoftmax", "BlockSparseLinear", "Embed", "HSoftmax", "SoftmaxOutput"]
+__all__ = [
+    "AdaptiveSoftmax",
+    "BlockSparseLinear",
+    "Embed",
+    "FullSoftmax",
+    "HSoftmax",
+    "SampledSoftmax",
+    "SoftmaxOutput",
+]
 
 
 class HSoftmax(_layers.HSoftmaxMethods, eqx.Module):
@@ -204,6 +215,163 @@ class AdaptiveSoftmax(_layers.AdaptiveSoftmaxMethods, eqx.Module):
     def params(self) -> AdaptiveSoftmaxParams:
         """The weights as :class:`~blocksparse_jax.AdaptiveSoftmaxParams`, for the functional API."""
         return AdaptiveSoftmaxParams(self.head_W, self.head_b, self.tail_proj, self.tail_out)
+
+
+class FullSoftmax(_layers.FullSoftmaxMethods, eqx.Module):
+    """The exact softmax over every output, as a layer that never builds its logits.
+
+    ``x @ W + b`` over all ``n_outputs``, with the loss, decoding and sampling
+    of :func:`~blocksparse_jax.full_softmax_loss`,
+    :func:`~blocksparse_jax.full_softmax_top_k` and
+    :func:`~blocksparse_jax.full_softmax_sample`: each walks the outputs a
+    chunk of ``chunk_size`` columns at a time, so only :meth:`log_prob` builds
+    the ``(batch, n_outputs)`` array.  ``x`` is ``(batch, n_in)``, with any
+    leading batch dimensions, or ``(n_in,)`` for one example; ``target`` is
+    ``x.shape[:-1]``.
+
+    Args:
+      n_in: input width.
+      n_outputs: number of outputs.
+      use_bias: whether the layer has the bias ``b``.
+      label_smoothing: in ``[0, 1)``, the loss's label smoothing (PyTorch's).
+      z_loss: ``>= 0``, the weight of the loss's ``logsumexp(z)**2`` penalty.
+      softcap: optional positive float: logits soft-capped to
+        ``softcap * tanh(z / softcap)``, in the loss and in every method.
+      filter_eps: optional probability in ``(0, 1)``: the loss's gradient
+        filter (the backward pass skips chunks holding at most that much
+        probability); then ``W``'s gradient under
+        :func:`~blocksparse_jax.value_and_sparse_grad` holds the kept chunks
+        only.  Not with ``label_smoothing``.
+      chunk_size: optional columns per chunk (default: chosen from the batch).
+      dtype: the computation dtype (``x`` and the weights are cast to it), or
+        ``None`` to compute in the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      key: the PRNG key the weights are drawn from: ``W`` from ``N(0, 1 /
+        n_in)``, ``b`` zero.
+
+    Attributes:
+      W: ``(n_in, n_outputs)``, as in :class:`~blocksparse_jax.FullSoftmaxParams`.
+      b: ``(n_outputs,)``, or ``None``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from blocksparse_jax.equinox import FullSoftmax
+      >>> layer = FullSoftmax(16, 1000, z_loss=1e-4, key=jax.random.key(0))
+      >>> x = jnp.ones((4, 16))
+      >>> out, loss = layer(x, jnp.array([0, 5, 42, 999]))
+      >>> out.shape, loss.shape, layer.log_prob(x).shape
+      ((4,), (), (4, 1000))
+      >>> bool(jnp.all(layer.predict(x) == jnp.argmax(layer.log_prob(x), axis=-1)))
+      True
+    """
+
+    W: jax.Array
+    b: jax.Array | None
+    config: _layers.FullSoftmaxConfig = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        n_in: int,
+        n_outputs: int,
+        *,
+        use_bias: bool = True,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        filter_eps: float | None = None,
+        chunk_size: int | None = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        key: jax.Array,
+    ):
+        self.config = _layers.full_softmax_config(
+            label_smoothing, z_loss, softcap, filter_eps, chunk_size
+        )
+        self.W, self.b = full_softmax_init(key, n_in, n_outputs, bias=use_bias, dtype=param_dtype)
+        self.dtype = dtype
+
+    @property
+    def params(self) -> FullSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.FullSoftmaxParams`, for the functional API."""
+        return FullSoftmaxParams(self.W, self.b)
+
+
+class SampledSoftmax(_layers.SampledSoftmaxMethods, eqx.Module):
+    """A softmax trained by sampling (TensorFlow's sampled softmax) and evaluated exactly.
+
+    The weights of :class:`FullSoftmax` (``W`` and ``b``, the same layout):
+    the call is :func:`~blocksparse_jax.sampled_softmax_loss`, each target
+    against ``n_sampled`` classes drawn with the ``key`` it is given, which
+    reads ``batch + n_sampled`` columns of ``W``; :meth:`exact`,
+    :meth:`log_prob`, :meth:`predict`, :meth:`top_k` and :meth:`sample` are
+    those of the exact softmax over all ``n_outputs`` on the same weights.
+    ``x`` is ``(batch, n_in)``, with any leading batch dimensions, or
+    ``(n_in,)`` for one example; ``target`` is ``x.shape[:-1]``.
+
+    Args:
+      n_in: input width.
+      n_outputs: number of outputs.
+      n_sampled: number of distinct classes drawn per call, in ``[1, n_outputs]``.
+      sampler: ``"log_uniform"`` (default; Zipfian, for outputs sorted by
+        decreasing frequency), ``"uniform"``, or ``n_outputs`` non-negative
+        unigram counts (kept in a static field, not an array one, so never
+        trained), as in :func:`~blocksparse_jax.sample_candidates`.
+      remove_accidental_hits: give a sampled class that is the example's own
+        target the logit ``-FLT_MAX`` (TensorFlow's default).
+      use_bias: whether the layer has the bias ``b``.
+      chunk_size: optional columns per chunk of the exact methods.
+      dtype: the computation dtype (``x`` and the weights are cast to it), or
+        ``None`` to compute in the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      key: the PRNG key the weights are drawn from: ``W`` from ``N(0, 1 /
+        n_in)``, ``b`` zero.
+
+    Attributes:
+      W: ``(n_in, n_outputs)``, as in :class:`~blocksparse_jax.FullSoftmaxParams`.
+      b: ``(n_outputs,)``, or ``None``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from blocksparse_jax.equinox import SampledSoftmax
+      >>> layer = SampledSoftmax(16, 1000, n_sampled=64, key=jax.random.key(0))
+      >>> x, target = jnp.ones((4, 16)), jnp.array([0, 5, 42, 999])
+      >>> out, loss = layer(x, target, key=jax.random.key(1))    # training: sampled
+      >>> exact_out, exact_loss = layer.exact(x, target)          # evaluation: exact
+      >>> out.shape, exact_out.shape, layer.top_k(x, 3)[1].shape
+      ((4,), (4,), (4, 3))
+    """
+
+    W: jax.Array
+    b: jax.Array | None
+    config: _layers.SampledSoftmaxConfig = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        n_in: int,
+        n_outputs: int,
+        *,
+        n_sampled: int,
+        sampler: str | ArrayLike = "log_uniform",
+        remove_accidental_hits: bool = True,
+        use_bias: bool = True,
+        chunk_size: int | None = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        key: jax.Array,
+    ):
+        params = full_softmax_init(key, n_in, n_outputs, bias=use_bias, dtype=param_dtype)
+        self.config = _layers.sampled_softmax_config(
+            params.n_outputs, n_sampled, sampler, remove_accidental_hits, chunk_size
+        )
+        self.W, self.b = params
+        self.dtype = dtype
+
+    @property
+    def params(self) -> FullSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.FullSoftmaxParams`, for the functional API."""
+        return FullSoftmaxParams(self.W, self.b)
 
 
 class BlockSparseLinear(_layers.BlockSparseLinearMethods, eqx.Module):

@@ -1,4 +1,4 @@
-"""Flax NNX layers: the hierarchical softmax and a block-sparse linear layer.
+"""Flax NNX layers: the softmax heads, a block-sparse linear layer and a sparse embedding.
 
 Imported only when used (``from blocksparse_jax.flax import HSoftmax``); needs
 the ``[flax]`` extra.  The layers hold their weights as ``nnx.Param`` and a
@@ -6,13 +6,15 @@ layout's word/output mapping as :class:`LayoutState` (a non-trainable
 ``nnx.Variable``), take ``rngs=`` like Flax's own layers, and train with
 ``nnx.jit``, ``nnx.value_and_grad`` and ``nnx.Optimizer(model, tx,
 wrt=nnx.Param)``.  Their values are those of the functional API
-(:func:`blocksparse_jax.h_log_softmax`, :func:`blocksparse_jax.sparse_block_dot`, ...).
+(:func:`blocksparse_jax.h_log_softmax`, :func:`blocksparse_jax.full_softmax_loss`,
+:func:`blocksparse_jax.sparse_block_dot`, ...).
 
 Sparse training: :func:`~blocksparse_jax.value_and_sparse_grad` over the
 ``nnx.Param`` state of ``nnx.split(model, nnx.Param, ...)`` (the loss
-``nnx.merge``-s the model) returns ``HSoftmax``'s ``W2`` and ``b2`` and
-``BlockSparseLinear``'s ``W`` and ``b`` as
-:class:`~blocksparse_jax.SparseBlockGrad`, for the lazy optimizers of
+``nnx.merge``-s the model) returns ``HSoftmax``'s ``W2`` and ``b2``,
+``SampledSoftmax``'s ``W`` and ``b``, ``FullSoftmax``'s ``W`` with
+``filter_eps``, ``BlockSparseLinear``'s ``W`` and ``b`` and ``Embed``'s table
+as :class:`~blocksparse_jax.SparseBlockGrad`, for the lazy optimizers of
 :mod:`blocksparse_jax.optim` (the loop is in the layers guide).
 """
 
@@ -23,19 +25,22 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
 from blocksparse_jax import _layers
 from blocksparse_jax._layers import SoftmaxOutput
 from blocksparse_jax.adaptive import AdaptiveSoftmaxParams, adaptive_softmax_init
+from blocksparse_jax.full import FullSoftmaxParams, full_softmax_init
 from blocksparse_jax.hsoftmax import HSoftmaxLayout, HSoftmaxParams, h_softmax_init
 
 __all__ = [
     "AdaptiveSoftmax",
     "BlockSparseLinear",
     "Embed",
+    "FullSoftmax",
     "HSoftmax",
     "LayoutState",
+    "SampledSoftmax",
     "SoftmaxOutput",
 ]
 
@@ -216,6 +221,163 @@ class AdaptiveSoftmax(_layers.AdaptiveSoftmaxMethods, nnx.Module):
             tuple(w[...] for w in self.tail_proj),
             tuple(w[...] for w in self.tail_out),
         )
+
+
+class FullSoftmax(_layers.FullSoftmaxMethods, nnx.Module):
+    """The exact softmax over every output, as a layer that never builds its logits.
+
+    ``x @ W + b`` over all ``n_outputs``, with the loss, decoding and sampling
+    of :func:`~blocksparse_jax.full_softmax_loss`,
+    :func:`~blocksparse_jax.full_softmax_top_k` and
+    :func:`~blocksparse_jax.full_softmax_sample`: each walks the outputs a
+    chunk of ``chunk_size`` columns at a time, so only :meth:`log_prob` builds
+    the ``(batch, n_outputs)`` array.  ``x`` is ``(batch, n_in)``, with any
+    leading batch dimensions, or ``(n_in,)`` for one example; ``target`` is
+    ``x.shape[:-1]``.
+
+    Args:
+      n_in: input width.
+      n_outputs: number of outputs.
+      use_bias: whether the layer has the bias ``b``.
+      label_smoothing: in ``[0, 1)``, the loss's label smoothing (PyTorch's).
+      z_loss: ``>= 0``, the weight of the loss's ``logsumexp(z)**2`` penalty.
+      softcap: optional positive float: logits soft-capped to
+        ``softcap * tanh(z / softcap)``, in the loss and in every method.
+      filter_eps: optional probability in ``(0, 1)``: the loss's gradient
+        filter (the backward pass skips chunks holding at most that much
+        probability); then ``W``'s gradient under
+        :func:`~blocksparse_jax.value_and_sparse_grad` holds the kept chunks
+        only.  Not with ``label_smoothing``.
+      chunk_size: optional columns per chunk (default: chosen from the batch).
+      dtype: the computation dtype (``x`` and the weights are cast to it), or
+        ``None`` to compute in the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      rngs: the ``nnx.Rngs`` the weights are drawn from (``rngs.params()``):
+        ``W`` from ``N(0, 1 / n_in)``, ``b`` zero.
+
+    Attributes:
+      W: ``(n_in, n_outputs)`` (``nnx.Param``), as in :class:`~blocksparse_jax.FullSoftmaxParams`.
+      b: ``(n_outputs,)`` (``nnx.Param``), or ``None``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from blocksparse_jax.flax import FullSoftmax
+      >>> layer = FullSoftmax(16, 1000, z_loss=1e-4, rngs=nnx.Rngs(0))
+      >>> x = jnp.ones((4, 16))
+      >>> out, loss = layer(x, jnp.array([0, 5, 42, 999]))
+      >>> out.shape, loss.shape, layer.log_prob(x).shape
+      ((4,), (), (4, 1000))
+      >>> bool(jnp.all(layer.predict(x) == jnp.argmax(layer.log_prob(x), axis=-1)))
+      True
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_outputs: int,
+        *,
+        use_bias: bool = True,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        filter_eps: float | None = None,
+        chunk_size: int | None = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        config = _layers.full_softmax_config(
+            label_smoothing, z_loss, softcap, filter_eps, chunk_size
+        )
+        params = full_softmax_init(rngs.params(), n_in, n_outputs, bias=use_bias, dtype=param_dtype)
+        self.W = nnx.Param(params.W)
+        self.b = nnx.data(None) if params.b is None else nnx.Param(params.b)
+        self.config = config
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    @property
+    def params(self) -> FullSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.FullSoftmaxParams`, for the functional API."""
+        return FullSoftmaxParams(self.W[...], None if self.b is None else self.b[...])
+
+
+class SampledSoftmax(_layers.SampledSoftmaxMethods, nnx.Module):
+    """A softmax trained by sampling (TensorFlow's sampled softmax) and evaluated exactly.
+
+    The weights of :class:`FullSoftmax` (``W`` and ``b``, the same layout):
+    the call is :func:`~blocksparse_jax.sampled_softmax_loss`, each target
+    against ``n_sampled`` classes drawn with the ``key`` it is given, which
+    reads ``batch + n_sampled`` columns of ``W``; :meth:`exact`,
+    :meth:`log_prob`, :meth:`predict`, :meth:`top_k` and :meth:`sample` are
+    those of the exact softmax over all ``n_outputs`` on the same weights.
+    ``x`` is ``(batch, n_in)``, with any leading batch dimensions, or
+    ``(n_in,)`` for one example; ``target`` is ``x.shape[:-1]``.
+
+    Args:
+      n_in: input width.
+      n_outputs: number of outputs.
+      n_sampled: number of distinct classes drawn per call, in ``[1, n_outputs]``.
+      sampler: ``"log_uniform"`` (default; Zipfian, for outputs sorted by
+        decreasing frequency), ``"uniform"``, or ``n_outputs`` non-negative
+        unigram counts (kept as static configuration, never trained), as in
+        :func:`~blocksparse_jax.sample_candidates`.
+      remove_accidental_hits: give a sampled class that is the example's own
+        target the logit ``-FLT_MAX`` (TensorFlow's default).
+      use_bias: whether the layer has the bias ``b``.
+      chunk_size: optional columns per chunk of the exact methods.
+      dtype: the computation dtype (``x`` and the weights are cast to it), or
+        ``None`` to compute in the inputs' dtypes.
+      param_dtype: the weights' dtype.
+      rngs: the ``nnx.Rngs`` the weights are drawn from (``rngs.params()``):
+        ``W`` from ``N(0, 1 / n_in)``, ``b`` zero.
+
+    Attributes:
+      W: ``(n_in, n_outputs)`` (``nnx.Param``), as in :class:`~blocksparse_jax.FullSoftmaxParams`.
+      b: ``(n_outputs,)`` (``nnx.Param``), or ``None``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from blocksparse_jax.flax import SampledSoftmax
+      >>> layer = SampledSoftmax(16, 1000, n_sampled=64, rngs=nnx.Rngs(0))
+      >>> x, target = jnp.ones((4, 16)), jnp.array([0, 5, 42, 999])
+      >>> out, loss = layer(x, target, key=jax.random.key(1))    # training: sampled
+      >>> exact_out, exact_loss = layer.exact(x, target)          # evaluation: exact
+      >>> out.shape, exact_out.shape, layer.top_k(x, 3)[1].shape
+      ((4,), (4,), (4, 3))
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        n_outputs: int,
+        *,
+        n_sampled: int,
+        sampler: str | ArrayLike = "log_uniform",
+        remove_accidental_hits: bool = True,
+        use_bias: bool = True,
+        chunk_size: int | None = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        params = full_softmax_init(rngs.params(), n_in, n_outputs, bias=use_bias, dtype=param_dtype)
+        self.config = _layers.sampled_softmax_config(
+            params.n_outputs, n_sampled, sampler, remove_accidental_hits, chunk_size
+        )
+        self.W = nnx.Param(params.W)
+        self.b = nnx.data(None) if params.b is None else nnx.Param(params.b)
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    @property
+    def params(self) -> FullSoftmaxParams:
+        """The weights as :class:`~blocksparse_jax.FullSoftmaxParams`, for the functional API."""
+        return FullSoftmaxParams(self.W[...], None if self.b is None else self.b[...])
 
 
 class BlockSparseLinear(_layers.BlockSparseLinearMethods, nnx.Module):

@@ -330,6 +330,8 @@ def test_named_scopes(fw):
     layer = fw.make("HSoftmax", N_IN, layout=LAYOUT)
     lin = fw.make("BlockSparseLinear", 3, 3, 2, 2)
     adaptive = fw.make("AdaptiveSoftmax", N_IN, 40, [8, 20])
+    full = fw.make("FullSoftmax", N_IN, 40)
+    sampled = fw.make("SampledSoftmax", N_IN, 40, n_sampled=4)
     x, words = _data(4)
     h, idx = jnp.ones((4, 1, 2), jnp.float32), jnp.zeros((4, 1), jnp.int32)
     prefix = fw.module.__name__
@@ -339,6 +341,10 @@ def test_named_scopes(fw):
         (lambda: layer.sample(x, jax.random.key(0)), f"{prefix}.HSoftmax.sample"),
         (lambda: lin(h, idx, idx), f"{prefix}.BlockSparseLinear"),
         (lambda: adaptive(x, words), f"{prefix}.AdaptiveSoftmax"),
+        (lambda: full(x, words), f"{prefix}.FullSoftmax"),
+        (lambda: full.top_k(x, 2), f"{prefix}.FullSoftmax.top_k"),
+        (lambda: sampled(x, words, key=jax.random.key(0)), f"{prefix}.SampledSoftmax"),
+        (lambda: sampled.exact(x, words), f"{prefix}.SampledSoftmax.exact"),
     ]:
         assert scope in _scope_text(f)
 
@@ -356,6 +362,16 @@ def test_bad_arguments(fw):
         fw.make("HSoftmax", 0, 10)
     with pytest.raises(ValueError, match="o_size must be a positive int"):
         fw.make("BlockSparseLinear", 2, 2, 2, 0)
+    with pytest.raises(ValueError, match="filter_eps=0.01 cannot be used with label_smoothing"):
+        fw.make("FullSoftmax", N_IN, 40, filter_eps=0.01, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="z_loss must be a finite number in \\[0.0, inf\\)"):
+        fw.make("FullSoftmax", N_IN, 40, z_loss=-1.0)
+    with pytest.raises(ValueError, match="n_sampled must be in \\[1, n_outputs\\] = \\[1, 40\\]"):
+        fw.make("SampledSoftmax", N_IN, 40, n_sampled=41)
+    with pytest.raises(ValueError, match="sampler must be 'log_uniform', 'uniform' or"):
+        fw.make("SampledSoftmax", N_IN, 40, n_sampled=4, sampler="zipf")
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'key'"):
+        fw.make("SampledSoftmax", N_IN, 40, n_sampled=4)(*_data(2))
     layer = fw.make("HSoftmax", N_IN, layout=LAYOUT)
     x, _ = _data(2)
     with pytest.raises(IndexError, match="target holds 40 at position \\(1,\\)"):
@@ -480,6 +496,119 @@ def test_documented_training_loop_with_the_adaptive_softmax(fw):
 
 
 # ---------------------------------------------------------------------------
+# FullSoftmax and SampledSoftmax
+
+FULL_OPTIONS = {
+    "plain": {},
+    "options": {
+        "use_bias": False,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-3,
+        "softcap": 5.0,
+        "chunk_size": 16,
+    },
+}
+
+
+def _check_exact_methods(layer, x, options):
+    """``log_prob``, ``predict``, ``top_k`` and ``sample`` against the functional API."""
+    params = layer.params
+    ref = bsj.full_log_softmax(x, params, **options)
+    np.testing.assert_allclose(np.exp(np.asarray(ref, np.float64)).sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(layer.log_prob(x), ref, rtol=1e-6)
+    np.testing.assert_array_equal(layer.predict(x), np.argmax(np.asarray(ref), axis=-1))
+    vals, ids = layer.top_k(x, 5)
+    ref_vals, ref_ids = jax.lax.top_k(ref, 5)
+    np.testing.assert_allclose(vals, ref_vals, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ids, ref_ids)
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(
+        layer.sample(x, key), bsj.full_softmax_sample(key, x, params, **options)
+    )
+    assert (layer.n_in, layer.n_outputs) == (N_IN, 40)
+    return ref
+
+
+@pytest.mark.parametrize("case", sorted(FULL_OPTIONS))
+def test_full_softmax_matches_functional_api(fw, case):
+    options = FULL_OPTIONS[case]
+    layer = fw.make("FullSoftmax", N_IN, 40, seed=3, **options)
+    assert (layer.b is None) == (case == "options")
+    x, words = _data()
+    eval_options = {k: v for k, v in options.items() if k in ("softcap", "chunk_size")}
+    loss_options = {k: v for k, v in options.items() if k != "use_bias"}
+    ref = _check_exact_methods(layer, x, eval_options)
+
+    out = layer(x, words)
+    assert isinstance(out, SoftmaxOutput)
+    # output: the targets' log-probabilities; loss: full_softmax_loss, its options included.
+    np.testing.assert_allclose(out.output, ref[jnp.arange(32), words], rtol=1e-6)
+    want = bsj.full_softmax_loss(x, layer.params, words, **loss_options)
+    np.testing.assert_allclose(out.loss, want, rtol=1e-6)
+    if case == "options":
+        return
+    np.testing.assert_allclose(out.loss, -jnp.mean(out.output), rtol=1e-6)
+    # NumPy inputs, one example, jit.
+    numpy_out = layer(np.asarray(x), np.asarray(words))
+    np.testing.assert_allclose(numpy_out.output, out.output, rtol=1e-6)
+    one = layer(x[2], words[2])
+    np.testing.assert_allclose(one.output, out.output[2], rtol=1e-6)
+    jitted = fw.jit(lambda m, x, t: m(x, t))(layer, x, words)
+    np.testing.assert_allclose(jitted.output, out.output, rtol=1e-6)
+    np.testing.assert_allclose(jitted.loss, out.loss, rtol=1e-6)
+    np.testing.assert_array_equal(fw.jit(lambda m, x: m.predict(x))(layer, x), layer.predict(x))
+
+
+def test_sampled_softmax_matches_functional_api(fw):
+    counts = np.arange(40, 0, -1)  # unigram counts: held as static configuration
+    layer = fw.make("SampledSoftmax", N_IN, 40, n_sampled=8, sampler=counts, seed=3)
+    x, words = _data()
+    key = jax.random.key(5)
+    out = layer(x, words, key=key)
+    assert isinstance(out, SoftmaxOutput) and layer.n_sampled == 8
+    # output: the targets' log-probabilities in the sampled softmax; loss: their negative mean.
+    want = bsj.sampled_softmax_loss(
+        key, x, layer.params, words, n_sampled=8, sampler=counts, reduction="none"
+    )
+    np.testing.assert_allclose(out.output, -want, rtol=1e-6)
+    np.testing.assert_allclose(out.loss, jnp.mean(want), rtol=1e-6)
+    # Evaluation: the exact softmax on the same weights.
+    ref = _check_exact_methods(layer, x, {})
+    exact = layer.exact(x, words)
+    np.testing.assert_allclose(exact.output, ref[jnp.arange(32), words], rtol=1e-6)
+    np.testing.assert_allclose(exact.loss, -jnp.mean(exact.output), rtol=1e-6)
+    # The sampled log-probability of a target is above its exact one (fewer competitors).
+    assert np.all(np.asarray(out.output) > np.asarray(exact.output))
+    # NumPy inputs, jit.
+    numpy_out = layer(np.asarray(x), np.asarray(words), key=key)
+    np.testing.assert_allclose(numpy_out.output, out.output, rtol=1e-6)
+    call = fw.jit(lambda m, x, t, k: m(x, t, key=k))
+    np.testing.assert_allclose(call(layer, x, words, key).output, out.output, rtol=1e-6)
+    other = call(layer, x, words, jax.random.key(6)).output
+    assert not np.allclose(other, out.output)  # another key, other classes
+    # The counts are configuration: equal by content, not trained, not an array leaf.
+    same = fw.make("SampledSoftmax", N_IN, 40, n_sampled=8, sampler=counts.copy(), seed=3)
+    assert same.config == layer.config and hash(same.config) == hash(layer.config)
+    assert fw.make("SampledSoftmax", N_IN, 40, n_sampled=8, seed=3).config != layer.config
+    assert fw.trained_names(layer, lambda m: m(x, words, key=key).loss) == {"W", "b"}
+
+
+def test_full_and_sampled_softmax_train(fw):
+    x, words = _data(64)
+    full = fw.make("FullSoftmax", N_IN, 40, seed=1)
+    _, losses = fw.train(full, lambda m, x, t: m(x, t).loss, [(x, words)] * 40, lr=1.0)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    sampled = fw.make("SampledSoftmax", N_IN, 40, n_sampled=10, sampler="uniform", seed=1)
+    exact_before = float(sampled.exact(x, words).loss)
+    keys = jax.random.split(jax.random.key(2), 40)
+    batches = [(x, words, k) for k in keys]
+    trained, losses = fw.train(sampled, lambda m, x, t, k: m(x, t, key=k).loss, batches, lr=1.0)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert float(trained.exact(x, words).loss) < 0.5 * exact_before
+
+
+# ---------------------------------------------------------------------------
 # Sparse training: value_and_sparse_grad and lazy optimizers on the layers
 
 
@@ -494,28 +623,36 @@ def _by_path(tree):
     return {name(k): v for k, v in flat}
 
 
-def _check_sparse_step(fw, model, loss_of):
+def _check_sparse_step(fw, model, loss_of, *, jit=False):
     """The paths of the parameters whose gradients are sparse, after checking them.
 
     Sparse gradients must equal the dense ones (``jax.value_and_grad``) and one
     step of ``lazy(optax.sgd)`` must give the parameters of a dense
-    ``optax.sgd`` step.
+    ``optax.sgd`` step.  The sparse step runs eagerly, or with ``jit`` as one
+    ``jax.jit`` (one compilation instead of one per operation).
     """
     params, combine = fw.partition(model)
     loss_fn = lambda params: loss_of(combine(params))
-    loss, grads = bsj.value_and_sparse_grad(loss_fn)(params)  # eager: the grads stay here
+    lazy_sgd, sgd = bsj.optim.lazy(optax.sgd(0.5)), optax.sgd(0.5)
+    sparse = set()
+
+    def sparse_step(params):
+        loss, grads = bsj.value_and_sparse_grad(loss_fn)(params)
+        by_path = _by_path(grads)
+        sparse.update(k for k, g in by_path.items() if isinstance(g, bsj.SparseBlockGrad))
+        # A SparseBlockGrad stays inside the function that made it: densified here.
+        dense_by_path = {k: g.todense() if k in sparse else g for k, g in by_path.items()}
+        updates, _ = lazy_sgd.update(grads, lazy_sgd.init(params), params)
+        return loss, dense_by_path, _by_path(bsj.optim.apply_updates(params, updates))
+
+    loss, by_path, new = (jax.jit(sparse_step) if jit else sparse_step)(params)
     dense_loss, dense = jax.jit(jax.value_and_grad(loss_fn))(params)
     np.testing.assert_allclose(loss, dense_loss, rtol=1e-6)
-    by_path, dense_by_path = _by_path(grads), _by_path(dense)
+    dense_by_path = _by_path(dense)
     assert by_path.keys() == dense_by_path.keys()
-    sparse = {k for k, g in by_path.items() if isinstance(g, bsj.SparseBlockGrad)}
     for k, g in by_path.items():
-        g = g.todense() if k in sparse else g
         np.testing.assert_allclose(g, dense_by_path[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
-    lazy_sgd, sgd = bsj.optim.lazy(optax.sgd(0.5)), optax.sgd(0.5)
-    updates, _ = lazy_sgd.update(grads, lazy_sgd.init(params), params)
-    new = _by_path(bsj.optim.apply_updates(params, updates))
     dense_updates, _ = sgd.update(dense, sgd.init(params), params)
     want = _by_path(optax.apply_updates(params, dense_updates))
     assert new.keys() == want.keys()
@@ -581,6 +718,25 @@ def test_embed_equals_the_lookup_and_trains_sparsely(fw):
     assert sparse == {"embedding" if fw.name == "flax" else "weight"}, sparse
     half = fw.make("Embed", 50, 6, dtype=jnp.bfloat16)
     assert half(ids).dtype == jnp.bfloat16 and half._table().dtype == jnp.float32
+
+
+def test_full_and_sampled_softmax_train_sparsely(fw):
+    # A peaked problem: the targets are in the first chunk of 8 and hold almost all the mass.
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((N_IN, 6)))
+    x = jnp.asarray(3.0 * q.T, jnp.float32)
+    words = jnp.asarray(rng.permutation(8)[:6], jnp.int32)
+    W = 0.3 * rng.standard_normal((N_IN, 40))
+    W[:, np.asarray(words)] = 8.0 * np.asarray(x).T / 3.0
+    full = fw.make("FullSoftmax", N_IN, 40, filter_eps=1e-3, chunk_size=8)
+    full = fw.with_weight(full, "W", jnp.asarray(W, jnp.float32))
+    sparse = _check_sparse_step(fw, full, lambda m: m(x, words).loss, jit=True)
+    assert sparse == {"W"}, sparse
+
+    sampled = fw.make("SampledSoftmax", N_IN, 40, n_sampled=6)
+    key = jax.random.key(4)
+    sparse = _check_sparse_step(fw, sampled, lambda m: m(x, words, key=key).loss, jit=True)
+    assert sparse == {"W", "b"}, sparse
 
 
 def test_documented_sparse_training_loop_runs_and_learns(fw):

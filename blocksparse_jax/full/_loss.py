@@ -280,6 +280,24 @@ def full_softmax_loss(
       ((16, 1000), (1000,))
     """
     _targets.check_reduction(reduction)
+    x, params, lead, t, flat_mask, options, plan = _checked(
+        x, params, target, mask, label_smoothing, z_loss, softcap, filter_eps, chunk_size
+    )
+    if plan.filter_eps is None:
+        loss = _loss_jit(
+            x, params.W, params.b, t, flat_mask, plan=plan, options=options, reduction=reduction
+        )
+    else:
+        lse, picked, valid = _marked_pair(x, params, t, flat_mask, plan)
+        loss = _reduce_jit(
+            lse, picked, None, valid, flat_mask,
+            n_outputs=plan.n_outputs, options=options, reduction=reduction,
+        )  # fmt: skip
+    return loss.reshape(lead) if reduction == "none" else loss
+
+
+def _checked(x, params, target, mask, label_smoothing, z_loss, softcap, filter_eps, chunk_size):
+    """:func:`full_softmax_loss`'s arguments checked: ``(x, params, lead, target, flat mask, options, plan)``."""
     x, params, lead = prepare(x, params)
     mask = _targets.check_mask(mask, lead)
     t = checked_target(target, lead, params.n_outputs, mask)
@@ -299,26 +317,60 @@ def full_softmax_loss(
         x.shape[0], params.n_outputs, chunk_size, softcap,
         with_total=options.label_smoothing > 0, filter_eps=filter_eps,
     )  # fmt: skip
-    flat_mask = mask.reshape(-1)
-    if filter_eps is None:
-        loss = _loss_jit(
-            x, params.W, params.b, t, flat_mask, plan=plan, options=options, reduction=reduction
-        )
+    return x, params, lead, t, mask.reshape(-1), options, plan
+
+
+def _marked_pair(x, params, t, flat_mask, plan):
+    """``(lse, target logit, valid)`` of the filtered loss, ``W``'s use marked for the sparse rule."""
+    # W's use is marked for value_and_sparse_grad: the rule turns the cotangent of each
+    # example's (lse, target logit) into the kept chunks' blocks (full/_sparse.py).
+    w = sites.mark_weight(params.W)
+    used = _used_stats_jit(x, w, params.b, t, flat_mask, plan=plan)
+    s = used.stats
+    bias = () if params.b is None else (params.b,)
+    pair = sites.mark_use(
+        jnp.stack([s.lse, s.target], axis=1),
+        w,
+        (used.x, w, *bias, used.target, s.lse, s.chunk_lse),
+        FilteredChunksRule(plan, has_bias=params.b is not None),
+    )
+    return pair[:, 0], pair[:, 1], used.valid
+
+
+@functools.partial(jax.jit, static_argnames=("n_outputs", "options"))
+def _losses_and_log_probs_jit(lse, picked, total, valid, *, n_outputs, options):
+    with jax.named_scope("full_softmax_loss"):
+        loss = per_example_loss(lse, picked, total, valid, n_outputs, options)
+        logp = jnp.where(valid, picked - lse, jnp.full((), -jnp.inf, lse.dtype))
+        return loss, logp
+
+
+def losses_and_log_probs(
+    x: ArrayLike,
+    params: FullSoftmaxParams,
+    target: ArrayLike,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    filter_eps: float | None = None,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(losses, log_probs)``, both ``x.shape[:-1]``, from one pass over the outputs.
+
+    ``losses`` is :func:`full_softmax_loss` with ``reduction="none"`` (its
+    options included, the gradient filter's sparse rule too), ``log_probs``
+    :func:`full_log_softmax` at ``target``; the layers' ``(output, loss)``.
+    """
+    x, params, lead, t, flat_mask, options, plan = _checked(
+        x, params, target, None, label_smoothing, z_loss, softcap, filter_eps, chunk_size
+    )
+    if plan.filter_eps is None:
+        used = _used_stats_jit(x, params.W, params.b, t, flat_mask, plan=plan)
+        lse, picked, total, valid = used.stats.lse, used.stats.target, used.stats.total, used.valid
     else:
-        # W's use is marked for value_and_sparse_grad: the rule turns the cotangent of each
-        # example's (lse, target logit) into the kept chunks' blocks (full/_sparse.py).
-        w = sites.mark_weight(params.W)
-        used = _used_stats_jit(x, w, params.b, t, flat_mask, plan=plan)
-        s = used.stats
-        bias = () if params.b is None else (params.b,)
-        pair = sites.mark_use(
-            jnp.stack([s.lse, s.target], axis=1),
-            w,
-            (used.x, w, *bias, used.target, s.lse, s.chunk_lse),
-            FilteredChunksRule(plan, has_bias=params.b is not None),
-        )
-        loss = _reduce_jit(
-            pair[:, 0], pair[:, 1], None, used.valid, flat_mask,
-            n_outputs=plan.n_outputs, options=options, reduction=reduction,
-        )  # fmt: skip
-    return loss.reshape(lead) if reduction == "none" else loss
+        (lse, picked, valid), total = _marked_pair(x, params, t, flat_mask, plan), None
+    loss, logp = _losses_and_log_probs_jit(
+        lse, picked, total, valid, n_outputs=plan.n_outputs, options=options
+    )
+    return loss.reshape(lead), logp.reshape(lead)
