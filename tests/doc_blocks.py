@@ -56,18 +56,28 @@ def free_names(code: str) -> set[str]:
     return read - defined - set(dir(builtins))
 
 
+# Compiling without LLVM's optimizations (the suite's own setting, see conftest.py):
+# the same programs, compiled faster.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def reader_env(xla_flags: str = "") -> dict[str, str]:
+    """The environment of a fresh interpreter: JAX's defaults, this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+    env["XLA_FLAGS"] = f"{xla_flags} {FAST_COMPILE}".strip()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 def run_script(
     code: str, *, xla_flags: str | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """Runs ``code`` in a fresh interpreter with JAX's default settings, from the repository root.
 
-    ``xla_flags`` (e.g. ``--xla_force_host_platform_device_count=8``) is the
-    interpreter's ``XLA_FLAGS``; the suite's own are not passed on.
+    ``xla_flags`` (e.g. ``--xla_force_host_platform_device_count=8``) go into
+    the interpreter's ``XLA_FLAGS``; the suite's own are not passed on.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
-    if xla_flags:
-        env["XLA_FLAGS"] = xla_flags
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = reader_env(xla_flags or "")
     return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

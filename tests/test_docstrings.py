@@ -9,13 +9,13 @@ example found must pass.
 
 import inspect
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import blocksparse_jax
 from blocksparse_jax import parallel
+from tests.doc_blocks import reader_env
 
 _RUNNER = """
 import doctest, importlib, inspect, json, sys
@@ -51,7 +51,7 @@ def _public_functions():
 
 
 def test_docstring_examples():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+    env = reader_env()
     root = pathlib.Path(__file__).resolve().parents[1]
     run = subprocess.run(
         [sys.executable, "-c", _RUNNER],

@@ -7,7 +7,6 @@ was checked).  Sizes are cut down; nothing else is changed.
 """
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -15,12 +14,11 @@ import sys
 
 import pytest
 
-from tests.doc_blocks import ROOT, code_block
+from tests.doc_blocks import ROOT, code_block, reader_env
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+def _env(XLA_FLAGS: str = "", **extra):
+    env = reader_env(XLA_FLAGS)
     env.update(extra)
     return env
 

@@ -4,11 +4,12 @@ The blocks build on each other (later ones use the names earlier ones define);
 JAX runs with its default settings, not this suite's strict ones.
 """
 
-import os
 import pathlib
 import re
 import subprocess
 import sys
+
+from tests.doc_blocks import reader_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,8 +19,7 @@ def test_readme_examples_run():
     blocks = re.findall(r"^```python\n(.*?)^```$", text, re.M | re.S)
     assert len(blocks) >= 4, "the README's examples were not found"
     script = "\n".join(blocks) + "\nprint('README examples ran')\n"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = reader_env()
     run = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
