@@ -95,9 +95,12 @@ def main(argv=None):
         params = _model.init_params(models.key_init, models.cfg, kind, layouts[kind])
         opt_state = tx.init(params)
         step_fns[kind] = _train.make_train_step(
-            tx, outputs[kind], context=_cli.CONTEXT, batch_size=args.batch_size,
+            tx,
+            outputs[kind],
+            context=_cli.CONTEXT,
+            batch_size=args.batch_size,
             key=models.key_data,
-        )  # fmt: skip
+        )
         rows[kind] = _memory(step_fns[kind], params, opt_state, tokens)
         state[kind] = [params, opt_state]
 

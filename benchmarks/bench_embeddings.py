@@ -254,8 +254,12 @@ def bench_case(n_rows, dim, lookups, *, races, torch, threads, warmup, repeats, 
         gc.collect()
         row["races"][name] = _race(contenders, warmup=warmup, repeats=repeats, settle_s=settle_s)
         row["races"][name]["load"] = os.getloadavg()
-        print(name, json.dumps({k: round(v["ms"], 3) for k, v in row["races"][name].items()
-                                if k != "load"}))  # fmt: skip
+        print(
+            name,
+            json.dumps(
+                {k: round(v["ms"], 3) for k, v in row["races"][name].items() if k != "load"}
+            ),
+        )
         del contenders
         gc.collect()
     return row
@@ -294,9 +298,16 @@ def main(argv=None):
     for case in cases:
         n_rows, dim, lookups = (int(x) for x in case.split("x"))
         row = bench_case(
-            n_rows, dim, lookups, races=args.races.split(","), torch=torch, threads=threads, warmup=warmup, repeats=repeats,
+            n_rows,
+            dim,
+            lookups,
+            races=args.races.split(","),
+            torch=torch,
+            threads=threads,
+            warmup=warmup,
+            repeats=repeats,
             settle_s=args.settle,
-        )  # fmt: skip
+        )
         row["load_after"] = os.getloadavg()
         results["cases"].append(row)
     results["load_after"] = os.getloadavg()
@@ -367,8 +378,11 @@ def _merge(old_cases, new_cases):
     for c in new_cases:
         if key(c) in merged:
             races = {**merged[key(c)]["races"], **c["races"]}
-            skipped = {k: v for k, v in {**merged[key(c)].get("skipped", {}), **c["skipped"]}.items()
-                       if k not in races}  # fmt: skip
+            skipped = {
+                k: v
+                for k, v in {**merged[key(c)].get("skipped", {}), **c["skipped"]}.items()
+                if k not in races
+            }
             merged[key(c)] = {**merged[key(c)], **c, "races": races, "skipped": skipped}
         else:
             merged[key(c)] = c

@@ -328,9 +328,14 @@ def steps_race(vocab, *, warmup, rounds):
     }
     ms = _median_ms(time_round_robin(runners, warmup=warmup, repeats=rounds))
     row = dict(
-        race="steps", vocab=vocab, batch=BATCH, width=WIDTH, n_sampled=N_SAMPLED,
-        hsoftmax_classes=n_classes, ms=ms,
-    )  # fmt: skip
+        race="steps",
+        vocab=vocab,
+        batch=BATCH,
+        width=WIDTH,
+        n_sampled=N_SAMPLED,
+        hsoftmax_classes=n_classes,
+        ms=ms,
+    )
     row["exact_adam_over"] = {k: ms["exact_adam"] / v for k, v in ms.items()}
     return row
 
@@ -388,9 +393,12 @@ def dots_race(vocab, *, warmup, rounds):
     ms = _median_ms(time_round_robin(runners, warmup=warmup, repeats=rounds))
     flop = 2.0 * BATCH * WIDTH * vocab
     return dict(
-        race="dots", vocab=vocab, chunk=DOT_CHUNK, ms=ms,
+        race="dots",
+        vocab=vocab,
+        chunk=DOT_CHUNK,
+        ms=ms,
         gflops={k: flop / (v * 1e-3) / 1e9 for k, v in ms.items()},
-    )  # fmt: skip
+    )
 
 
 def print_filter(eps, e: dict) -> None:
@@ -439,9 +447,12 @@ def main(argv=None):
                 print_filter(eps, e)
         print(flush=True)
     result = dict(
-        benchmark="output_heads", machine=machine_info(), rounds=args.rounds, rows=rows,
+        benchmark="output_heads",
+        machine=machine_info(),
+        rounds=args.rounds,
+        rows=rows,
         load_average={"start": load_start, "end": os.getloadavg()},
-    )  # fmt: skip
+    )
     if not args.quick:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)

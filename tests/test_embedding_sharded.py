@@ -132,10 +132,14 @@ def _place_like_rows(shapes, mesh, n_rows):
 
 @pytest.mark.parametrize(
     "shape, axis_type",
-    [((2, 4), AxisType.Explicit), ((2, 4), AxisType.Auto), ((1, 8), AxisType.Explicit),
-     ((8, 1), AxisType.Auto)],
+    [
+        ((2, 4), AxisType.Explicit),
+        ((2, 4), AxisType.Auto),
+        ((1, 8), AxisType.Explicit),
+        ((8, 1), AxisType.Auto),
+    ],
     ids=["2x4-explicit", "2x4-auto", "1x8-explicit", "8x1-auto"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("opt", ["lazy_adam", "rowwise_adagrad"])
 def test_sharded_step_moves_no_table_and_holds_little(shape, axis_type, opt):
     """Compile-only, 1,048,576 x 32 (128 MiB): collectives and a device's temporaries."""

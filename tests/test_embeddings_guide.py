@@ -37,19 +37,34 @@ def test_guide_training_loops_one_device_and_a_mesh():
     record = "losses.append(float(loss))\n"
     script = (
         "losses = []\n"
-        + _replace(first, {**sizes, '    params, opt_state, loss = step(params, opt_state, users, items, clicked)\n':
-                           '    params, opt_state, loss = step(params, opt_state, users, items, clicked)\n    ' + record})
+        + _replace(
+            first,
+            {
+                **sizes,
+                "    params, opt_state, loss = step(params, opt_state, users, items, clicked)\n": "    params, opt_state, loss = step(params, opt_state, users, items, clicked)\n    "
+                + record,
+            },
+        )
         + "one_device = list(losses)\n"
-        + _replace(sharded, {"    params, opt_state, loss = step(params, opt_state, *data)\n":
-                             "    params, opt_state, loss = step(params, opt_state, *data)\n    " + record})
+        + _replace(
+            sharded,
+            {
+                "    params, opt_state, loss = step(params, opt_state, *data)\n": "    params, opt_state, loss = step(params, opt_state, *data)\n    "
+                + record
+            },
+        )
         + "import json\n"
         + "print(json.dumps([one_device, losses[len(one_device):],"
         + " str(params['users'].sharding.spec), str(opt_state.sum_of_squares['users'].sharding.spec)]))\n"
-    )  # fmt: skip
+    )
     run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-    )  # fmt: skip
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     one_device, on_mesh, table_spec, acc_spec = json.loads(run.stdout.strip().splitlines()[-1])
     assert one_device[-1] < one_device[0] - 0.05, one_device  # it learns
@@ -80,7 +95,7 @@ def test_many_hosts_recipe_in_two_processes():
             text=True,
             cwd=ROOT,
             env=_env(),
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     outs = []

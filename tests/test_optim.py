@@ -283,9 +283,13 @@ def _force(monkeypatch, path: str, k: int = 3):
     """Every sparse leaf updated by ``path``: vectorised, chunks of ``k`` blocks, one block at a time."""
     choice = {"vector": ("vectorised", 0), "chunks": ("chunks", k), "loop": ("blocks", 1)}[path]
     monkeypatch.setattr(
-        _inplace, "choose_path",
-        lambda g, p, n: (choice[0], min(choice[1], g.capacity) if choice[0] == "chunks" else choice[1]),
-    )  # fmt: skip
+        _inplace,
+        "choose_path",
+        lambda g, p, n: (
+            choice[0],
+            min(choice[1], g.capacity) if choice[0] == "chunks" else choice[1],
+        ),
+    )
 
 
 @pytest.fixture(params=["vector", "loop", "chunks"])
@@ -626,9 +630,11 @@ def test_chunked_update_of_small_blocks_stays_within_its_budget(monkeypatch, opt
     W_bytes = math.prod(shape) * 4
     assert W_bytes // 16 > _inplace._VECTOR_FLOOR  # the budget is W / 16
     g = SparseBlockGrad.from_pairs(
-        jnp.arange(2_048, dtype=jnp.int32), jnp.ones((2_048, 16)), jnp.ones((2_048, 16)),
+        jnp.arange(2_048, dtype=jnp.int32),
+        jnp.ones((2_048, 16)),
+        jnp.ones((2_048, 16)),
         shape=shape,
-    )  # fmt: skip
+    )
     path, k = _inplace.choose_path(g, jax.ShapeDtypeStruct(shape, F32), 2)
     assert path == "chunks" and 16 <= k < 2_048  # neither all at once nor one block at a time
     loop = _layer_step_temp(monkeypatch, chunks=False)

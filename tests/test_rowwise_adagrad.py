@@ -159,9 +159,13 @@ def test_update_applied_in_place_from_the_pairs_or_from_the_values(clip):
     assert seen["shortcut"]
     np.testing.assert_allclose(new, table + dense_update, rtol=1e-6, atol=1e-7)
     want, _ = _numpy_rowwise(
-        np.asarray(table), np.zeros(30), np.asarray(ids),
-        np.cos(np.asarray(table)[np.asarray(ids)]), 0.1, 1e-8,
-    )  # fmt: skip
+        np.asarray(table),
+        np.zeros(30),
+        np.asarray(ids),
+        np.cos(np.asarray(table)[np.asarray(ids)]),
+        0.1,
+        1e-8,
+    )
     np.testing.assert_allclose(new, want, rtol=2e-5, atol=1e-6)
 
 
@@ -247,8 +251,11 @@ def test_block_sparse_weights_and_dense_leaves_match_the_row_rule():
     tx = rowwise_adagrad(lr, eps=eps)
     state = tx.init(params)
     assert jax.tree.map(jnp.shape, state.sum_of_squares) == {
-        "W": (3, 5), "b": (5,), "scale": (), "proj": (4,)
-    }  # fmt: skip
+        "W": (3, 5),
+        "b": (5,),
+        "scale": (),
+        "proj": (4,),
+    }
     step = _step_fn(loss_fn, tx)
     want_p = jax.tree.map(np.asarray, params)
     want_a = jax.tree.map(np.asarray, state.sum_of_squares)

@@ -43,9 +43,14 @@ def test_values_and_gradients_match_tensorflow(tf_case, hits, transform):
 
     def total(x, W, b):
         return sampled_softmax_loss(
-            None, x, FullSoftmaxParams(W, b), target, sampled=sampled,
-            remove_accidental_hits=hits == "remove", reduction="sum",
-        )  # fmt: skip
+            None,
+            x,
+            FullSoftmaxParams(W, b),
+            target,
+            sampled=sampled,
+            remove_accidental_hits=hits == "remove",
+            reduction="sum",
+        )
 
     loss, (dx, dW, db) = transform(jax.value_and_grad(total, argnums=(0, 1, 2)))(
         x, params.W, params.b
@@ -55,9 +60,14 @@ def test_values_and_gradients_match_tensorflow(tf_case, hits, transform):
     np.testing.assert_allclose(dW, tf_case[f"dW_{hits}"], atol=2e-6)
     np.testing.assert_allclose(db, tf_case[f"db_{hits}"], atol=2e-6)
     per = sampled_softmax_loss(
-        None, x, params, target, sampled=sampled, remove_accidental_hits=hits == "remove",
+        None,
+        x,
+        params,
+        target,
+        sampled=sampled,
+        remove_accidental_hits=hits == "remove",
         reduction="none",
-    )  # fmt: skip
+    )
     np.testing.assert_allclose(per, tf_case[f"loss_{hits}"], rtol=2e-6)
 
 
@@ -260,10 +270,15 @@ def test_leading_dims_mask_and_no_bias():
     per = sampled_softmax_loss(None, x, params, t, sampled=s, mask=mask, reduction="none")
     assert per.shape == (2, 3) and per[0, 1] == 0 and np.all(np.isfinite(per))
     flat = sampled_softmax_loss(
-        None, x.reshape(6, 4)[np.asarray(mask).reshape(-1)], params, t.reshape(-1)[np.asarray(mask).reshape(-1)],
-        sampled=s._replace(true_expected_count=s.true_expected_count.reshape(-1)[np.asarray(mask).reshape(-1)]),
+        None,
+        x.reshape(6, 4)[np.asarray(mask).reshape(-1)],
+        params,
+        t.reshape(-1)[np.asarray(mask).reshape(-1)],
+        sampled=s._replace(
+            true_expected_count=s.true_expected_count.reshape(-1)[np.asarray(mask).reshape(-1)]
+        ),
         reduction="none",
-    )  # fmt: skip
+    )
     np.testing.assert_allclose(per[mask], flat, rtol=1e-12)
     g = jax.grad(lambda x: sampled_softmax_loss(None, x, params, t, sampled=s, mask=mask))(x)
     assert np.all(np.isfinite(g)) and np.all(g[0, 1] == 0)

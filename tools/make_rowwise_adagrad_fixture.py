@@ -71,9 +71,13 @@ def main():
     for name, (lr, eps) in CONFIGS.items():
         tables, accs = train(table0, ids, upstream, lr, eps)
         arrays.update(
-            {f"lr_{name}": np.float32(lr), f"eps_{name}": np.float32(eps),
-             f"table_{name}": tables, f"acc_{name}": accs}
-        )  # fmt: skip
+            {
+                f"lr_{name}": np.float32(lr),
+                f"eps_{name}": np.float32(eps),
+                f"table_{name}": tables,
+                f"acc_{name}": accs,
+            }
+        )
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     np.savez_compressed(OUT, **arrays)
     print(f"wrote {os.path.normpath(OUT)}")

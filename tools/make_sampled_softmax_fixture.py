@@ -80,9 +80,13 @@ def main() -> None:
     true_classes = np.array([[0], [3], [100], [4_999]], np.int64)
     range_max, num = 5_000, 64
     sampled, t_count, s_count = tf.random.log_uniform_candidate_sampler(
-        true_classes=true_classes, num_true=1, num_sampled=num, unique=True,
-        range_max=range_max, seed=1,
-    )  # fmt: skip
+        true_classes=true_classes,
+        num_true=1,
+        num_sampled=num,
+        unique=True,
+        range_max=range_max,
+        seed=1,
+    )
     out["log_uniform_range"] = np.int64(range_max)
     out["log_uniform_true"] = true_classes[:, 0]
     out["log_uniform_ids"] = sampled.numpy()

@@ -290,9 +290,15 @@ def full_softmax_loss(
     else:
         lse, picked, valid = _marked_pair(x, params, t, flat_mask, plan)
         loss = _reduce_jit(
-            lse, picked, None, valid, flat_mask,
-            n_outputs=plan.n_outputs, options=options, reduction=reduction,
-        )  # fmt: skip
+            lse,
+            picked,
+            None,
+            valid,
+            flat_mask,
+            n_outputs=plan.n_outputs,
+            options=options,
+            reduction=reduction,
+        )
     return loss.reshape(lead) if reduction == "none" else loss
 
 
@@ -314,9 +320,13 @@ def _checked(x, params, target, mask, label_smoothing, z_loss, softcap, filter_e
                 "at least label_smoothing / n_outputs, which the filter would drop. Leave one out."
             )
     plan = make_plan(
-        x.shape[0], params.n_outputs, chunk_size, softcap,
-        with_total=options.label_smoothing > 0, filter_eps=filter_eps,
-    )  # fmt: skip
+        x.shape[0],
+        params.n_outputs,
+        chunk_size,
+        softcap,
+        with_total=options.label_smoothing > 0,
+        filter_eps=filter_eps,
+    )
     return x, params, lead, t, mask.reshape(-1), options, plan
 
 

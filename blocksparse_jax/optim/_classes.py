@@ -141,9 +141,14 @@ def training_classes(
         P = per_class if V < multiple else max(multiple, per_class // multiple * multiple)
         C = -(-V // P)
         cost = training_step_cost(
-            V, C, n_in=n_in, batch=batch, pair_cost=pair_cost, update_cost=update_cost,
+            V,
+            C,
+            n_in=n_in,
+            batch=batch,
+            pair_cost=pair_cost,
+            update_cost=update_cost,
             chunked_cost=chunked_cost,
-        )  # fmt: skip
+        )
         if cost < best_cost:
             best, best_cost = C, cost
         per_class = max(per_class + 1, int(per_class * 1.05))

@@ -185,9 +185,13 @@ class _Walk:
             self.dense(tag.k, f"its sparse op runs {context}")
             return
         site = Site(
-            tag.k, eqn.params["rule"], eqn.invars[0].aval,
-            tuple(v.aval for v in eqn.invars[2:]), tuple(lead), eqn.params["instance_dims"],
-        )  # fmt: skip
+            tag.k,
+            eqn.params["rule"],
+            eqn.invars[0].aval,
+            tuple(v.aval for v in eqn.invars[2:]),
+            tuple(lead),
+            eqn.params["instance_dims"],
+        )
         self.candidates.append(site)
         self.consumed.add(tag.uid)
         self.site_deps.setdefault(tag.k, set()).update(k for k, _ in in_deps[0])
@@ -207,9 +211,12 @@ class _Walk:
             carried if n_consts <= pos < n_consts + n_carry else d for pos, d in enumerate(in_deps)
         ]
         r = self.walk(
-            body, _map_in(body.invars, tags), _map_in(body.invars, deps),
-            (*lead, p["length"]), context,
-        )  # fmt: skip
+            body,
+            _map_in(body.invars, tags),
+            _map_in(body.invars, deps),
+            (*lead, p["length"]),
+            context,
+        )
         self._leaf_outputs(r[1], "it is returned from a scan")
         if r[0]:
             tree[i] = _Nested((r[0],), (), len(lead))

@@ -76,9 +76,12 @@ def _sharded(x, params, target, mask, *, mesh, data_axis, model_axis, plan_optio
         )
     V = params.n_outputs
     check_divisible(
-        "n_outputs", V, mesh, model_axis,
+        "n_outputs",
+        V,
+        mesh,
+        model_axis,
         "choose a vocabulary size that is a multiple of it (pad the vocabulary with unused words)",
-    )  # fmt: skip
+    )
     check_divisible(
         "batch", x.shape[0], mesh, data_axis, "choose a batch size that is a multiple of it"
     )
@@ -168,18 +171,27 @@ def full_log_softmax(
     """
     if target is not None:
         logp, lead = _sharded(
-            x, params, target, None, mesh=mesh, data_axis=data_axis, model_axis=model_axis,
+            x,
+            params,
+            target,
+            None,
+            mesh=mesh,
+            data_axis=data_axis,
+            model_axis=model_axis,
             plan_options=(chunk_size, softcap, False),
             body=lambda s, valid: jnp.where(valid, s[1] - s[0], jnp.full((), -jnp.inf, s[0].dtype)),
-        )  # fmt: skip
+        )
         return logp.reshape(lead)
     check_mesh(mesh, data_axis, model_axis)
     x, params, lead = prepare(x, params)
     plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap)
     check_divisible(
-        "n_outputs", params.n_outputs, mesh, model_axis,
+        "n_outputs",
+        params.n_outputs,
+        mesh,
+        model_axis,
         "choose a vocabulary size that is a multiple of it (pad the vocabulary with unused words)",
-    )  # fmt: skip
+    )
     check_divisible(
         "batch", x.shape[0], mesh, data_axis, "choose a batch size that is a multiple of it"
     )
@@ -261,9 +273,16 @@ def full_softmax_loss(
         return per_example_loss(lse, picked, total, valid, V, options)
 
     loss, lead = _sharded(
-        x, params, target, mask, mesh=mesh, data_axis=data_axis, model_axis=model_axis,
-        plan_options=(chunk_size, softcap, options.label_smoothing > 0), body=body,
-    )  # fmt: skip
+        x,
+        params,
+        target,
+        mask,
+        mesh=mesh,
+        data_axis=data_axis,
+        model_axis=model_axis,
+        plan_options=(chunk_size, softcap, options.label_smoothing > 0),
+        body=body,
+    )
     mask = place(mesh, mask.reshape(-1), P(data_axis))
     out = _targets.reduce_nll(-loss, mask, reduction)
     return out.reshape(lead) if reduction == "none" else out
