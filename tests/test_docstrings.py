@@ -66,3 +66,15 @@ def test_docstring_examples():
     assert report["failures"] == "", report["failures"]
     missing = [name for name in _public_functions() if not report["examples"].get(name)]
     assert not missing, f"public functions without a doctested example: {missing}"
+
+
+def test_no_restructuredtext_literal_markers():
+    """Literal blocks are fenced code: a line ending in ``::`` shows as stray text on the API pages."""
+    root = pathlib.Path(blocksparse_jax.__file__).parent
+    found = [
+        f"{path.relative_to(root.parent)}:{n}"
+        for path in sorted(root.rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if line.rstrip().endswith("::") and not line.lstrip().startswith("#")
+    ]
+    assert not found, found

@@ -2,12 +2,14 @@
 
 For ``x (batch, n_in)``, ``W (n_in, n_outputs)``, ``b (n_outputs,)`` and one
 target per example, with ``z = x @ W + b`` (soft-capped to ``softcap *
-tanh(z / softcap)`` when asked)::
+tanh(z / softcap)`` when asked):
 
-    lse[n]          = logsumexp_j z[n, j]
-    target[n]       = z[n, target[n]]
-    total[n]        = sum_j z[n, j]                     (label smoothing only)
-    chunk_lse[n, k] = logsumexp_{j in chunk k} z[n, j]  (gradient filter only)
+```
+lse[n]          = logsumexp_j z[n, j]
+target[n]       = z[n, target[n]]
+total[n]        = sum_j z[n, j]                     (label smoothing only)
+chunk_lse[n, k] = logsumexp_{j in chunk k} z[n, j]  (gradient filter only)
+```
 
 The outputs are walked in chunks of ``chunk`` columns, so that no ``(batch,
 n_outputs)`` array exists in either pass:

@@ -128,10 +128,10 @@ def full_log_softmax(
 ) -> jax.Array:
     r"""Log-probabilities of the exact softmax over every output.
 
-    ::
-
-        z = x @ W + b                      (softcap * tanh(z / softcap) with softcap)
-        log p(o | x) = z[o] - logsumexp(z)
+    ```
+    z = x @ W + b                      (softcap * tanh(z / softcap) with softcap)
+    log p(o | x) = z[o] - logsumexp(z)
+    ```
 
     With ``target`` the ``(batch, n_outputs)`` logits are never built: the
     outputs are walked in chunks of ``chunk_size`` columns with a running
@@ -204,9 +204,11 @@ def full_softmax_loss(
     r"""Cross-entropy of the targets under the exact softmax, without the logits in memory.
 
     With ``z = x @ W + b`` (soft-capped with ``softcap``), ``lse =
-    logsumexp(z)`` and ``eps = label_smoothing``::
+    logsumexp(z)`` and ``eps = label_smoothing``:
 
-        loss[b] = lse - (1 - eps) * z[target] - eps * mean(z) + z_loss * lse**2
+    ```
+    loss[b] = lse - (1 - eps) * z[target] - eps * mean(z) + z_loss * lse**2
+    ```
 
     (with ``eps = 0`` and ``z_loss = 0``, ``-log p(target | x)``), reduced by
     ``mean`` over the unmasked examples (0 if there are none), ``sum`` or not

@@ -81,9 +81,11 @@ class SparseBlockGrad:
     :func:`~blocksparse_jax.sparse_block_gemv` as ``i_blocks * o_blocks``
     blocks of ``(i_size, o_size)``, ``W2`` of the hierarchical softmax one
     ``(n_in, n_outputs_per_class)`` block per class, an embedding table one
-    block per row)::
+    block per row):
 
-        dense[indices[k]] = values[k]        for the touched slots k,  0 elsewhere
+    ```
+    dense[indices[k]] = values[k]        for the touched slots k,  0 elsewhere
+    ```
 
     ``values`` is the pytree's only leaf: optax transformations, norms
     (``optax.global_norm``), clipping and ``jax.tree.map`` act on the values

@@ -34,16 +34,18 @@ def training_step_cost(
     With :func:`~blocksparse_jax.value_and_sparse_grad` and
     :func:`~blocksparse_jax.optim.lazy`, a step with ``C = n_classes`` classes
     of ``P = ceil(n_outputs / C)`` slots costs, in units of one multiply-add
-    of a dense matrix product::
+    of a dense matrix product:
 
-        batch * n_in * C * f                       first level (dense products over
-                                                   all classes); f = 1 when it runs
-                                                   as one chunk, else chunked_cost
-        + update_cost * n_in * C                   the dense update of W1
-        + pair_cost * batch * n_in * P             second level: one block per
-                                                   example (block-sparse products)
-        + update_cost * u(C) * n_in * P            the lazy update of the touched
-                                                   blocks of W2
+    ```
+    batch * n_in * C * f                       first level (dense products over
+                                               all classes); f = 1 when it runs
+                                               as one chunk, else chunked_cost
+    + update_cost * n_in * C                   the dense update of W1
+    + pair_cost * batch * n_in * P             second level: one block per
+                                               example (block-sparse products)
+    + update_cost * u(C) * n_in * P            the lazy update of the touched
+                                               blocks of W2
+    ```
 
     where ``u(C) = C * (1 - (1 - 1/C) ** batch)`` is the expected number of
     distinct classes among ``batch`` uniformly drawn targets (an upper bound

@@ -83,10 +83,12 @@ def rowwise_adagrad(
     FBGEMM's ``EXACT_ROWWISE_ADAGRAD`` (TorchRec's default optimizer for
     embedding tables).  For each row ``r`` with gradient ``g_r`` (of ``dim``
     elements; a row's gradient is already the sum over the batch of the
-    gradients of its lookups)::
+    gradients of its lookups):
 
-        acc_r   <- acc_r + mean(g_r ** 2)
-        update_r = -learning_rate * g_r / (sqrt(acc_r) + eps)
+    ```
+    acc_r   <- acc_r + mean(g_r ** 2)
+    update_r = -learning_rate * g_r / (sqrt(acc_r) + eps)
+    ```
 
     The state is one scalar per row (``1 / dim`` of the table, where Adam's
     is twice the table).  A :class:`~blocksparse_jax.SparseBlockGrad` leaf

@@ -36,11 +36,11 @@ def lazy_train_step(
 ) -> Callable:
     r"""A jitted training step: sparse gradients, ``lazy(optimizer)``, updates applied in place.
 
-    ::
-
-        loss, grads = value_and_sparse_grad(loss_fn)(params, *args)
-        updates, opt_state = lazy(optimizer).update(grads, opt_state, params)
-        params = apply_updates(params, updates)
+    ```
+    loss, grads = value_and_sparse_grad(loss_fn)(params, *args)
+    updates, opt_state = lazy(optimizer).update(grads, opt_state, params)
+    params = apply_updates(params, updates)
+    ```
 
     Args:
       loss_fn: ``(params, *args) -> scalar loss``; its block-sparse weights and

@@ -54,10 +54,12 @@ def in_batch_softmax_loss(
     are its negatives.  With ``log_q[j]`` the log of the probability that
     candidate ``j`` appears in a batch (its sampling probability; popular items
     are over-represented as negatives, and the correction removes that bias,
-    Yi et al., 2019)::
+    Yi et al., 2019):
 
-        logits[i, j] = query[i] . candidates[j] / temperature - log_q[j]
-        loss[i]      = logsumexp_j logits[i, j] - logits[i, i]
+    ```
+    logits[i, j] = query[i] . candidates[j] / temperature - log_q[j]
+    loss[i]      = logsumexp_j logits[i, j] - logits[i, i]
+    ```
 
     ``candidate_ids`` removes accidental hits: a row ``j != i`` holding the
     same item as ``i``'s positive is not a negative of ``i``.

@@ -1,12 +1,14 @@
 """``sampled_softmax_loss``: TensorFlow's sampled softmax, and the sparse rules of its weights.
 
 With ``S`` sampled classes ``ids`` and the expected counts ``Q`` of
-:func:`~blocksparse_jax.sample_candidates` (TensorFlow's ``sampled_values``)::
+:func:`~blocksparse_jax.sample_candidates` (TensorFlow's ``sampled_values``):
 
-    true[b]       = x[b] . W[:, t[b]] + b[t[b]] - log Q_true[b]
-    sampled[b, s] = x[b] . W[:, ids[s]] + b[ids[s]] - log Q_sampled[s]
-                    (- FLT_MAX where ids[s] == t[b]: an accidental hit)
-    loss[b]       = logsumexp([true[b], sampled[b, :]]) - true[b]
+```
+true[b]       = x[b] . W[:, t[b]] + b[t[b]] - log Q_true[b]
+sampled[b, s] = x[b] . W[:, ids[s]] + b[ids[s]] - log Q_sampled[s]
+                (- FLT_MAX where ids[s] == t[b]: an accidental hit)
+loss[b]       = logsumexp([true[b], sampled[b, :]]) - true[b]
+```
 
 The ``(batch, 1 + S)`` logits read ``batch + S`` columns of ``W`` (and entries
 of ``b``) only.  Both weights mark that use (:mod:`blocksparse_jax._sparse_sites`):
@@ -200,11 +202,13 @@ def sampled_softmax_loss(
     r"""TensorFlow's sampled softmax loss: the target against ``n_sampled`` sampled classes.
 
     ``n_sampled`` distinct classes are drawn (:func:`sample_candidates`) and
-    shared by the batch; with their expected counts ``Q``::
+    shared by the batch; with their expected counts ``Q``:
 
-        true[b]       = x[b] . W[:, t[b]] + b[t[b]] - log Q_true[b]
-        sampled[b, s] = x[b] . W[:, ids[s]] + b[ids[s]] - log Q_sampled[s]
-        loss[b]       = logsumexp([true[b], sampled[b, :]]) - true[b]
+    ```
+    true[b]       = x[b] . W[:, t[b]] + b[t[b]] - log Q_true[b]
+    sampled[b, s] = x[b] . W[:, ids[s]] + b[ids[s]] - log Q_sampled[s]
+    loss[b]       = logsumexp([true[b], sampled[b, :]]) - true[b]
+    ```
 
     with an accidental hit (``ids[s] == t[b]``) given ``-FLT_MAX`` when
     ``remove_accidental_hits``: ``tf.nn.sampled_softmax_loss`` with one true

@@ -216,9 +216,11 @@ def sample_candidates(
 
     TensorFlow's candidate samplers with ``unique=True``: classes are drawn
     with replacement from ``P`` until ``n_sampled`` distinct ones are found,
-    after ``num_tries`` draws, and the expected count of a class ``k`` is::
+    after ``num_tries`` draws, and the expected count of a class ``k`` is:
 
-        -expm1(num_tries * log1p(-P(k)))         (n_sampled * P(k) if num_tries == n_sampled)
+    ```
+    -expm1(num_tries * log1p(-P(k)))         (n_sampled * P(k) if num_tries == n_sampled)
+    ```
 
     Pass the result as ``sampled=`` to :func:`sampled_softmax_loss` (as
     TensorFlow's ``sampled_values``), e.g. to share one draw between losses.
