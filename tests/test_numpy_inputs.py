@@ -50,6 +50,7 @@ X8 = RNG.standard_normal((BATCH, 8))
 T = RNG.integers(0, 10, BATCH).astype(np.int32)
 LAYOUT = bsj.frequency_classes(np.arange(10, 0, -1), 3)
 TABLE = RNG.standard_normal((10, 3))
+FS = bsj.FullSoftmaxParams(RNG.standard_normal((5, 10)), RNG.standard_normal((10,)))
 IDS = RNG.integers(0, 10, (BATCH, 2)).astype(np.int32)
 MESH = jax.make_mesh((1, 1), ("data", "model"))
 
@@ -184,6 +185,30 @@ CASES = {
     ),
     "adaptive_softmax_top_k": Case(
         lambda p, x: bsj.adaptive_softmax_top_k(x, p, 3), (AD, X8), (None, 0), False
+    ),
+    "full_log_softmax": Case(
+        lambda p, x, t: jnp.sum(bsj.full_log_softmax(x, p, t, chunk_size=4)),
+        (FS, X5, T),
+        (None, 0, 0),
+    ),
+    "full_softmax_loss": Case(
+        lambda p, x, t: bsj.full_softmax_loss(x, p, t, z_loss=0.1, chunk_size=4),
+        (FS, X5, T),
+        (None, 0, 0),
+    ),
+    "full_softmax_top_k": Case(
+        lambda p, x: bsj.full_softmax_top_k(x, p, 3, chunk_size=4), (FS, X5), (None, 0), False
+    ),
+    "full_softmax_sample": Case(
+        lambda p, x: bsj.full_softmax_sample(jax.random.key(2), x, p), (FS, X5), (None, 0), False
+    ),
+    "sampled_softmax_loss": Case(
+        lambda p, x, t: bsj.sampled_softmax_loss(jax.random.key(2), x, p, t, n_sampled=4),
+        (FS, X5, T),
+        (None, 0, 0),
+    ),
+    "in_batch_softmax_loss": Case(
+        lambda q, c: bsj.in_batch_softmax_loss(q, c), (X5, X5[::-1]), (0, 0), stack=True
     ),
     "embedding_lookup": Case(
         lambda table, ids: jnp.sum(bsj.embedding_lookup(table, ids) ** 2), (TABLE, IDS), (None, 0)
