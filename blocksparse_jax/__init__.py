@@ -27,6 +27,7 @@ from blocksparse_jax.blocksparse import (
 )
 from blocksparse_jax.full import (
     FullSoftmaxParams,
+    FullSoftmaxRowParams,
     full_log_softmax,
     full_softmax_init,
     full_softmax_loss,
@@ -59,6 +60,7 @@ __all__ = [
     "AdaptiveSoftmaxLayout",
     "AdaptiveSoftmaxParams",
     "FullSoftmaxParams",
+    "FullSoftmaxRowParams",
     "HSoftmaxLayout",
     "HSoftmaxParams",
     "SampledValues",

@@ -167,14 +167,17 @@ def test_every_class_sampled_uniformly_is_the_exact_softmax():
     chex.assert_trees_all_close(got, want, atol=1e-12)
 
 
-def test_sparse_rules_hold_only_the_columns_read():
+@pytest.mark.parametrize("rows", [False, True], ids=["columns", "rows"])
+def test_sparse_rules_hold_only_the_columns_read(rows):
     """Densified, the rules' pairs are jax.grad's gradients of W and b; their blocks are the
-    kept examples' targets and the in-range sampled ids."""
+    kept examples' targets and the in-range sampled ids (W's columns, or its rows)."""
     V, n_in = 40, 5
     rng = np.random.default_rng(1)
     params = FullSoftmaxParams(
         jnp.asarray(rng.standard_normal((n_in, V))), jnp.asarray(rng.standard_normal(V))
     )
+    if rows:
+        params = params.to_rows()
     x = jnp.asarray(rng.standard_normal((6, n_in)))
     t = jnp.asarray([3, 3, 7, 11, 20, -1], jnp.int32)  # a repeated target, a padding token
     mask = jnp.asarray([True, True, True, True, True, False])
@@ -184,7 +187,9 @@ def test_sparse_rules_hold_only_the_columns_read():
     grads = jax.grad(loss)(params)
     sel = _loss._select_jit(x, t, mask, ids, n_outputs=V)
     logits, vjp = jax.vjp(
-        lambda W, b: _loss._logits_jit(sel.x, W, b, sel.target, sel.ids), params.W, params.b
+        lambda W, b: _loss._logits_jit(sel.x, W, b, sel.target, sel.ids, rows=rows),
+        params.W,
+        params.b,
     )
     ct = jax.grad(
         lambda lg: _loss._loss_jit(
@@ -197,7 +202,7 @@ def test_sparse_rules_hold_only_the_columns_read():
             reduction="mean",
         )
     )(logits)
-    w_rule, b_rule = _loss.SampledColumnsRule(), _loss.SampledBiasRule()
+    w_rule, b_rule = _loss.SampledColumnsRule(rows), _loss.SampledBiasRule()
     w_pairs = w_rule.pairs(ct, sel.x, sel.true_blocks, sel.sampled_blocks)
     b_pairs = b_rule.pairs(ct, sel.true_blocks, sel.sampled_blocks)
     np.testing.assert_allclose(
@@ -208,9 +213,8 @@ def test_sparse_rules_hold_only_the_columns_read():
     )
     in_range = np.asarray(w_pairs.blocks)[np.asarray(w_pairs.blocks) < V]
     assert set(in_range.tolist()) == {3, 7, 11, 20, 30, 31, 2}
-    assert set(np.flatnonzero(np.any(np.asarray(grads.W) != 0, axis=0)).tolist()) <= set(
-        in_range.tolist()
-    )
+    moved = np.any(np.asarray(grads.W) != 0, axis=1 if rows else 0)
+    assert set(np.flatnonzero(moved).tolist()) <= set(in_range.tolist())
 
 
 def test_value_and_sparse_grad_holds_the_columns_read_and_lazy_updates_them():

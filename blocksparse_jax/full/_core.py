@@ -1,6 +1,7 @@
 """The softmax's per-example statistics without the logits: a custom VJP over chunks of outputs.
 
-For ``x (batch, n_in)``, ``W (n_in, n_outputs)``, ``b (n_outputs,)`` and one
+For ``x (batch, n_in)``, ``W (n_in, n_outputs)`` (or ``W (n_outputs, n_in)``
+with ``Plan.rows``: read as its transpose), ``b (n_outputs,)`` and one
 target per example, with ``z = x @ W + b`` (soft-capped to ``softcap *
 tanh(z / softcap)`` when asked):
 
@@ -102,6 +103,8 @@ class Plan:
       with_total: also compute ``total`` (the sum of the logits, for label smoothing).
       filter_eps: the probability the gradient filter may leave out per example, or
         ``None`` (exact gradient).
+      rows: ``W`` is ``(n_outputs, n_in)``, one row per output
+        (:class:`~blocksparse_jax.FullSoftmaxRowParams`).
     """
 
     n_outputs: int
@@ -109,6 +112,12 @@ class Plan:
     softcap: float | None = None
     with_total: bool = False
     filter_eps: float | None = None
+    rows: bool = False
+
+    @property
+    def out_axis(self) -> int:
+        """``W``'s axis of outputs."""
+        return 0 if self.rows else 1
 
     @property
     def n_chunks(self) -> int:
@@ -162,22 +171,34 @@ def cap_slope(z: jax.Array, softcap: float | None) -> jax.Array | None:
     return 1 - r * r
 
 
+def outputs_dot(x, Wc, rows: bool, acc) -> jax.Array:
+    """``x @ Wc`` for ``Wc (n_in, k)``, ``x @ Wc.T`` for ``Wc (k, n_in)`` (``rows``)."""
+    if rows:
+        return lax.dot_general(x, Wc, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    return jnp.dot(x, Wc, preferred_element_type=acc)
+
+
 def chunk_logits(x, W, b, k, plan: Plan) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Chunk ``k``'s ``(start, W's columns (n_in, chunk), capped logits (batch, chunk))``."""
+    """Chunk ``k``'s ``(start, W's slice of its outputs, capped logits (batch, chunk))``.
+
+    The slice is ``(n_in, chunk)``, or ``(chunk, n_in)`` with ``plan.rows``.
+    """
     dt, acc = dtypes(x, W, b)
     start = plan.start(k)
-    Wc = lax.dynamic_slice_in_dim(W, start, plan.chunk, axis=1).astype(dt)
-    raw = jnp.dot(x.astype(dt), Wc, preferred_element_type=acc)
+    Wc = lax.dynamic_slice_in_dim(W, start, plan.chunk, axis=plan.out_axis).astype(dt)
+    raw = outputs_dot(x.astype(dt), Wc, plan.rows, acc)
     if b is not None:
         raw = raw + lax.dynamic_slice_in_dim(b, start, plan.chunk).astype(acc)[None, :]
     return start, Wc, cap(raw, plan.softcap)
 
 
 def target_logits(x, W, b, target, plan: Plan) -> tuple[jax.Array, jax.Array]:
-    """``(W's target columns (n_in, batch), the targets' capped logits (batch,))``."""
+    """``(the targets' weights (batch, n_in), the targets' capped logits (batch,))``."""
     dt, acc = dtypes(x, W, b)
-    Wt = jnp.take(W, target, axis=1).astype(dt)
-    raw = jnp.einsum("nd,dn->n", x.astype(dt), Wt, preferred_element_type=acc)
+    Wt = jnp.take(W, target, axis=plan.out_axis).astype(dt)
+    if not plan.rows:
+        Wt = Wt.T
+    raw = jnp.einsum("nd,nd->n", x.astype(dt), Wt, preferred_element_type=acc)
     if b is not None:
         raw = raw + b[target].astype(acc)
     return Wt, cap(raw, plan.softcap)
@@ -280,8 +301,12 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_lse, cotangent: Stats):
     def chunk_terms(k):
         start, Wc, z = chunk_logits(x, W, b, k, plan)
         G = logits_cotangent(z, k, lse, g_lse, g_total, plan).astype(dt)
-        dx_k = jnp.dot(G, Wc.T, preferred_element_type=acc)
-        dW_k = jnp.dot(x.astype(dt).T, G, preferred_element_type=acc).astype(W.dtype)
+        if plan.rows:
+            dx_k = jnp.dot(G, Wc, preferred_element_type=acc)
+            dW_k = jnp.dot(G.T, x.astype(dt), preferred_element_type=acc).astype(W.dtype)
+        else:
+            dx_k = jnp.dot(G, Wc.T, preferred_element_type=acc)
+            dW_k = jnp.dot(x.astype(dt).T, G, preferred_element_type=acc).astype(W.dtype)
         db_k = None if b is None else jnp.sum(G, axis=0, dtype=acc).astype(b.dtype)
         return start, dx_k, dW_k, db_k
 
@@ -290,7 +315,7 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_lse, cotangent: Stats):
         # Last to first (see the module's docstring); with the filter, the kept chunks only.
         k = n - 1 - i if kept is None else kept_order[i]
         start, dx_k, dW_k, db_k = chunk_terms(k)
-        dW = lax.dynamic_update_slice_in_dim(dW, dW_k, start, axis=1)
+        dW = lax.dynamic_update_slice_in_dim(dW, dW_k, start, axis=plan.out_axis)
         if db is not None:
             db = lax.dynamic_update_slice_in_dim(db, db_k, start, axis=0)
         return dx + dx_k, dW, db
@@ -304,14 +329,17 @@ def grads(plan: Plan, x, W, b, target, lse, chunk_lse, cotangent: Stats):
         ids = jnp.arange(n, dtype=jnp.int32)
         kept_order = jnp.argsort(jnp.where(kept, -ids, n)).astype(jnp.int32)
         dx, dW, db = lax.fori_loop(0, jnp.sum(kept, dtype=jnp.int32), body, init)
-    # The targets' own term: g_target at each target's column.
+    # The targets' own term: g_target at each target's output.
     Wt, picked = target_logits(x, W, b, target, plan)
     g_t = cotangent.target.astype(acc)
     slope = cap_slope(picked, plan.softcap)
     if slope is not None:
         g_t = g_t * slope
-    dx = dx + g_t[:, None] * Wt.T.astype(acc)
-    dW = dW.at[:, target].add((g_t[None, :] * x.T.astype(acc)).astype(W.dtype))
+    dx = dx + g_t[:, None] * Wt.astype(acc)
+    if plan.rows:
+        dW = dW.at[target].add((g_t[:, None] * x.astype(acc)).astype(W.dtype))
+    else:
+        dW = dW.at[:, target].add((g_t[None, :] * x.T.astype(acc)).astype(W.dtype))
     if db is not None:
         db = db.at[target].add(g_t.astype(b.dtype))
     return dx.astype(x.dtype), dW, db
@@ -341,7 +369,7 @@ def logit_stats(x, W, b, target, plan: Plan) -> Stats:
 
     Args:
       x: ``(batch, n_in)`` floats.
-      W: ``(n_in, n_outputs)`` floats.
+      W: ``(n_in, n_outputs)`` floats (``(n_outputs, n_in)`` with ``plan.rows``).
       b: ``(n_outputs,)`` floats, or ``None`` (no bias; its cotangent is then ``None``).
       target: ``(batch,)`` int32 in ``[0, n_outputs)``.
       plan: the static :class:`Plan`.

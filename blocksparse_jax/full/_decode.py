@@ -121,7 +121,7 @@ def full_softmax_top_k(
     Args:
       x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
         one example.
-      params: :class:`FullSoftmaxParams`.
+      params: :class:`FullSoftmaxParams` or :class:`FullSoftmaxRowParams`.
       k: number of outputs to return, in ``[1, n_outputs]``.
       softcap: optional positive float, as in :func:`full_log_softmax`.
       chunk_size: optional columns per chunk, as in :func:`full_log_softmax`.
@@ -152,7 +152,7 @@ def full_softmax_top_k(
     k = int(k)
     if not 1 <= k <= params.n_outputs:
         raise ValueError(f"k must be in [1, n_outputs] = [1, {params.n_outputs}]; got k={k}")
-    plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap)
+    plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap, rows=params.rows)
     vals, ids = _top_k_jit(x, params.W, params.b, k=k, plan=plan)
     return vals.reshape(lead + (k,)), ids.reshape(lead + (k,))
 
@@ -178,7 +178,7 @@ def full_softmax_sample(
       key: a PRNG key.
       x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
         one example.
-      params: :class:`FullSoftmaxParams`.
+      params: :class:`FullSoftmaxParams` or :class:`FullSoftmaxRowParams`.
       softcap: optional positive float, as in :func:`full_log_softmax`.
       chunk_size: optional columns per chunk, as in :func:`full_log_softmax`.
 
@@ -198,5 +198,5 @@ def full_softmax_sample(
       ((5,), dtype('int32'), True)
     """
     x, params, lead = prepare(x, params)
-    plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap)
+    plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap, rows=params.rows)
     return _sample_jit(key, x, params.W, params.b, plan=plan).reshape(lead)

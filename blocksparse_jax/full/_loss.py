@@ -37,11 +37,18 @@ def check_softcap(softcap) -> float | None:
 
 
 def make_plan(
-    batch: int, n_outputs: int, chunk_size, softcap, *, with_total=False, filter_eps=None
+    batch: int,
+    n_outputs: int,
+    chunk_size,
+    softcap,
+    *,
+    with_total=False,
+    filter_eps=None,
+    rows: bool = False,
 ):
     """The core's :class:`~blocksparse_jax.full._core.Plan` for validated options."""
     chunk = _core.chunk_size(batch, n_outputs, check_chunk_size(chunk_size))
-    return _core.Plan(n_outputs, chunk, check_softcap(softcap), with_total, filter_eps)
+    return _core.Plan(n_outputs, chunk, check_softcap(softcap), with_total, filter_eps, rows)
 
 
 class Used(NamedTuple):
@@ -107,11 +114,11 @@ def _target_log_probs_jit(x, W, b, target, *, plan):
         return jnp.where(used.valid, logp, jnp.full((), -jnp.inf, logp.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("softcap",))
-def _all_log_probs_jit(x, W, b, *, softcap):
+@functools.partial(jax.jit, static_argnames=("softcap", "rows"))
+def _all_log_probs_jit(x, W, b, *, softcap, rows):
     with jax.named_scope("full_log_softmax"):
         dt, acc = _core.dtypes(x, W, b)
-        z = jnp.dot(x.astype(dt), W.astype(dt), preferred_element_type=acc)
+        z = _core.outputs_dot(x.astype(dt), W.astype(dt), rows, acc)
         if b is not None:
             z = z + b.astype(acc)[None, :]
         return jax.nn.log_softmax(_core.cap(z, softcap), axis=-1)
@@ -143,7 +150,7 @@ def full_log_softmax(
     Args:
       x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
         one example.
-      params: :class:`FullSoftmaxParams`.
+      params: :class:`FullSoftmaxParams` or :class:`FullSoftmaxRowParams`.
       target: optional integer outputs in ``[0, n_outputs)`` of shape
         ``x.shape[:-1]`` (or that with a trailing 1).
       softcap: optional positive float: logits are soft-capped to
@@ -179,9 +186,9 @@ def full_log_softmax(
       True
     """
     x, params, lead = prepare(x, params)
-    plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap)
+    plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap, rows=params.rows)
     if target is None:
-        out = _all_log_probs_jit(x, params.W, params.b, softcap=plan.softcap)
+        out = _all_log_probs_jit(x, params.W, params.b, softcap=plan.softcap, rows=plan.rows)
         return out.reshape(lead + out.shape[1:])
     t = checked_target(target, lead, params.n_outputs)
     return _target_log_probs_jit(x, params.W, params.b, t, plan=plan).reshape(lead)
@@ -237,7 +244,7 @@ def full_softmax_loss(
     Args:
       x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
         one example.
-      params: :class:`FullSoftmaxParams`.
+      params: :class:`FullSoftmaxParams` or :class:`FullSoftmaxRowParams`.
       target: integer outputs in ``[0, n_outputs)``, shaped ``x.shape[:-1]``
         (or that with a trailing 1).
       mask: optional bool of shape ``x.shape[:-1]``, ``False`` for padding
@@ -328,6 +335,7 @@ def _checked(x, params, target, mask, label_smoothing, z_loss, softcap, filter_e
         softcap,
         with_total=options.label_smoothing > 0,
         filter_eps=filter_eps,
+        rows=params.rows,
     )
     return x, params, lead, t, mask.reshape(-1), options, plan
 

@@ -28,10 +28,15 @@ class FullSoftmaxParams(NamedTuple):
     Attributes:
       W: ``(n_in, n_outputs)`` weights, one column per output.
       b: ``(n_outputs,)`` bias, or ``None`` (no bias).
+
+    :class:`FullSoftmaxRowParams` holds the same weights one row per output.
     """
 
     W: jax.Array
     b: jax.Array | None
+
+    #: Whether ``W`` holds one row per output (:class:`FullSoftmaxRowParams`).
+    rows = False
 
     @property
     def n_in(self) -> int:
@@ -43,10 +48,78 @@ class FullSoftmaxParams(NamedTuple):
         """The number of outputs (the vocabulary size)."""
         return int(self.W.shape[1])
 
+    def to_columns(self) -> FullSoftmaxParams:
+        """These parameters."""
+        return self
+
+    def to_rows(self) -> FullSoftmaxRowParams:
+        """The same weights as :class:`FullSoftmaxRowParams` (``W`` transposed: a copy)."""
+        return FullSoftmaxRowParams(jnp.asarray(self.W).T, self.b)
+
+
+class FullSoftmaxRowParams(FullSoftmaxParams):
+    """:class:`FullSoftmaxParams` with ``W`` laid out one row per output: ``x @ W.T + b``.
+
+    ``W`` is ``(n_outputs, n_in)``, as PyTorch's ``nn.Linear``, TensorFlow's
+    ``sampled_softmax_loss`` and an input embedding table (tied weights) hold
+    it.  Every function of the exact and the sampled softmax takes either
+    layout and gives the same values; gradients and optimizer state have the
+    layout of the parameters.
+
+    Pick this layout to train with the sampled softmax (or the gradient
+    filter) through :func:`~blocksparse_jax.value_and_sparse_grad`: the
+    update then reads and writes each touched output's weights as one
+    contiguous row, where the column layout touches ``n_in`` entries a row of
+    ``W`` apart (measured in ``benchmarks/README.md``, "Output heads").
+
+    Attributes:
+      W: ``(n_outputs, n_in)`` weights, one row per output.
+      b: ``(n_outputs,)`` bias, or ``None`` (no bias).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from blocksparse_jax import full_softmax_init, full_softmax_loss
+      >>> params = full_softmax_init(jax.random.key(0), 16, 1000, layout="rows")
+      >>> type(params).__name__, params.W.shape, params.n_in, params.n_outputs
+      ('FullSoftmaxRowParams', (1000, 16), 16, 1000)
+      >>> x, t = jnp.ones((4, 16)), jnp.array([1, 2, 3, 4])
+      >>> columns = params.to_columns()  # the same weights as FullSoftmaxParams
+      >>> bool(jnp.allclose(full_softmax_loss(x, params, t), full_softmax_loss(x, columns, t)))
+      True
+    """
+
+    __slots__ = ()
+
+    rows = True
+
+    @property
+    def n_in(self) -> int:
+        """The input width."""
+        return int(self.W.shape[1])
+
+    @property
+    def n_outputs(self) -> int:
+        """The number of outputs (the vocabulary size)."""
+        return int(self.W.shape[0])
+
+    def to_columns(self) -> FullSoftmaxParams:
+        """The same weights as :class:`FullSoftmaxParams` (``W`` transposed: a copy)."""
+        return FullSoftmaxParams(jnp.asarray(self.W).T, self.b)
+
+    def to_rows(self) -> FullSoftmaxRowParams:
+        """These parameters."""
+        return self
+
 
 @named
 def full_softmax_init(
-    key: jax.Array, n_in: int, n_outputs: int, *, bias: bool = True, dtype=jnp.float32
+    key: jax.Array,
+    n_in: int,
+    n_outputs: int,
+    *,
+    bias: bool = True,
+    dtype=jnp.float32,
+    layout: str = "columns",
 ) -> FullSoftmaxParams:
     r"""Initial :class:`FullSoftmaxParams`: ``W`` from ``N(0, 1 / n_in)``, a zero bias.
 
@@ -59,12 +132,16 @@ def full_softmax_init(
       n_outputs: number of outputs (the vocabulary size).
       bias: whether the head has a bias (``b`` is ``None`` otherwise).
       dtype: float dtype of the parameters.
+      layout: ``"columns"`` (``W (n_in, n_outputs)``) or ``"rows"``
+        (:class:`FullSoftmaxRowParams`, ``W (n_outputs, n_in)``: the layout
+        to train with the sampled softmax; the same values either way).
 
     Returns:
-      ``FullSoftmaxParams(W (n_in, n_outputs), b (n_outputs,) or None)``.
+      ``FullSoftmaxParams(W (n_in, n_outputs), b (n_outputs,) or None)``, or
+      ``FullSoftmaxRowParams(W (n_outputs, n_in), b)`` with ``layout="rows"``.
 
     Raises:
-      ValueError: a size that is not a positive whole number.
+      ValueError: a size that is not a positive whole number, an unknown ``layout``.
       TypeError: a size that is not a number (or a bool), a non-float ``dtype``.
 
     Examples:
@@ -87,40 +164,52 @@ def full_softmax_init(
             "dtype must be a float dtype (float16, bfloat16, float32 or float64) for trainable "
             f"weights; got {dtype}"
         )
-    return _init(key, n_in, n_outputs, bool(bias), dtype)
+    if layout not in ("columns", "rows"):
+        raise ValueError(f'layout must be "columns" or "rows"; got {layout!r}')
+    return _init(key, n_in, n_outputs, bool(bias), dtype, layout == "rows")
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _init(key, n_in, n_outputs, bias, dtype) -> FullSoftmaxParams:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _init(key, n_in, n_outputs, bias, dtype, rows) -> FullSoftmaxParams:
     W = jax.random.normal(key, (n_in, n_outputs), jnp.float32) * (1.0 / math.sqrt(n_in))
-    return FullSoftmaxParams(W.astype(dtype), jnp.zeros((n_outputs,), dtype) if bias else None)
+    W = W.astype(dtype)
+    b = jnp.zeros((n_outputs,), dtype) if bias else None
+    # The same draws in either layout.
+    return FullSoftmaxRowParams(W.T, b) if rows else FullSoftmaxParams(W, b)
 
 
 def check_params(params) -> FullSoftmaxParams:
     """``params`` as :class:`FullSoftmaxParams` of arrays, their shapes checked."""
     if not isinstance(params, tuple) or len(params) != 2:
         raise TypeError(
-            "params must be a FullSoftmaxParams(W, b) (or a 2-tuple in that order); got "
-            f"{type(params).__name__}. Create one with full_softmax_init."
+            "params must be a FullSoftmaxParams(W, b) (or a 2-tuple in that order) or a "
+            f"FullSoftmaxRowParams(W, b); got {type(params).__name__}. Create one with "
+            "full_softmax_init."
         )
+    rows = isinstance(params, FullSoftmaxRowParams)
+    out = 0 if rows else 1
     W = _as_array("W", params[0])
     _checks.check_float("W", W)
-    _checks.check_ndim("W", W, 2, "(n_in, n_outputs)")
-    if W.shape[1] < 1:
-        raise ValueError(f"W must have at least one output column; got shape {_shape(W.shape)}")
+    _checks.check_ndim("W", W, 2, "(n_outputs, n_in)" if rows else "(n_in, n_outputs)")
+    if W.shape[out] < 1:
+        raise ValueError(
+            f"W must have at least one output {'row' if rows else 'column'}; got shape "
+            f"{_shape(W.shape)}"
+        )
     b = params[1]
     if b is not None:
         b = _as_array("b", b)
         _checks.check_float("b", b)
-        if b.shape != (W.shape[1],):
+        if b.shape != (W.shape[out],):
             raise ValueError(
-                f"b must have shape (n_outputs,) = {_shape((W.shape[1],))} with "
-                f"n_outputs={W.shape[1]} (W.shape[1]), or be None; got shape {_shape(b.shape)}"
+                f"b must have shape (n_outputs,) = {_shape((W.shape[out],))} with "
+                f"n_outputs={W.shape[out]} (W.shape[{out}]), or be None; got shape "
+                f"{_shape(b.shape)}"
             )
-    return FullSoftmaxParams(W, b)
+    return (FullSoftmaxRowParams if rows else FullSoftmaxParams)(W, b)
 
 
-def check_x(x, n_in: int) -> jax.Array:
+def check_x(x, n_in: int, n_in_axis: int = 0) -> jax.Array:
     """``x`` of shape ``(..., n_in)``."""
     x = _as_array("x", x)
     _checks.check_float("x", x)
@@ -131,7 +220,8 @@ def check_x(x, n_in: int) -> jax.Array:
     if x.shape[-1] != n_in:
         desc = {1: "(n_in,)", 2: "(batch, n_in)"}.get(x.ndim, "(..., n_in)")
         raise ValueError(
-            f"x must have shape {desc} with n_in={n_in} (W.shape[0]); got shape {_shape(x.shape)}"
+            f"x must have shape {desc} with n_in={n_in} (W.shape[{n_in_axis}]); got shape "
+            f"{_shape(x.shape)}"
         )
     return x
 
@@ -176,7 +266,7 @@ class Prepared(NamedTuple):
 def prepare(x: ArrayLike, params) -> Prepared:
     """Validates ``x`` and ``params``; ``x`` comes back as ``(batch, n_in)``."""
     params = check_params(params)
-    x = check_x(x, params.n_in)
+    x = check_x(x, params.n_in, 1 if params.rows else 0)
     lead = tuple(x.shape[:-1])
     return Prepared(x.reshape(-1, x.shape[-1]), params, lead)
 

@@ -12,7 +12,9 @@ cotangent, so the rule finds it exactly as the custom VJP does: the same code
 (:func:`~blocksparse_jax.full._core.grads`) computes the gradient in both.
 
 ``W (n_in, n_outputs)`` is viewed as ``(n_in, n_outputs // block, block)``,
-blocks along axis 1, with ``block = gcd(n_outputs, chunk)`` (the chunk itself
+blocks along axis 1 (``W (n_outputs, n_in)`` of
+:class:`~blocksparse_jax.FullSoftmaxRowParams` as ``(n_outputs // block,
+block, n_in)``, blocks along axis 0), with ``block = gcd(n_outputs, chunk)`` (the chunk itself
 when it divides ``n_outputs``).  The number of touched blocks depends on the
 data, so the rule returns one pair per block, the untouched ones with the
 out-of-range block index ``n_blocks`` (no contribution).
@@ -49,10 +51,12 @@ class FilteredChunksRule(sites.SparseRule):
         return math.gcd(self.plan.n_outputs, self.plan.chunk)
 
     def layout(self, weight_shape: tuple[int, ...]) -> sites.BlockLayout:
-        n_in, n_outputs = (int(d) for d in weight_shape)
-        return sites.BlockLayout(
-            (n_in, n_outputs), (n_in, n_outputs // self.block, self.block), axis=1
-        )
+        shape = tuple(int(d) for d in weight_shape)
+        if self.plan.rows:
+            n_outputs, n_in = shape
+            return sites.BlockLayout(shape, (n_outputs // self.block, self.block, n_in), axis=0)
+        n_in, n_outputs = shape
+        return sites.BlockLayout(shape, (n_in, n_outputs // self.block, self.block), axis=1)
 
     def touched_blocks(self, cotangent, target, lse, chunk_lse) -> jax.Array:
         """``(n_blocks,)`` bool: the blocks of the kept chunks and of the live targets."""
@@ -74,9 +78,12 @@ class FilteredChunksRule(sites.SparseRule):
         b, target, lse, chunk_lse = inputs if self.has_bias else (None, *inputs)
         ct = Stats(cotangent[:, 0], cotangent[:, 1], None, None)
         _, dW, _ = grads(self.plan, x, W, b, target, lse, chunk_lse, ct)
-        n_in, n_outputs = W.shape
+        n_outputs, n_in = self.plan.n_outputs, W.shape[1 if self.plan.rows else 0]
         n_blocks = n_outputs // self.block
-        right = dW.reshape(n_in, n_blocks, self.block).transpose(1, 0, 2)
+        if self.plan.rows:
+            right = dW.reshape(n_blocks, self.block, n_in)
+        else:
+            right = dW.reshape(n_in, n_blocks, self.block).transpose(1, 0, 2)
         touched = self.touched_blocks(cotangent, target, lse, chunk_lse)
         blocks = jnp.where(touched, jnp.arange(n_blocks, dtype=jnp.int32), n_blocks)
         return sites.BlockPairs(blocks, None, right.reshape(n_blocks, n_in * self.block))

@@ -31,22 +31,28 @@ from blocksparse_jax.full._params import (
 from blocksparse_jax.parallel._mesh import check_divisible, check_mesh, place, shard_map, size, vary
 
 
+def _w_spec(rows: bool, model_axis) -> P:
+    """``W``'s outputs over ``model_axis``: its columns, or its rows (``FullSoftmaxRowParams``)."""
+    return P(model_axis, None) if rows else P(None, model_axis)
+
+
 def shard_full_params(params: FullSoftmaxParams, mesh: Mesh, model_axis) -> FullSoftmaxParams:
-    """``W`` placed as ``P(None, model_axis)``, ``b`` as ``P(model_axis)``."""
+    """``W``'s outputs placed over ``model_axis`` (see :func:`_w_spec`), ``b`` as ``P(model_axis)``."""
     check_mesh(mesh, None, model_axis)
-    W, b = check_params(params)
+    params = check_params(params)
+    W, b = params
     check_divisible(
         "n_outputs",
-        W.shape[1],
+        params.n_outputs,
         mesh,
         model_axis,
         "choose a vocabulary size that is a multiple of it (pad the vocabulary with unused "
         "words), or shard over a smaller axis",
     )
-    W = jax.device_put(W, NamedSharding(mesh, P(None, model_axis)))
+    W = jax.device_put(W, NamedSharding(mesh, _w_spec(params.rows, model_axis)))
     if b is not None:
         b = jax.device_put(b, NamedSharding(mesh, P(model_axis)))
-    return FullSoftmaxParams(W, b)
+    return type(params)(W, b)
 
 
 def _combine(stats: _core.Stats, mine, model_axis):
@@ -88,7 +94,12 @@ def _sharded(x, params, target, mask, *, mesh, data_axis, model_axis, plan_optio
     n_local = V // size(mesh, model_axis)
     chunk_size, softcap, with_total = plan_options
     plan = make_plan(
-        x.shape[0] // size(mesh, data_axis), n_local, chunk_size, softcap, with_total=with_total
+        x.shape[0] // size(mesh, data_axis),
+        n_local,
+        chunk_size,
+        softcap,
+        with_total=with_total,
+        rows=params.rows,
     )
     t = checked_target(target, lead, V, mask)
     mask = jnp.ones(t.shape, jnp.bool_) if mask is None else mask.reshape(-1)
@@ -109,7 +120,7 @@ def _sharded(x, params, target, mask, *, mesh, data_axis, model_axis, plan_optio
 
     d, m = data_axis, model_axis
     args = [x, params.W, t, mask] + ([params.b] if has_bias else [])
-    specs = [P(d), P(None, m), P(d), P(d)] + ([P(m)] if has_bias else [])
+    specs = [P(d), _w_spec(params.rows, m), P(d), P(d)] + ([P(m)] if has_bias else [])
     return shard_map(mesh, shard, specs, P(d), args), lead
 
 
@@ -184,7 +195,7 @@ def full_log_softmax(
         return logp.reshape(lead)
     check_mesh(mesh, data_axis, model_axis)
     x, params, lead = prepare(x, params)
-    plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap)
+    plan = make_plan(x.shape[0], params.n_outputs, chunk_size, softcap, rows=params.rows)
     check_divisible(
         "n_outputs",
         params.n_outputs,
@@ -202,7 +213,7 @@ def full_log_softmax(
         x, W, *b = vary(axes, x, W, *b)
         b = b[0] if has_bias else None
         dt, acc = _core.dtypes(x, W, b)
-        z = jnp.dot(x.astype(dt), W.astype(dt), preferred_element_type=acc)
+        z = _core.outputs_dot(x.astype(dt), W.astype(dt), plan.rows, acc)
         if b is not None:
             z = z + b.astype(acc)[None, :]
         z = _core.cap(z, plan.softcap)
@@ -216,7 +227,7 @@ def full_log_softmax(
 
     d, m = data_axis, model_axis
     args = [x, params.W] + ([params.b] if has_bias else [])
-    specs = [P(d), P(None, m)] + ([P(m)] if has_bias else [])
+    specs = [P(d), _w_spec(params.rows, m)] + ([P(m)] if has_bias else [])
     out = shard_map(mesh, shard, specs, P(d, m), args)
     return out.reshape(lead + out.shape[1:])
 

@@ -343,8 +343,9 @@ def shard_params(params: HSoftmaxParams, mesh: Mesh, model_axis: str = "model") 
     """Places :class:`blocksparse_jax.HSoftmaxParams` on ``mesh``, the classes over ``model_axis``.
 
     (A :class:`blocksparse_jax.FullSoftmaxParams` is placed with its outputs
-    over ``model_axis``: ``W`` as ``P(None, model_axis)``, ``b`` as
-    ``P(model_axis)``; ``n_outputs`` must be a multiple of the axis size.)
+    over ``model_axis``: ``W`` as ``P(None, model_axis)`` (a
+    :class:`blocksparse_jax.FullSoftmaxRowParams`'s as ``P(model_axis, None)``),
+    ``b`` as ``P(model_axis)``; ``n_outputs`` must be a multiple of the axis size.)
 
     ``W1`` goes to ``P(None, model_axis)``; ``b1``, ``W2`` and ``b2`` to
     ``P(model_axis)``.  An ``n_classes`` that the model axis size does not

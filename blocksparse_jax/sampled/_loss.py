@@ -50,16 +50,20 @@ class SampledColumnsRule(sites.SparseRule):
     """``W``'s gradient: one column per example's target and one per sampled class.
 
     ``W (n_in, n_outputs)`` is viewed as itself, blocks along axis 1 (a block
-    is a column).  ``pairs(cotangent, x, true_blocks, sampled_blocks)``:
+    is a column); ``W (n_outputs, n_in)`` (``rows``,
+    :class:`~blocksparse_jax.FullSoftmaxRowParams`) along axis 0 (a block is a
+    row).  ``pairs(cotangent, x, true_blocks, sampled_blocks)``:
     ``cotangent`` is that of the ``(batch, 1 + S)`` logits; a target's pair
     is ``cotangent[b, 0] * x[b]``, a sampled class's ``cotangent[:, 1 + s] @ x``.
     Examples that take no part and sampled ids outside ``[0, n_outputs)``
     come as block ``n_outputs`` (no contribution).
     """
 
+    rows: bool = False
+
     def layout(self, weight_shape: tuple[int, ...]) -> sites.BlockLayout:
         shape = tuple(int(d) for d in weight_shape)
-        return sites.BlockLayout(shape, shape, axis=1)
+        return sites.BlockLayout(shape, shape, axis=0 if self.rows else 1)
 
     def pairs(self, cotangent, x, true_blocks, sampled_blocks) -> sites.BlockPairs:
         x = x.astype(cotangent.dtype)
@@ -111,17 +115,25 @@ def _select_jit(x, target, mask, ids, *, n_outputs):
         return Selected(x, t, safe, jnp.where(keep, t, none), jnp.where(ok, safe, none), ok, valid)
 
 
-@jax.jit
-def _logits_jit(x, W, b, target, ids):
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _logits_jit(x, W, b, target, ids, *, rows):
     """``(batch, 1 + S)`` raw logits of each example's target and of the sampled classes."""
     with jax.named_scope("sampled_softmax_loss"):
         dt = _checks.common_float_dtype(x.dtype, W.dtype)
         acc = _checks.accumulation_dtype(x.dtype, W.dtype, *([] if b is None else [b.dtype]))
         x = x.astype(dt)
-        true = jnp.einsum(
-            "nd,dn->n", x, jnp.take(W, target, axis=1).astype(dt), preferred_element_type=acc
-        )
-        sampled = jnp.dot(x, jnp.take(W, ids, axis=1).astype(dt), preferred_element_type=acc)
+        if rows:  # W (n_outputs, n_in): one row per class
+            true = jnp.einsum(
+                "nd,nd->n", x, jnp.take(W, target, axis=0).astype(dt), preferred_element_type=acc
+            )
+            sampled = jnp.einsum(
+                "nd,sd->ns", x, jnp.take(W, ids, axis=0).astype(dt), preferred_element_type=acc
+            )
+        else:
+            true = jnp.einsum(
+                "nd,dn->n", x, jnp.take(W, target, axis=1).astype(dt), preferred_element_type=acc
+            )
+            sampled = jnp.dot(x, jnp.take(W, ids, axis=1).astype(dt), preferred_element_type=acc)
         if b is not None:
             true = true + b[target].astype(acc)
             sampled = sampled + b[ids].astype(acc)[None, :]
@@ -210,6 +222,9 @@ def sampled_softmax_loss(
     loss[b]       = logsumexp([true[b], sampled[b, :]]) - true[b]
     ```
 
+    (``W[t[b]]`` and ``W[ids[s]]`` with :class:`~blocksparse_jax.FullSoftmaxRowParams`,
+    the layout to train this loss with: each class's weights are then one
+    contiguous row, which the lazy update reads and writes fastest),
     with an accidental hit (``ids[s] == t[b]``) given ``-FLT_MAX`` when
     ``remove_accidental_hits``: ``tf.nn.sampled_softmax_loss`` with one true
     class per example, value for value and gradient for gradient on the same
@@ -224,7 +239,7 @@ def sampled_softmax_loss(
       key: a PRNG key for the sampler, or ``None`` with ``sampled``.
       x: ``(..., n_in)`` inputs: any leading batch dimensions, ``(n_in,)`` for
         one example.
-      params: :class:`FullSoftmaxParams`.
+      params: :class:`FullSoftmaxParams` or :class:`FullSoftmaxRowParams`.
       target: integer classes in ``[0, n_outputs)`` of shape ``x.shape[:-1]``
         (or that with a trailing 1).
       n_sampled: number of distinct sampled classes (not needed with ``sampled``).
@@ -289,9 +304,9 @@ def sampled_softmax_loss(
     # Mark the columns read, for value_and_sparse_grad (the rules above).
     w = sites.mark_weight(params.W)
     bw = None if params.b is None else sites.mark_weight(params.b)
-    logits = _logits_jit(sel.x, w, bw, sel.target, sel.ids)
+    logits = _logits_jit(sel.x, w, bw, sel.target, sel.ids, rows=params.rows)
     logits = sites.mark_use(
-        logits, w, (sel.x, sel.true_blocks, sel.sampled_blocks), SampledColumnsRule()
+        logits, w, (sel.x, sel.true_blocks, sel.sampled_blocks), SampledColumnsRule(params.rows)
     )
     if bw is not None:
         logits = sites.mark_use(
