@@ -21,3 +21,15 @@ def test_sampled_softmax_block():
         "heads.md", "sampled softmax", "[float(loss), float(exact), len(set(drawn.ids.tolist()))]"
     )
     assert math.isfinite(loss) and math.isfinite(exact) and n_ids == 512
+
+
+def test_sampled_softmax_trained_lazily_block():
+    loss, kind, moved = run_block(
+        "heads.md",
+        "sampled softmax, trained lazily",
+        "[float(loss), type(params).__name__, "
+        "int((abs(params.W - full_softmax_init(jax.random.key(0), 64, 50_000, "
+        'layout="rows").W).max(axis=1) > 0).sum())]',
+    )
+    assert math.isfinite(loss) and loss > 0 and kind == "FullSoftmaxRowParams"
+    assert 0 < moved <= 3 * (32 + 512)  # lazy: only the rows the three steps read moved
