@@ -34,6 +34,7 @@ from blocksparse_jax.adaptive import (
 from blocksparse_jax.blocksparse import sparse_block_dot, sparse_block_gemv
 from blocksparse_jax.full import (
     FullSoftmaxParams,
+    FullSoftmaxRowParams,
     full_log_softmax,
     full_softmax_sample,
     full_softmax_top_k,
@@ -440,9 +441,22 @@ class FullSoftmaxConfig(NamedTuple):
     softcap: float | None = None
     filter_eps: float | None = None
     chunk_size: int | None = None
+    layout: str = "columns"
 
 
-def full_softmax_config(label_smoothing, z_loss, softcap, filter_eps, chunk_size):
+def check_layout(layout) -> str:
+    """``"columns"`` or ``"rows"``: the layer's ``W``, as :func:`~blocksparse_jax.full_softmax_init`'s."""
+    if layout not in ("columns", "rows"):
+        raise ValueError(f'layout must be "columns" or "rows"; got {layout!r}')
+    return layout
+
+
+def full_params(layout: str, W, b) -> FullSoftmaxParams:
+    """The layer's weights as the functional API's parameters of its ``layout``."""
+    return (FullSoftmaxRowParams if layout == "rows" else FullSoftmaxParams)(W, b)
+
+
+def full_softmax_config(label_smoothing, z_loss, softcap, filter_eps, chunk_size, layout):
     """Checks a ``FullSoftmax`` layer's options as :func:`~blocksparse_jax.full_softmax_loss` does."""
     label_smoothing = check_option("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = check_option("z_loss", z_loss, low=0.0)
@@ -455,7 +469,12 @@ def full_softmax_config(label_smoothing, z_loss, softcap, filter_eps, chunk_size
                 "Leave one out."
             )
     return FullSoftmaxConfig(
-        label_smoothing, z_loss, check_softcap(softcap), filter_eps, check_chunk_size(chunk_size)
+        label_smoothing,
+        z_loss,
+        check_softcap(softcap),
+        filter_eps,
+        check_chunk_size(chunk_size),
+        check_layout(layout),
     )
 
 
@@ -499,6 +518,7 @@ class SampledSoftmaxConfig(NamedTuple):
     sampler: str | StaticCounts
     remove_accidental_hits: bool
     chunk_size: int | None
+    layout: str = "columns"
 
     @property
     def softcap(self) -> None:
@@ -506,7 +526,9 @@ class SampledSoftmaxConfig(NamedTuple):
         return None
 
 
-def sampled_softmax_config(n_outputs, n_sampled, sampler, remove_accidental_hits, chunk_size):
+def sampled_softmax_config(
+    n_outputs, n_sampled, sampler, remove_accidental_hits, chunk_size, layout
+):
     """Checks a ``SampledSoftmax`` layer's options as :func:`~blocksparse_jax.sampled_softmax_loss` does."""
     kind, counts = check_sampler(sampler, n_outputs)
     n_sampled = check_n_sampled(n_sampled, n_outputs, counts)
@@ -516,7 +538,11 @@ def sampled_softmax_config(n_outputs, n_sampled, sampler, remove_accidental_hits
         )
     sampler = kind if counts is None else StaticCounts(counts)
     return SampledSoftmaxConfig(
-        n_sampled, sampler, bool(remove_accidental_hits), check_chunk_size(chunk_size)
+        n_sampled,
+        sampler,
+        bool(remove_accidental_hits),
+        check_chunk_size(chunk_size),
+        check_layout(layout),
     )
 
 
@@ -548,7 +574,7 @@ class ExactSoftmaxMethods:
     def _prepared(self, x) -> tuple[jax.Array, FullSoftmaxParams]:
         """``x`` and the parameters cast to the computation dtype."""
         x, W, b = cast(self.dtype, x, *self.params)
-        return x, FullSoftmaxParams(W, b)
+        return x, full_params(self.config.layout, W, b)
 
     def _options(self) -> dict:
         return {"softcap": self.config.softcap, "chunk_size": self.config.chunk_size}

@@ -243,6 +243,9 @@ class FullSoftmax(_layers.FullSoftmaxMethods, eqx.Module):
         :func:`~blocksparse_jax.value_and_sparse_grad` holds the kept chunks
         only.  Not with ``label_smoothing``.
       chunk_size: optional columns per chunk (default: chosen from the batch).
+      layout: ``"columns"`` (``W (n_in, n_outputs)``) or ``"rows"`` (``W
+        (n_outputs, n_in)``, :class:`~blocksparse_jax.FullSoftmaxRowParams`:
+        the layout to train lazily with the sampled loss or the gradient filter).
       dtype: the computation dtype (``x`` and the weights are cast to it), or
         ``None`` to compute in the inputs' dtypes.
       param_dtype: the weights' dtype.
@@ -250,7 +253,8 @@ class FullSoftmax(_layers.FullSoftmaxMethods, eqx.Module):
         n_in)``, ``b`` zero.
 
     Attributes:
-      W: ``(n_in, n_outputs)``, as in :class:`~blocksparse_jax.FullSoftmaxParams`.
+      W: ``(n_in, n_outputs)``, as in :class:`~blocksparse_jax.FullSoftmaxParams`
+        (``(n_outputs, n_in)`` with ``layout="rows"``).
       b: ``(n_outputs,)``, or ``None``.
 
     Examples:
@@ -281,20 +285,23 @@ class FullSoftmax(_layers.FullSoftmaxMethods, eqx.Module):
         softcap: float | None = None,
         filter_eps: float | None = None,
         chunk_size: int | None = None,
+        layout: str = "columns",
         dtype: DTypeLike | None = None,
         param_dtype: DTypeLike = jnp.float32,
         key: jax.Array,
     ):
         self.config = _layers.full_softmax_config(
-            label_smoothing, z_loss, softcap, filter_eps, chunk_size
+            label_smoothing, z_loss, softcap, filter_eps, chunk_size, layout
         )
-        self.W, self.b = full_softmax_init(key, n_in, n_outputs, bias=use_bias, dtype=param_dtype)
+        self.W, self.b = full_softmax_init(
+            key, n_in, n_outputs, bias=use_bias, dtype=param_dtype, layout=layout
+        )
         self.dtype = dtype
 
     @property
     def params(self) -> FullSoftmaxParams:
-        """The weights as :class:`~blocksparse_jax.FullSoftmaxParams`, for the functional API."""
-        return FullSoftmaxParams(self.W, self.b)
+        """The weights for the functional API, in the layer's ``layout``."""
+        return _layers.full_params(self.config.layout, self.W, self.b)
 
 
 class SampledSoftmax(_layers.SampledSoftmaxMethods, eqx.Module):
@@ -321,6 +328,10 @@ class SampledSoftmax(_layers.SampledSoftmaxMethods, eqx.Module):
         target the logit ``-FLT_MAX`` (TensorFlow's default).
       use_bias: whether the layer has the bias ``b``.
       chunk_size: optional columns per chunk of the exact methods.
+      layout: ``"columns"`` (``W (n_in, n_outputs)``) or ``"rows"`` (``W
+        (n_outputs, n_in)``, :class:`~blocksparse_jax.FullSoftmaxRowParams`:
+        each class's weights one contiguous row, which the lazy update reads
+        and writes fastest).
       dtype: the computation dtype (``x`` and the weights are cast to it), or
         ``None`` to compute in the inputs' dtypes.
       param_dtype: the weights' dtype.
@@ -328,7 +339,8 @@ class SampledSoftmax(_layers.SampledSoftmaxMethods, eqx.Module):
         n_in)``, ``b`` zero.
 
     Attributes:
-      W: ``(n_in, n_outputs)``, as in :class:`~blocksparse_jax.FullSoftmaxParams`.
+      W: ``(n_in, n_outputs)``, as in :class:`~blocksparse_jax.FullSoftmaxParams`
+        (``(n_outputs, n_in)`` with ``layout="rows"``).
       b: ``(n_outputs,)``, or ``None``.
 
     Examples:
@@ -357,21 +369,24 @@ class SampledSoftmax(_layers.SampledSoftmaxMethods, eqx.Module):
         remove_accidental_hits: bool = True,
         use_bias: bool = True,
         chunk_size: int | None = None,
+        layout: str = "columns",
         dtype: DTypeLike | None = None,
         param_dtype: DTypeLike = jnp.float32,
         key: jax.Array,
     ):
-        params = full_softmax_init(key, n_in, n_outputs, bias=use_bias, dtype=param_dtype)
+        params = full_softmax_init(
+            key, n_in, n_outputs, bias=use_bias, dtype=param_dtype, layout=layout
+        )
         self.config = _layers.sampled_softmax_config(
-            params.n_outputs, n_sampled, sampler, remove_accidental_hits, chunk_size
+            params.n_outputs, n_sampled, sampler, remove_accidental_hits, chunk_size, layout
         )
         self.W, self.b = params
         self.dtype = dtype
 
     @property
     def params(self) -> FullSoftmaxParams:
-        """The weights as :class:`~blocksparse_jax.FullSoftmaxParams`, for the functional API."""
-        return FullSoftmaxParams(self.W, self.b)
+        """The weights for the functional API, in the layer's ``layout``."""
+        return _layers.full_params(self.config.layout, self.W, self.b)
 
 
 class BlockSparseLinear(_layers.BlockSparseLinearMethods, eqx.Module):

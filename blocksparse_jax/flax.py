@@ -249,6 +249,9 @@ class FullSoftmax(_layers.FullSoftmaxMethods, nnx.Module):
         :func:`~blocksparse_jax.value_and_sparse_grad` holds the kept chunks
         only.  Not with ``label_smoothing``.
       chunk_size: optional columns per chunk (default: chosen from the batch).
+      layout: ``"columns"`` (``W (n_in, n_outputs)``) or ``"rows"`` (``W
+        (n_outputs, n_in)``, :class:`~blocksparse_jax.FullSoftmaxRowParams`:
+        the layout to train lazily with the sampled loss or the gradient filter).
       dtype: the computation dtype (``x`` and the weights are cast to it), or
         ``None`` to compute in the inputs' dtypes.
       param_dtype: the weights' dtype.
@@ -256,7 +259,8 @@ class FullSoftmax(_layers.FullSoftmaxMethods, nnx.Module):
         ``W`` from ``N(0, 1 / n_in)``, ``b`` zero.
 
     Attributes:
-      W: ``(n_in, n_outputs)`` (``nnx.Param``), as in :class:`~blocksparse_jax.FullSoftmaxParams`.
+      W: ``(n_in, n_outputs)`` (``nnx.Param``), as in :class:`~blocksparse_jax.FullSoftmaxParams`
+        (``(n_outputs, n_in)`` with ``layout="rows"``).
       b: ``(n_outputs,)`` (``nnx.Param``), or ``None``.
 
     Examples:
@@ -283,14 +287,17 @@ class FullSoftmax(_layers.FullSoftmaxMethods, nnx.Module):
         softcap: float | None = None,
         filter_eps: float | None = None,
         chunk_size: int | None = None,
+        layout: str = "columns",
         dtype: DTypeLike | None = None,
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
         config = _layers.full_softmax_config(
-            label_smoothing, z_loss, softcap, filter_eps, chunk_size
+            label_smoothing, z_loss, softcap, filter_eps, chunk_size, layout
         )
-        params = full_softmax_init(rngs.params(), n_in, n_outputs, bias=use_bias, dtype=param_dtype)
+        params = full_softmax_init(
+            rngs.params(), n_in, n_outputs, bias=use_bias, dtype=param_dtype, layout=layout
+        )
         self.W = nnx.Param(params.W)
         self.b = nnx.data(None) if params.b is None else nnx.Param(params.b)
         self.config = config
@@ -300,8 +307,10 @@ class FullSoftmax(_layers.FullSoftmaxMethods, nnx.Module):
 
     @property
     def params(self) -> FullSoftmaxParams:
-        """The weights as :class:`~blocksparse_jax.FullSoftmaxParams`, for the functional API."""
-        return FullSoftmaxParams(self.W[...], None if self.b is None else self.b[...])
+        """The weights for the functional API, in the layer's ``layout``."""
+        return _layers.full_params(
+            self.config.layout, self.W[...], None if self.b is None else self.b[...]
+        )
 
 
 class SampledSoftmax(_layers.SampledSoftmaxMethods, nnx.Module):
@@ -328,6 +337,10 @@ class SampledSoftmax(_layers.SampledSoftmaxMethods, nnx.Module):
         target the logit ``-FLT_MAX`` (TensorFlow's default).
       use_bias: whether the layer has the bias ``b``.
       chunk_size: optional columns per chunk of the exact methods.
+      layout: ``"columns"`` (``W (n_in, n_outputs)``) or ``"rows"`` (``W
+        (n_outputs, n_in)``, :class:`~blocksparse_jax.FullSoftmaxRowParams`:
+        each class's weights one contiguous row, which the lazy update reads
+        and writes fastest).
       dtype: the computation dtype (``x`` and the weights are cast to it), or
         ``None`` to compute in the inputs' dtypes.
       param_dtype: the weights' dtype.
@@ -335,7 +348,8 @@ class SampledSoftmax(_layers.SampledSoftmaxMethods, nnx.Module):
         ``W`` from ``N(0, 1 / n_in)``, ``b`` zero.
 
     Attributes:
-      W: ``(n_in, n_outputs)`` (``nnx.Param``), as in :class:`~blocksparse_jax.FullSoftmaxParams`.
+      W: ``(n_in, n_outputs)`` (``nnx.Param``), as in :class:`~blocksparse_jax.FullSoftmaxParams`
+        (``(n_outputs, n_in)`` with ``layout="rows"``).
       b: ``(n_outputs,)`` (``nnx.Param``), or ``None``.
 
     Examples:
@@ -360,13 +374,16 @@ class SampledSoftmax(_layers.SampledSoftmaxMethods, nnx.Module):
         remove_accidental_hits: bool = True,
         use_bias: bool = True,
         chunk_size: int | None = None,
+        layout: str = "columns",
         dtype: DTypeLike | None = None,
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        params = full_softmax_init(rngs.params(), n_in, n_outputs, bias=use_bias, dtype=param_dtype)
+        params = full_softmax_init(
+            rngs.params(), n_in, n_outputs, bias=use_bias, dtype=param_dtype, layout=layout
+        )
         self.config = _layers.sampled_softmax_config(
-            params.n_outputs, n_sampled, sampler, remove_accidental_hits, chunk_size
+            params.n_outputs, n_sampled, sampler, remove_accidental_hits, chunk_size, layout
         )
         self.W = nnx.Param(params.W)
         self.b = nnx.data(None) if params.b is None else nnx.Param(params.b)
@@ -376,8 +393,10 @@ class SampledSoftmax(_layers.SampledSoftmaxMethods, nnx.Module):
 
     @property
     def params(self) -> FullSoftmaxParams:
-        """The weights as :class:`~blocksparse_jax.FullSoftmaxParams`, for the functional API."""
-        return FullSoftmaxParams(self.W[...], None if self.b is None else self.b[...])
+        """The weights for the functional API, in the layer's ``layout``."""
+        return _layers.full_params(
+            self.config.layout, self.W[...], None if self.b is None else self.b[...]
+        )
 
 
 class BlockSparseLinear(_layers.BlockSparseLinearMethods, nnx.Module):

@@ -739,6 +739,26 @@ def test_full_and_sampled_softmax_train_sparsely(fw):
     assert sparse == {"W", "b"}, sparse
 
 
+def test_full_and_sampled_softmax_in_rows(fw):
+    """``layout="rows"``: ``W (n_outputs, n_in)``, the same draws, values and sparse steps."""
+    x, words = _data()
+    cols = fw.make("FullSoftmax", N_IN, 40, seed=3, chunk_size=16)
+    rows = fw.make("FullSoftmax", N_IN, 40, seed=3, chunk_size=16, layout="rows")
+    assert type(rows.params) is bsj.FullSoftmaxRowParams and rows.params.W.shape == (40, N_IN)
+    np.testing.assert_array_equal(rows.params.W, cols.params.W.T)
+    for call in (lambda m: m(x, words), lambda m: m.log_prob(x), lambda m: m.top_k(x, 3)):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), call(rows), call(cols)
+        )
+    with pytest.raises(ValueError, match='layout must be "columns" or "rows"'):
+        fw.make("FullSoftmax", N_IN, 40, layout="row")
+    sampled = fw.make("SampledSoftmax", N_IN, 40, n_sampled=6, layout="rows")
+    assert sampled.params.W.shape == (40, N_IN)
+    key = jax.random.key(4)
+    sparse = _check_sparse_step(fw, sampled, lambda m: m(x, words, key=key).loss, jit=True)
+    assert sparse == {"W", "b"}, sparse
+
+
 def test_documented_sparse_training_loop_runs_and_learns(fw):
     report = "[losses, list(predicted.shape), batch]"
     losses, predicted_shape, batch = run_block("layers.md", DOC_SCRIPTS[fw.name][1], report)
