@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
+from jax import lax
 from jax.interpreters import ad, batching, mlir
 
 
@@ -86,6 +87,44 @@ class BlockLayout(NamedTuple):
         kw = {"out_sharding": _replicated(view)} if _explicitly_sharded(view) else {}
         blocks = view.at[self._where(idx)].get(mode="fill", fill_value=0, **kw)
         return jnp.moveaxis(blocks, self.axis, 0)
+
+    def _slice(self, k):
+        """``(start, size)`` of the dynamic slice that is block ``k`` (a scalar) of ``view``."""
+        zero = jnp.zeros((), jnp.asarray(k).dtype)
+        parts = tuple(p.astype(zero.dtype) for p in self._where(k)[self.axis :])
+        rest = len(self.view) - self.axis - self.n_axes
+        start = (zero,) * self.axis + parts + (zero,) * rest
+        size = self.view[: self.axis] + (1,) * self.n_axes + self.view[self.axis + self.n_axes :]
+        return start, size
+
+    def slice_block(self, view, k) -> jax.Array:
+        """``(1, *block_shape)``: block ``k`` (a scalar, in range) of ``view``, by a dynamic slice.
+
+        XLA fuses a slice and an update of the same block into one in-place
+        loop; on an explicitly sharded ``view`` this is :meth:`take`.
+        """
+        if _explicitly_sharded(view):
+            return self.take(view, jnp.reshape(k, (1,)))
+        start, size = self._slice(k)
+        return lax.dynamic_slice(view, start, size).reshape((1, *self.block_shape))
+
+    def update_block(self, view, k, block) -> jax.Array:
+        """``view`` with block ``k`` (a scalar, in range) set to ``block (1, *block_shape)``."""
+        if _explicitly_sharded(view):
+            return self.put(view, jnp.reshape(k, (1,)), block)
+        start, size = self._slice(k)
+        return lax.dynamic_update_slice(view, block.astype(view.dtype).reshape(size), start)
+
+    def first(self, view, idx) -> jax.Array:
+        """``(len(idx),)``: the first element of each block ``idx`` (zero for one out of range).
+
+        A read of a block that costs one element: what an update reads to
+        order later writes after that block's (:func:`~blocksparse_jax._order.after`).
+        """
+        kw = {"out_sharding": _replicated(view)} if _explicitly_sharded(view) else {}
+        parts = self._where(idx)[self.axis :]
+        rest = (0,) * (len(self.view) - self.axis - self.n_axes)
+        return view.at[(0,) * self.axis + parts + rest].get(mode="fill", fill_value=0, **kw)
 
     def put(self, view, idx, blocks, *, add: bool = False, **kwargs) -> jax.Array:
         """``view`` with blocks ``idx`` set to (``add``: increased by) ``blocks``; out of range dropped.

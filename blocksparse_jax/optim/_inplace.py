@@ -287,17 +287,18 @@ def _by_block(leaf: LeafUpdate) -> Result:
 
     def update_block(s, gb, state):
         (p, es), u_buf = state
-        # A gather and a scatter of one block (XLA makes them slices; a mesh
-        # partitions them without gathering a sharded weight).
-        k = g.indices[s][None]
-        pb = layout.take(p, k)
-        eb = [layout.take(e, k) for e in es]
+        # A slice and an update of one block (in range: s < n_touched), which XLA
+        # fuses into one in-place loop (a gather and a scatter on a sharded weight,
+        # which a mesh partitions without gathering it).
+        k = g.indices[s]
+        pb = layout.slice_block(p, k)
+        eb = [layout.slice_block(e, k) for e in es]
         ub, eb_new = leaf.inner(gb.astype(g.dtype)[None], pb, eb)
-        p = layout.put(p, k, _add(pb, ub))
+        p = layout.update_block(p, k, _add(pb, ub))
         # The new parameter block reads the old state blocks: the state is written
         # after it (else XLA copies each state array to keep the old blocks readable).
-        k2 = after(k, layout.take(p, k))
-        es = [layout.put(e, k2, b) for e, b in zip(es, eb_new, strict=True)]
+        k2 = after(k[None], layout.first(p, k[None]))[0]
+        es = [layout.update_block(e, k2, b) for e, b in zip(es, eb_new, strict=True)]
         u_buf = lax.dynamic_update_slice_in_dim(u_buf, ub.astype(acc), s, 0)
         return (p, es), u_buf
 
