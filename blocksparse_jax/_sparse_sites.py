@@ -88,32 +88,44 @@ class BlockLayout(NamedTuple):
         blocks = view.at[self._where(idx)].get(mode="fill", fill_value=0, **kw)
         return jnp.moveaxis(blocks, self.axis, 0)
 
-    def _slice(self, k):
-        """``(start, size)`` of the dynamic slice that is block ``k`` (a scalar) of ``view``."""
+    def merged(self) -> BlockLayout:
+        """The same blocks with the block axes of the view merged into one (``n_axes=1``)."""
+        view = self.view[: self.axis] + (self.n_blocks,) + self.view[self.axis + self.n_axes :]
+        return BlockLayout(self.shape, view, self.axis, 1)
+
+    def block_start(self, k) -> tuple:
+        """The start of the dynamic slice that is block ``k`` (a scalar) of a view.
+
+        Compute it once for a slice and an update of the same block: XLA fuses
+        the two into one in-place loop when they start at the same indices,
+        which it sees best with one block axis (:meth:`merged`).
+        """
         zero = jnp.zeros((), jnp.asarray(k).dtype)
         parts = tuple(p.astype(zero.dtype) for p in self._where(k)[self.axis :])
         rest = len(self.view) - self.axis - self.n_axes
-        start = (zero,) * self.axis + parts + (zero,) * rest
-        size = self.view[: self.axis] + (1,) * self.n_axes + self.view[self.axis + self.n_axes :]
-        return start, size
+        return (zero,) * self.axis + parts + (zero,) * rest
 
-    def slice_block(self, view, k) -> jax.Array:
+    def _size(self) -> tuple[int, ...]:
+        return self.view[: self.axis] + (1,) * self.n_axes + self.view[self.axis + self.n_axes :]
+
+    def slice_block(self, view, k, start=None) -> jax.Array:
         """``(1, *block_shape)``: block ``k`` (a scalar, in range) of ``view``, by a dynamic slice.
 
-        XLA fuses a slice and an update of the same block into one in-place
-        loop; on an explicitly sharded ``view`` this is :meth:`take`.
+        ``start``: :meth:`block_start` of ``k``, when an update of the block
+        follows.  On an explicitly sharded ``view`` this is :meth:`take`.
         """
         if _explicitly_sharded(view):
             return self.take(view, jnp.reshape(k, (1,)))
-        start, size = self._slice(k)
-        return lax.dynamic_slice(view, start, size).reshape((1, *self.block_shape))
+        start = self.block_start(k) if start is None else start
+        return lax.dynamic_slice(view, start, self._size()).reshape((1, *self.block_shape))
 
-    def update_block(self, view, k, block) -> jax.Array:
+    def update_block(self, view, k, block, start=None) -> jax.Array:
         """``view`` with block ``k`` (a scalar, in range) set to ``block (1, *block_shape)``."""
         if _explicitly_sharded(view):
             return self.put(view, jnp.reshape(k, (1,)), block)
-        start, size = self._slice(k)
-        return lax.dynamic_update_slice(view, block.astype(view.dtype).reshape(size), start)
+        start = self.block_start(k) if start is None else start
+        block = block.astype(view.dtype).reshape(self._size())
+        return lax.dynamic_update_slice(view, block, start)
 
     def first(self, view, idx) -> jax.Array:
         """``(len(idx),)``: the first element of each block ``idx`` (zero for one out of range).

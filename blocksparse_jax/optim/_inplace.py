@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from blocksparse_jax._order import after
-from blocksparse_jax._sparse_sites import BlockLayout
+from blocksparse_jax._sparse_sites import BlockLayout, _explicitly_sharded
 from blocksparse_jax.optim._blocks import SlotPairs, SparseBlockGrad, _acc, take_blocks
 
 # The vectorised path when the gathered blocks (gradient, parameter, state and
@@ -282,6 +282,11 @@ def _by_block(leaf: LeafUpdate) -> Result:
     """
     g = leaf.grad
     layout = g.layout
+    param, entries = leaf.param, list(leaf.entries)
+    if not _explicitly_sharded(param):  # one block axis: slices XLA fuses with the updates
+        layout = layout.merged()
+        param = param.reshape(layout.view)
+        entries = [e.reshape(layout.view) for e in entries]
     acc = _acc(g.dtype)
     pairs = _pairs(g)
 
@@ -291,18 +296,20 @@ def _by_block(leaf: LeafUpdate) -> Result:
         # fuses into one in-place loop (a gather and a scatter on a sharded weight,
         # which a mesh partitions without gathering it).
         k = g.indices[s]
-        pb = layout.slice_block(p, k)
-        eb = [layout.slice_block(e, k) for e in es]
+        at = layout.block_start(k)
+        pb = layout.slice_block(p, k, at)
+        eb = [layout.slice_block(e, k, at) for e in es]
         ub, eb_new = leaf.inner(gb.astype(g.dtype)[None], pb, eb)
-        p = layout.update_block(p, k, _add(pb, ub))
+        p = layout.update_block(p, k, _add(pb, ub), at)
         # The new parameter block reads the old state blocks: the state is written
         # after it (else XLA copies each state array to keep the old blocks readable).
         k2 = after(k[None], layout.first(p, k[None]))[0]
-        es = [layout.update_block(e, k2, b) for e, b in zip(es, eb_new, strict=True)]
+        at2 = layout.block_start(k2)
+        es = [layout.update_block(e, k2, b, at2) for e, b in zip(es, eb_new, strict=True)]
         u_buf = lax.dynamic_update_slice_in_dim(u_buf, ub.astype(acc), s, 0)
         return (p, es), u_buf
 
-    state = ((leaf.param, list(leaf.entries)), jnp.zeros((g.capacity, *g.block_shape), acc))
+    state = ((param, entries), jnp.zeros((g.capacity, *g.block_shape), acc))
     if pairs is None:
         state = lax.fori_loop(
             0, g.n_touched(), lambda s, st: update_block(s, g.values[s], st), state
