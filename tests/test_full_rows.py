@@ -227,3 +227,35 @@ def test_parallel_functions_shard_the_rows():
     assert _all_gathers(compiled.as_text()) == []
     every = parallel.full_log_softmax(x, sharded, mesh=mesh)
     chex.assert_trees_all_close(every, bsj.full_log_softmax(x, params.to_columns()), **TOL)
+
+
+def test_row_parameters_next_to_the_happy_path():
+    """vmap, NumPy weights, bfloat16, grad of grad and an empty batch, in the row layout."""
+    params, x, t = _problem()
+    cols = params.to_columns()
+    xs, ts = jnp.stack([x, 2 * x]), jnp.stack([t, t[::-1]])
+    per_row = jax.vmap(lambda x, t: bsj.full_softmax_loss(x, params, t, chunk_size=16))(xs, ts)
+    per_col = jax.vmap(lambda x, t: bsj.full_softmax_loss(x, cols, t, chunk_size=16))(xs, ts)
+    chex.assert_trees_all_close(per_row, per_col, **TOL)
+    numpy_params = bsj.FullSoftmaxRowParams(np.asarray(params.W), np.asarray(params.b))
+    chex.assert_trees_all_close(
+        bsj.full_softmax_loss(np.asarray(x), numpy_params, np.asarray(t)),
+        bsj.full_softmax_loss(x, params, t),
+        **TOL,
+    )
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    g = jax.grad(lambda p: bsj.full_softmax_loss(x.astype(jnp.bfloat16), p, t))(half)
+    assert type(g) is bsj.FullSoftmaxRowParams and g.W.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(g.W, np.float64),
+        np.asarray(jax.grad(lambda p: bsj.full_softmax_loss(x, p, t))(params).W),
+        atol=2e-2,
+    )
+
+    def hvp(p):
+        inner = lambda x: jnp.sum(jax.grad(lambda x: bsj.full_softmax_loss(x, p, t))(x) ** 2)
+        return jax.grad(inner)(x)
+
+    chex.assert_trees_all_close(hvp(params), hvp(cols), **TOL)
+    empty = bsj.full_softmax_loss(x[:0], params, t[:0], reduction="sum")
+    assert float(empty) == 0.0
