@@ -72,6 +72,7 @@ def test_the_rules_name_existing_blocks():
     assert len(RUNNABLE) >= 5, [b.name for b in RUNNABLE]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.name for b in RUNNABLE])
 def test_self_contained_block_runs(block):
     flags = "--xla_force_host_platform_device_count=8" if "jax.make_mesh" in block.code else None

@@ -2,9 +2,12 @@
 
 import math
 
+import pytest
+
 from tests.doc_blocks import run_block
 
 
+@pytest.mark.slow
 def test_exact_softmax_block():
     loss, shapes, finite = run_block(
         "heads.md",
@@ -16,6 +19,7 @@ def test_exact_softmax_block():
     assert shapes == [[2, 16], [2, 16, 5], [2, 16]] and finite
 
 
+@pytest.mark.slow
 def test_sampled_softmax_block():
     loss, exact, n_ids = run_block(
         "heads.md", "sampled softmax", "[float(loss), float(exact), len(set(drawn.ids.tolist()))]"

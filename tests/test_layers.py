@@ -229,6 +229,7 @@ def test_hsoftmax_matches_functional_api(fw, with_layout):
     assert (layer.n_in, layer.n_outputs, layer.n_classes) == (N_IN, 40, layer.config.n_classes)
 
 
+@pytest.mark.slow
 def test_hsoftmax_one_example_vmap_and_jit(fw):
     layer = fw.make("HSoftmax", N_IN, layout=LAYOUT)
     x, words = _data(4)
@@ -263,6 +264,7 @@ def test_hsoftmax_trains_and_keeps_its_layout(fw):
     assert np.mean(np.asarray(trained.predict(x)) == np.asarray(words)) > 0.5
 
 
+@pytest.mark.slow
 def test_documented_training_loop_runs_and_learns(fw):
     report = "[losses, list(predicted.shape), batch]"
     losses, predicted_shape, batch = run_block("layers.md", DOC_SCRIPTS[fw.name][0], report)
@@ -274,6 +276,7 @@ def test_documented_training_loop_runs_and_learns(fw):
 # BlockSparseLinear
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_block_sparse_linear_matches_functional_api(fw, use_bias):
     layer = fw.make("BlockSparseLinear", 5, 6, 4, 3, use_bias=use_bias)
@@ -322,6 +325,7 @@ def test_block_sparse_linear_trains(fw):
 # Both layers: docstrings, scopes, bad arguments, imports
 
 
+@pytest.mark.slow
 def test_docstring_examples(fw):
     assert run_doctests(fw.module.__name__) >= 10
 
@@ -400,6 +404,7 @@ except ModuleNotFoundError as e:
 """
 
 
+@pytest.mark.slow
 def test_the_frameworks_are_imported_on_first_use():
     run = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -479,6 +484,7 @@ def test_adaptive_softmax_trains(fw):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_documented_training_loop_with_the_adaptive_softmax(fw):
     # docs/layers.md: AdaptiveSoftmax "drops into the training loops above in place of HSoftmax".
     module = fw.module.__name__
@@ -661,6 +667,7 @@ def _check_sparse_step(fw, model, loss_of, *, jit=False):
     return sparse
 
 
+@pytest.mark.slow
 def test_hsoftmax_trains_sparsely(fw):
     model = fw.bigram(seed=0)
     words = jax.random.randint(jax.random.key(1), (64,), 0, 40)
@@ -692,6 +699,7 @@ def test_hsoftmax_trains_sparsely(fw):
     jax.tree.map(np.testing.assert_array_equal, fw.layout(model.softmax), layout_before)
 
 
+@pytest.mark.slow
 def test_block_sparse_linear_trains_sparsely(fw):
     layer = fw.make("BlockSparseLinear", 4, 5, 6, 3)
     k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
@@ -702,6 +710,7 @@ def test_block_sparse_linear_trains_sparsely(fw):
     assert sparse == {"W", "b"}, sparse
 
 
+@pytest.mark.slow
 def test_embed_equals_the_lookup_and_trains_sparsely(fw):
     layer = fw.make("Embed", 50, 6)
     table = layer._table()
@@ -739,6 +748,7 @@ def test_full_and_sampled_softmax_train_sparsely(fw):
     assert sparse == {"W", "b"}, sparse
 
 
+@pytest.mark.slow
 def test_documented_sparse_training_loop_runs_and_learns(fw):
     report = "[losses, list(predicted.shape), batch]"
     losses, predicted_shape, batch = run_block("layers.md", DOC_SCRIPTS[fw.name][1], report)

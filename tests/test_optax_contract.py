@@ -177,6 +177,7 @@ def test_index_arrays_are_never_leaves():
     )
 
 
+@pytest.mark.slow
 def test_lazy_semantics_with_combinators_leave_untouched_rows_alone():
     """Rows no step touches keep their parameters and their state, whatever wraps lazy."""
     steps = [jnp.array([1, 2, 2]), jnp.array([2, 5])]
@@ -214,6 +215,7 @@ def test_non_finite_step_is_skipped_lazily():
         chex.assert_trees_all_equal(new, params)
 
 
+@pytest.mark.slow
 def test_noisy_sgd_draws_independent_noise_per_row():
     table = jnp.zeros((64, 4), F32)
     ids = jnp.arange(0, 64, 2)  # 32 rows touched, all with the same gradient

@@ -213,6 +213,7 @@ def test_sparse_rules_hold_only_the_columns_read():
     )
 
 
+@pytest.mark.slow
 def test_value_and_sparse_grad_holds_the_columns_read_and_lazy_updates_them():
     optax = pytest.importorskip("optax")
     from blocksparse_jax import SparseBlockGrad, value_and_sparse_grad
