@@ -6,6 +6,7 @@ read, jitted, trained and split into parameters) is in the two small adapters
 below; the tests themselves are written once.
 """
 
+import functools
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import blocksparse_jax as bsj
 import blocksparse_jax.equinox
 import blocksparse_jax.flax
 from blocksparse_jax._layers import SoftmaxOutput
-from tests.doc_blocks import run_block, run_doctests
+from tests.doc_blocks import reported, run_blocks, run_doctests
 
 N_IN = 12
 # The scripts of docs/layers.md these tests run (and tests/test_doc_blocks.py does not).
@@ -264,10 +265,40 @@ def test_hsoftmax_trains_and_keeps_its_layout(fw):
     assert np.mean(np.asarray(trained.predict(x)) == np.asarray(words)) > 0.5
 
 
-@pytest.mark.slow
-def test_documented_training_loop_runs_and_learns(fw):
+def _adaptive_softmax_replace(fw):
+    """docs/layers.md: AdaptiveSoftmax "drops into the training loops above in place of HSoftmax"."""
+    module = fw.module.__name__
+    make = {"flax": "rngs=rngs", "equinox": "key=k_softmax"}[fw.name]
+    replace = {
+        f"from {module} import HSoftmax": f"from {module} import AdaptiveSoftmax",
+        f"HSoftmax(n_in, n_words, layout=layout, {make})": (
+            f"AdaptiveSoftmax(n_in, n_words, [200, 800], {make})"
+        ),
+    }
+    if fw.name == "equinox":
+        replace["softmax: HSoftmax"] = "softmax: AdaptiveSoftmax"
+    return replace
+
+
+@functools.cache
+def _documented_runs(fw):
+    """docs/layers.md's training scripts of ``fw`` (and the loop with the adaptive softmax),
+    run one after the other in one fresh interpreter: the reports of :func:`run_blocks`."""
+    train, sparse = DOC_SCRIPTS[fw.name]
     report = "[losses, list(predicted.shape), batch]"
-    losses, predicted_shape, batch = run_block("layers.md", DOC_SCRIPTS[fw.name][0], report)
+    return run_blocks(
+        {
+            "train": ("layers.md", train, report, None),
+            "sparse": ("layers.md", sparse, report, None),
+            "adaptive": ("layers.md", train, "losses", _adaptive_softmax_replace(fw)),
+        }
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("layers_doc_scripts")  # one worker runs _documented_runs once
+def test_documented_training_loop_runs_and_learns(fw):
+    losses, predicted_shape, batch = reported(_documented_runs(fw), "train")
     assert losses[-1] < 0.5 * losses[0], losses
     assert predicted_shape == [batch]
 
@@ -485,19 +516,9 @@ def test_adaptive_softmax_trains(fw):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("layers_doc_scripts")
 def test_documented_training_loop_with_the_adaptive_softmax(fw):
-    # docs/layers.md: AdaptiveSoftmax "drops into the training loops above in place of HSoftmax".
-    module = fw.module.__name__
-    make = {"flax": "rngs=rngs", "equinox": "key=k_softmax"}[fw.name]
-    replace = {
-        f"from {module} import HSoftmax": f"from {module} import AdaptiveSoftmax",
-        f"HSoftmax(n_in, n_words, layout=layout, {make})": (
-            f"AdaptiveSoftmax(n_in, n_words, [200, 800], {make})"
-        ),
-    }
-    if fw.name == "equinox":
-        replace["softmax: HSoftmax"] = "softmax: AdaptiveSoftmax"
-    losses = run_block("layers.md", DOC_SCRIPTS[fw.name][0], "losses", replace=replace)
+    losses = reported(_documented_runs(fw), "adaptive")
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -668,6 +689,7 @@ def _check_sparse_step(fw, model, loss_of, *, jit=False):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("layers_sparse_steps")  # shares eager compilations
 def test_hsoftmax_trains_sparsely(fw):
     model = fw.bigram(seed=0)
     words = jax.random.randint(jax.random.key(1), (64,), 0, 40)
@@ -700,6 +722,7 @@ def test_hsoftmax_trains_sparsely(fw):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("layers_sparse_steps")  # shares eager compilations
 def test_block_sparse_linear_trains_sparsely(fw):
     layer = fw.make("BlockSparseLinear", 4, 5, 6, 3)
     k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
@@ -711,6 +734,7 @@ def test_block_sparse_linear_trains_sparsely(fw):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("layers_sparse_steps")  # shares eager compilations
 def test_embed_equals_the_lookup_and_trains_sparsely(fw):
     layer = fw.make("Embed", 50, 6)
     table = layer._table()
@@ -749,8 +773,8 @@ def test_full_and_sampled_softmax_train_sparsely(fw):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("layers_doc_scripts")
 def test_documented_sparse_training_loop_runs_and_learns(fw):
-    report = "[losses, list(predicted.shape), batch]"
-    losses, predicted_shape, batch = run_block("layers.md", DOC_SCRIPTS[fw.name][1], report)
+    losses, predicted_shape, batch = reported(_documented_runs(fw), "sparse")
     assert losses[-1] < 0.5 * losses[0], losses
     assert predicted_shape == [batch]
