@@ -46,3 +46,14 @@ def _vmap(f):
 def transform(request):
     """Applies ``f`` plain, under ``jax.jit`` or under ``jax.vmap`` (over a leading axis of 1)."""
     return {"plain": _plain, "jit": _jit, "vmap": _vmap}[request.param]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the tests marked ``slow`` first (otherwise in collection order).
+
+    With ``--dist loadgroup`` (see pyproject.toml) each worker takes the next
+    test as it frees up, so the long tests start early and do not leave one
+    worker running alone at the end.  A module whose tests share an expensive
+    module-scoped fixture is one ``xdist_group``: one worker runs it whole.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -117,6 +117,57 @@ def run_block(page: str, title: str, report: str, replace: dict[str, str] | None
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+_REPORTS = """
+import json, traceback
+results = {{}}
+for key, code, report in {scripts!r}:
+    namespace = {{"__name__": "__main__", "__builtins__": __builtins__}}
+    try:
+        exec(compile(code, key, "exec"), namespace)
+        results[key] = [None, eval(report, namespace)]
+    except BaseException:
+        results[key] = [traceback.format_exc(), None]
+    del namespace
+print(json.dumps(results))
+"""
+
+
+class BlockFailed(AssertionError):
+    """A block run by :func:`run_blocks` raised: the message holds its traceback."""
+
+
+def run_blocks(runs: dict[str, tuple[str, str, str, dict[str, str] | None]]) -> dict:
+    """:func:`run_block` for several blocks, one after the other in one fresh interpreter.
+
+    ``runs`` maps a key to ``(page, title, report, replace)`` as :func:`run_block`
+    takes them; each block runs as a script would, in a fresh ``__main__``
+    namespace of its own.  Returns each key's report value, or for a block that
+    raised, a :class:`BlockFailed` holding its traceback (to raise in its test).
+    """
+    scripts = []
+    for key, (page, title, report, replace) in runs.items():
+        code = code_block(page, title)
+        for old, new in (replace or {}).items():
+            assert old in code, f"{old!r} not in the block {title!r} of docs/{page}"
+            code = code.replace(old, new)
+        scripts.append((key, code, report))
+    run = run_script(_REPORTS.format(scripts=scripts))
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    return {
+        key: BlockFailed(f"{key} raised:\n{error}") if error else value
+        for key, (error, value) in results.items()
+    }
+
+
+def reported(results: dict, key: str):
+    """``results[key]`` of :func:`run_blocks`, raising the block's failure if it raised."""
+    value = results[key]
+    if isinstance(value, BlockFailed):
+        raise value
+    return value
+
+
 _DOCTEST = """
 import doctest, importlib, json
 runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)

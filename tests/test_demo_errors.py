@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("optax")
+# The module-scoped fixtures (a demo run, the compilation cache) are set up on one worker.
+pytestmark = pytest.mark.xdist_group("test_demo_errors")
 
 from blocksparse_jax.__main__ import main  # noqa: E402
 from blocksparse_jax.demo import _corpus, _report, _train  # noqa: E402

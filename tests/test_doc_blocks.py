@@ -10,10 +10,17 @@ The rules, in order:
 * the layers guide's titled scripts run in ``test_layers.py``, which checks what
   they print;
 * a block listed in :data:`NOT_RUN` is not run, for the reason given there;
-* every other block runs on its own in a fresh interpreter with JAX's default
-  settings; one that builds a mesh (``jax.make_mesh``) gets eight host CPU
-  devices, as the suite's multi-device tests do.
+* every other block runs on its own, in a namespace of its own, in a fresh
+  interpreter with JAX's default settings; one that builds a mesh
+  (``jax.make_mesh``) gets eight host CPU devices, as the suite's multi-device
+  tests do.  The blocks that get the same devices share one interpreter (one
+  JAX start-up), run one after the other; each is its own test, failing with
+  its own traceback.
 """
+
+import functools
+import json
+import subprocess
 
 import pytest
 
@@ -72,8 +79,45 @@ def test_the_rules_name_existing_blocks():
     assert len(RUNNABLE) >= 5, [b.name for b in RUNNABLE]
 
 
+def _xla_flags(block: Block) -> str | None:
+    return "--xla_force_host_platform_device_count=8" if "jax.make_mesh" in block.code else None
+
+
+# Runs each (name, code) as ``python -c code`` would (a fresh ``__main__`` namespace);
+# prints, as its last line, each name with ``None`` or the traceback of what it raised.
+_GROUP_RUNNER = """
+import json, traceback
+results = {{}}
+for name, code in {blocks!r}:
+    namespace = {{"__name__": "__main__", "__builtins__": __builtins__}}
+    try:
+        exec(compile(code, name, "exec"), namespace)
+    except BaseException:
+        results[name] = traceback.format_exc()
+    else:
+        results[name] = None
+    del namespace
+print(json.dumps(results))
+"""
+
+
+@functools.cache
+def _run_group(xla_flags: str | None) -> tuple[subprocess.CompletedProcess, dict]:
+    """Runs every runnable block with these flags in one fresh interpreter: (run, results)."""
+    blocks = [(b.name, b.code) for b in RUNNABLE if _xla_flags(b) == xla_flags]
+    run = run_script(_GROUP_RUNNER.format(blocks=blocks), xla_flags=xla_flags)
+    lines = run.stdout.strip().splitlines()
+    try:
+        results = json.loads(lines[-1]) if run.returncode == 0 and lines else {}
+    except json.JSONDecodeError:
+        results = {}
+    return run, results
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("doc_blocks")  # one worker runs each group's interpreter once
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.name for b in RUNNABLE])
 def test_self_contained_block_runs(block):
-    flags = "--xla_force_host_platform_device_count=8" if "jax.make_mesh" in block.code else None
-    run = run_script(block.code + "\nprint('block ran')\n", xla_flags=flags)
-    assert run.returncode == 0 and "block ran" in run.stdout, run.stdout + run.stderr
+    run, results = _run_group(_xla_flags(block))
+    assert block.name in results, run.stdout + run.stderr
+    assert results[block.name] is None, f"{block.name} raised:\n{results[block.name]}"

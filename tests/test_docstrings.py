@@ -13,6 +13,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import blocksparse_jax
 from blocksparse_jax import parallel
 from tests.doc_blocks import reader_env
@@ -50,6 +52,7 @@ def _public_functions():
     return names
 
 
+@pytest.mark.slow
 def test_docstring_examples():
     env = reader_env()
     root = pathlib.Path(__file__).resolve().parents[1]

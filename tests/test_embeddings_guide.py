@@ -30,6 +30,7 @@ def _replace(code: str, replace: dict[str, str]) -> str:
     return code
 
 
+@pytest.mark.slow
 def test_guide_training_loops_one_device_and_a_mesh():
     first = code_block("embeddings.md", "train_embeddings.py")
     sharded = code_block("embeddings.md", "train_embeddings_sharded.py")

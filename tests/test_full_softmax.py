@@ -304,6 +304,7 @@ def test_filtered_sparse_rule_equals_the_custom_vjp(n_outputs, chunk, bias):
     assert 0 < touched.sum() < layout.n_blocks
 
 
+@pytest.mark.slow
 def test_value_and_sparse_grad_gives_the_kept_blocks_and_lazy_updates_them():
     """Through value_and_sparse_grad, W's gradient holds the kept chunks and the targets' blocks."""
     optax = pytest.importorskip("optax")

@@ -384,6 +384,7 @@ def test_leading_batch_dimensions():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_jacrev_and_second_derivatives_match_the_reference():
     p, x, t = params(), xs(2), jnp.array([4, 10])
     f = lambda x: bsj.h_log_softmax(x, p, t, class_sizes=SIZES)
@@ -422,6 +423,7 @@ def mesh14():
     return jax.make_mesh((1, 4), ("data", "model"))
 
 
+@pytest.mark.slow
 def test_parallel_refuses_what_one_device_refuses(mesh14):
     p3 = bsj.h_softmax_init(jax.random.key(0), N_IN, 9, n_classes=3, dtype=jnp.float64)  # 3 x 3
     sharded = parallel.shard_params(p3, mesh14)  # padded to 4 classes

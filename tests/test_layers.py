@@ -6,6 +6,7 @@ read, jitted, trained and split into parameters) is in the two small adapters
 below; the tests themselves are written once.
 """
 
+import functools
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import blocksparse_jax as bsj
 import blocksparse_jax.equinox
 import blocksparse_jax.flax
 from blocksparse_jax._layers import SoftmaxOutput
-from tests.doc_blocks import run_block, run_doctests
+from tests.doc_blocks import reported, run_blocks, run_doctests
 
 N_IN = 12
 # The scripts of docs/layers.md these tests run (and tests/test_doc_blocks.py does not).
@@ -229,6 +230,7 @@ def test_hsoftmax_matches_functional_api(fw, with_layout):
     assert (layer.n_in, layer.n_outputs, layer.n_classes) == (N_IN, 40, layer.config.n_classes)
 
 
+@pytest.mark.slow
 def test_hsoftmax_one_example_vmap_and_jit(fw):
     layer = fw.make("HSoftmax", N_IN, layout=LAYOUT)
     x, words = _data(4)
@@ -263,9 +265,40 @@ def test_hsoftmax_trains_and_keeps_its_layout(fw):
     assert np.mean(np.asarray(trained.predict(x)) == np.asarray(words)) > 0.5
 
 
-def test_documented_training_loop_runs_and_learns(fw):
+def _adaptive_softmax_replace(fw):
+    """docs/layers.md: AdaptiveSoftmax "drops into the training loops above in place of HSoftmax"."""
+    module = fw.module.__name__
+    make = {"flax": "rngs=rngs", "equinox": "key=k_softmax"}[fw.name]
+    replace = {
+        f"from {module} import HSoftmax": f"from {module} import AdaptiveSoftmax",
+        f"HSoftmax(n_in, n_words, layout=layout, {make})": (
+            f"AdaptiveSoftmax(n_in, n_words, [200, 800], {make})"
+        ),
+    }
+    if fw.name == "equinox":
+        replace["softmax: HSoftmax"] = "softmax: AdaptiveSoftmax"
+    return replace
+
+
+@functools.cache
+def _documented_runs(fw):
+    """docs/layers.md's training scripts of ``fw`` (and the loop with the adaptive softmax),
+    run one after the other in one fresh interpreter: the reports of :func:`run_blocks`."""
+    train, sparse = DOC_SCRIPTS[fw.name]
     report = "[losses, list(predicted.shape), batch]"
-    losses, predicted_shape, batch = run_block("layers.md", DOC_SCRIPTS[fw.name][0], report)
+    return run_blocks(
+        {
+            "train": ("layers.md", train, report, None),
+            "sparse": ("layers.md", sparse, report, None),
+            "adaptive": ("layers.md", train, "losses", _adaptive_softmax_replace(fw)),
+        }
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("layers_doc_scripts")  # one worker runs _documented_runs once
+def test_documented_training_loop_runs_and_learns(fw):
+    losses, predicted_shape, batch = reported(_documented_runs(fw), "train")
     assert losses[-1] < 0.5 * losses[0], losses
     assert predicted_shape == [batch]
 
@@ -274,6 +307,7 @@ def test_documented_training_loop_runs_and_learns(fw):
 # BlockSparseLinear
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_block_sparse_linear_matches_functional_api(fw, use_bias):
     layer = fw.make("BlockSparseLinear", 5, 6, 4, 3, use_bias=use_bias)
@@ -322,6 +356,7 @@ def test_block_sparse_linear_trains(fw):
 # Both layers: docstrings, scopes, bad arguments, imports
 
 
+@pytest.mark.slow
 def test_docstring_examples(fw):
     assert run_doctests(fw.module.__name__) >= 10
 
@@ -400,6 +435,7 @@ except ModuleNotFoundError as e:
 """
 
 
+@pytest.mark.slow
 def test_the_frameworks_are_imported_on_first_use():
     run = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -479,19 +515,10 @@ def test_adaptive_softmax_trains(fw):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("layers_doc_scripts")
 def test_documented_training_loop_with_the_adaptive_softmax(fw):
-    # docs/layers.md: AdaptiveSoftmax "drops into the training loops above in place of HSoftmax".
-    module = fw.module.__name__
-    make = {"flax": "rngs=rngs", "equinox": "key=k_softmax"}[fw.name]
-    replace = {
-        f"from {module} import HSoftmax": f"from {module} import AdaptiveSoftmax",
-        f"HSoftmax(n_in, n_words, layout=layout, {make})": (
-            f"AdaptiveSoftmax(n_in, n_words, [200, 800], {make})"
-        ),
-    }
-    if fw.name == "equinox":
-        replace["softmax: HSoftmax"] = "softmax: AdaptiveSoftmax"
-    losses = run_block("layers.md", DOC_SCRIPTS[fw.name][0], "losses", replace=replace)
+    losses = reported(_documented_runs(fw), "adaptive")
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -661,6 +688,8 @@ def _check_sparse_step(fw, model, loss_of, *, jit=False):
     return sparse
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("layers_sparse_steps")  # shares eager compilations
 def test_hsoftmax_trains_sparsely(fw):
     model = fw.bigram(seed=0)
     words = jax.random.randint(jax.random.key(1), (64,), 0, 40)
@@ -692,6 +721,8 @@ def test_hsoftmax_trains_sparsely(fw):
     jax.tree.map(np.testing.assert_array_equal, fw.layout(model.softmax), layout_before)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("layers_sparse_steps")  # shares eager compilations
 def test_block_sparse_linear_trains_sparsely(fw):
     layer = fw.make("BlockSparseLinear", 4, 5, 6, 3)
     k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
@@ -702,6 +733,8 @@ def test_block_sparse_linear_trains_sparsely(fw):
     assert sparse == {"W", "b"}, sparse
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("layers_sparse_steps")  # shares eager compilations
 def test_embed_equals_the_lookup_and_trains_sparsely(fw):
     layer = fw.make("Embed", 50, 6)
     table = layer._table()
@@ -759,8 +792,9 @@ def test_full_and_sampled_softmax_in_rows(fw):
     assert sparse == {"W", "b"}, sparse
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("layers_doc_scripts")
 def test_documented_sparse_training_loop_runs_and_learns(fw):
-    report = "[losses, list(predicted.shape), batch]"
-    losses, predicted_shape, batch = run_block("layers.md", DOC_SCRIPTS[fw.name][1], report)
+    losses, predicted_shape, batch = reported(_documented_runs(fw), "sparse")
     assert losses[-1] < 0.5 * losses[0], losses
     assert predicted_shape == [batch]

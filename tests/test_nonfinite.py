@@ -182,6 +182,7 @@ def _make_hostile(shape_name, seed, places, alpha, n_bad_idx):
     return a
 
 
+@pytest.mark.slow
 @PROFILE
 @given(problem=hostile())
 def test_every_strategy_matches_gather_on_hostile_values(problem):

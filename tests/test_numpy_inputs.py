@@ -253,6 +253,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_numpy_inputs(name):
     """Eager and jitted calls on NumPy arrays give the values of a jitted call on JAX arrays."""

@@ -5,6 +5,8 @@ when every block is touched on every step; lazy semantics (untouched blocks
 and their state unchanged) otherwise.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,8 @@ from blocksparse_jax import SparseBlockGrad, embedding_lookup, value_and_sparse_
 from blocksparse_jax.optim import apply_updates, lazy
 
 F32 = jnp.float32
+# The tests of the combinators share their jitted steps (_step, _lazy): one worker runs them.
+pytestmark = pytest.mark.xdist_group("test_optax_contract")
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +45,15 @@ def _run(tx, steps, *, sparse, order="lazy", extra=None):
     """``len(steps)`` jitted steps of ``tx``; ``order`` applies ``outside`` after ``lazy(...)``."""
     params = _params()
     state = tx.init(params)
+    step = _step(tx, sparse, extra)
+    for ids in steps:
+        params, state = step(params, state, ids)
+    return params, state
+
+
+@functools.cache
+def _step(tx, sparse, extra):
+    """The jitted step of ``tx``: runs of the same ``tx`` (see :func:`_lazy`) share its compilations."""
 
     @jax.jit
     def step(params, state, ids):
@@ -52,9 +65,7 @@ def _run(tx, steps, *, sparse, order="lazy", extra=None):
         u, state = tx.update(g, state, params, **kwargs)
         return apply_updates(params, u), state
 
-    for ids in steps:
-        params, state = step(params, state, ids)
-    return params, state
+    return step
 
 
 COMBINATORS = {
@@ -128,9 +139,15 @@ COMBINATORS = {
 }
 
 
+@functools.cache
+def _lazy(name):
+    """``COMBINATORS[name]``'s sparse transformation, built once for the two tests that run it."""
+    return COMBINATORS[name]()[0]
+
+
 @pytest.mark.parametrize("name", list(COMBINATORS))
 def test_every_combinator_equals_the_dense_optimizer_when_every_block_is_touched(name):
-    sparse_tx, dense_tx = COMBINATORS[name]()
+    sparse_tx, dense_tx = _lazy(name), COMBINATORS[name]()[1]
     got = _run(sparse_tx, ALL_ROWS, sparse=True)
     want = _run(dense_tx, ALL_ROWS, sparse=False)
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
@@ -177,11 +194,17 @@ def test_index_arrays_are_never_leaves():
     )
 
 
+@pytest.mark.slow
 def test_lazy_semantics_with_combinators_leave_untouched_rows_alone():
-    """Rows no step touches keep their parameters and their state, whatever wraps lazy."""
-    steps = [jnp.array([1, 2, 2]), jnp.array([2, 5])]
-    for name, make in COMBINATORS.items():
-        tx, _ = make()
+    """Rows no step touches keep their parameters and their state, whatever wraps lazy.
+
+    The steps have the shapes of ``ALL_ROWS``: this test and the one above share
+    the jitted steps' compilations.
+    """
+    steps = [jnp.array([1, 2, 2, 1, 2, 1, 2, 2, 1, 1]), jnp.array([2, 5, 5, 2, 5, 2, 2, 5])]
+    assert [s.shape for s in steps] == [r.shape for r in ALL_ROWS]
+    for name in COMBINATORS:
+        tx = _lazy(name)
         params, state = _run(tx, steps, sparse=True)
         before = _params()["emb"]
         for row in (0, 3, 4, 6, 7):
@@ -214,6 +237,7 @@ def test_non_finite_step_is_skipped_lazily():
         chex.assert_trees_all_equal(new, params)
 
 
+@pytest.mark.slow
 def test_noisy_sgd_draws_independent_noise_per_row():
     table = jnp.zeros((64, 4), F32)
     ids = jnp.arange(0, 64, 2)  # 32 rows touched, all with the same gradient

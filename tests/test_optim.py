@@ -83,6 +83,7 @@ def test_hsoftmax_grads_equal_dense(wrap, reduction):
     chex.assert_trees_all_close((v, g), (want_v, want_g), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_hsoftmax_sparse_leaves_hold_the_target_classes():
     params, x, t = _hs_case()
     _, g = value_and_sparse_grad(lambda p: h_softmax_loss(x, p, t, n_outputs=100))(params)
@@ -198,6 +199,7 @@ def _stacked_loss(p, h, i1, o1, o2):
     return jnp.mean(sparse_block_dot(p["B"], jnp.tanh(z), o1, b, o2) ** 2)
 
 
+@pytest.mark.slow
 def test_stacked_sparse_layers_grads_and_in_place_update(optax_promotion):
     rng = np.random.default_rng(11)
     p = {k: jnp.asarray(rng.standard_normal((4, 4, 3, 3)), F32) for k in ("A", "B")}
@@ -495,6 +497,7 @@ def test_lazy_under_vmap_and_mixed_trees(optax_promotion):
     np.testing.assert_allclose(new["w"], w - 0.5 * (table[1] + table[2]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_elementwise_check(optax_promotion):
     """Element-wise transformations run a chunk at a time; the others on all touched blocks at once."""
     from blocksparse_jax.optim._lazy import _is_elementwise
@@ -625,6 +628,7 @@ def _layer_step_temp(monkeypatch, *, chunks: bool):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_chunked_update_of_small_blocks_stays_within_its_budget(monkeypatch, optax_promotion):
     shape = (256, 256, 16, 16)
     W_bytes = math.prod(shape) * 4
@@ -643,6 +647,7 @@ def test_chunked_update_of_small_blocks_stays_within_its_budget(monkeypatch, opt
     assert chunked <= loop + W_bytes // 16, (chunked, loop)
 
 
+@pytest.mark.slow
 def test_every_path_gives_the_same_update_for_unsorted_pairs(monkeypatch, optax_promotion):
     """Pairs in the order the ops report them (not by block), over many chunks of 3 blocks."""
     rng = np.random.default_rng(3)
@@ -670,6 +675,7 @@ def test_top_level_names():
     assert blocksparse_jax.optim.lazy is lazy
 
 
+@pytest.mark.slow
 def test_optim_docstring_examples():
     """The examples of the optim modules (the shared docstring test covers the top-level names)."""
     import doctest

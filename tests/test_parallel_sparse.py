@@ -97,6 +97,7 @@ def test_block_sparse_ops_train_lazily_over_a_mesh(mesh, op):
     assert max(_all_gather_sizes(hlo), default=0) < W.size // 4
 
 
+@pytest.mark.slow
 def test_hsoftmax_trains_lazily_over_a_mesh():
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     V, n_in, batch = 60, 8, 8

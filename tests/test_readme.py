@@ -9,11 +9,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.doc_blocks import reader_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_readme_examples_run():
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```$", text, re.M | re.S)

@@ -217,6 +217,7 @@ def test_sparse_rules_hold_only_the_columns_read(rows):
     assert set(np.flatnonzero(moved).tolist()) <= set(in_range.tolist())
 
 
+@pytest.mark.slow
 def test_value_and_sparse_grad_holds_the_columns_read_and_lazy_updates_them():
     optax = pytest.importorskip("optax")
     from blocksparse_jax import SparseBlockGrad, value_and_sparse_grad

@@ -224,6 +224,7 @@ def test_sparse_equals_dense(op, transform):
     assert kinds_seen == [kinds]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", list(OPS))
 def test_outer_grad_through_value_and_gradient(op):
     """An outer ``jax.grad`` / ``jax.jacrev`` through ``value_and_sparse_grad`` is that of ``jax.value_and_grad``."""
