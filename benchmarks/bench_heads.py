@@ -439,7 +439,10 @@ def main(argv=None):
     )
     rows, load_start = [], os.getloadavg()
     for race in races:
+        race_load = os.getloadavg()
         row = funcs[race](vocab, warmup=args.warmup, rounds=args.rounds)
+        row["rounds"] = args.rounds
+        row["load_average"] = {"start": race_load, "end": os.getloadavg()}
         rows.append(row)
         print(f"\n[{race}]")
         for name, v in row["ms"].items():
@@ -467,6 +470,7 @@ def main(argv=None):
         rounds=args.rounds,
         rows=rows,
         load_average={"start": load_start, "end": os.getloadavg()},
+        note="each row carries the rounds and the load average of the run that measured it",
     )
     if not args.quick:
         if os.path.exists(args.out):  # keep the races this run did not measure
