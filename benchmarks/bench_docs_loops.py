@@ -21,7 +21,9 @@ guide's opening step at 1,000,000 x 32):
 * ``guide_rnn``: its recurrent language model (``lax.scan`` over 8 steps);
 * ``flax``, ``equinox``: the layers guide's sparse scripts (Embed + HSoftmax);
 * ``table``: the README's ``train_step`` on a 1,000,000 x 32 embedding table
-  looked up 4,096 times (Zipf ids), lazy Adam.
+  looked up 4,096 times (Zipf ids), lazy Adam;
+* ``heads_sampled``: the heads guide's sampled softmax trained lazily (``W``
+  in rows, 50,000 words, batch 32, 512 samples; one key for every step).
 
 Medians of alternated calls (``benchmarks._timing.time_round_robin``), an
 untimed pause after every call.  Run::
@@ -154,6 +156,23 @@ def case_guide_lm(index: int):
     }
 
 
+def case_heads_sampled():
+    from blocksparse_jax import sampled_softmax_loss
+
+    code = next(c for t, c in blocks("docs/heads.md") if t == "sampled softmax, trained lazily")
+    ns = run_block(code)
+    key = jax.random.key(10)
+    x, target = ns["x"], ns["target"]
+
+    def loss_fn(p, key):
+        return sampled_softmax_loss(key, x, p, target, n_sampled=512)
+
+    return {
+        "documented (lazy)": (ns["train_step"], [ns["params"], ns["opt_state"]], (key,)),
+        "dense": dense_twin(loss_fn, ns["params"], (key,)),
+    }
+
+
 def case_layers(framework: str):
     from blocksparse_jax import embedding_lookup, h_softmax_loss
     from blocksparse_jax.optim import apply_updates, lazy
@@ -201,6 +220,7 @@ CASES = {
     "guide_rnn": lambda: case_guide_lm(1),
     "flax": lambda: case_layers("flax"),
     "equinox": lambda: case_layers("equinox"),
+    "heads_sampled": case_heads_sampled,
 }
 
 
@@ -230,11 +250,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--out", default=os.path.join(HERE, "bench_docs_loops.json"))
     args = p.parse_args(argv)
-    rows = []
-    for name in args.cases.split(","):
+    rows, names = [], args.cases.split(",")
+    for name in names:
         row = bench(name, repeats=args.repeats)
+        row["load_average"] = os.getloadavg()
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if os.path.exists(args.out):  # keep the cases this run did not measure
+        with open(args.out) as f:
+            rows = [r for r in json.load(f)["rows"] if r["case"] not in names] + rows
     with open(args.out, "w") as f:
         json.dump({"machine": machine_info(), "settle_s": SETTLE_S, "rows": rows}, f, indent=1)
 

@@ -63,8 +63,8 @@ class LeafUpdate(NamedTuple):
 
 
 class Result(NamedTuple):
-    param: jax.Array  # the parameter plus the update (view)
-    entries: list  # the new state entries (views)
+    param: jax.Array  # the parameter plus the update (the view, its block axes maybe merged)
+    entries: list  # the new state entries (likewise)
     values: jax.Array  # (capacity, *block_shape) the update of each slot
 
 
