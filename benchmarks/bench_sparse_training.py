@@ -240,7 +240,8 @@ LAYERS = {
 }
 
 
-def bench_layer(name, shape, *, warmup, repeats):
+def layer_problem(shape):
+    """``(W, b, h, ii, oi, loss(params, h))`` of a layer of ``LAYERS``' shape, random windows."""
     batch, ib, ob, iw, ow, isz, osz = shape
     rng = np.random.default_rng(1)
     W = jnp.asarray(rng.standard_normal((ib, ob, isz, osz)) / np.sqrt(isz * iw), jnp.float32)
@@ -249,6 +250,12 @@ def bench_layer(name, shape, *, warmup, repeats):
     ii = jnp.asarray(rng.integers(0, ib, (batch, iw)), jnp.int32)
     oi = jnp.asarray(rng.integers(0, ob, (batch, ow)), jnp.int32)
     loss = lambda p, h: jnp.mean(jnp.tanh(sparse_block_dot(p["W"], h, ii, p["b"], oi)) ** 2)
+    return W, b, h, ii, oi, loss
+
+
+def bench_layer(name, shape, *, warmup, repeats):
+    _, ib, ob, *_ = shape
+    W, b, h, ii, oi, loss = layer_problem(shape)
     adam, ltx = optax.adam(LR), lazy(optax.adam(LR))
     pd = {"W": W, "b": b}
     pl = {"W": W + 0, "b": b + 0}

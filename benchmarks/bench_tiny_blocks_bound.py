@@ -37,23 +37,18 @@ import optax
 
 from benchmarks._machine import machine_info
 from benchmarks._timing import time_round_robin
-from blocksparse_jax import sparse_block_dot, value_and_sparse_grad
+from benchmarks.bench_sparse_training import LAYERS, layer_problem
+from blocksparse_jax import value_and_sparse_grad
 from blocksparse_jax.optim import apply_updates, lazy
 
-SHAPE = (1024, 256, 256, 8, 8, 16, 16)  # bench_sparse_training's S4
+SHAPE = LAYERS["S4"]
 SETTLE_S = 0.3
 LR = 1e-3
 
 
 def runners():
-    batch, ib, ob, iw, ow, isz, osz = SHAPE
-    rng = np.random.default_rng(1)  # bench_sparse_training's layer problem
-    W = jnp.asarray(rng.standard_normal((ib, ob, isz, osz)) / np.sqrt(isz * iw), jnp.float32)
-    b = jnp.zeros((ob, osz), jnp.float32)
-    h = jnp.asarray(rng.standard_normal((batch, iw, isz)), jnp.float32)
-    ii = jnp.asarray(rng.integers(0, ib, (batch, iw)), jnp.int32)
-    oi = jnp.asarray(rng.integers(0, ob, (batch, ow)), jnp.int32)
-    loss = lambda p, h: jnp.mean(jnp.tanh(sparse_block_dot(p["W"], h, ii, p["b"], oi)) ** 2)
+    _, ib, ob, _, _, isz, osz = SHAPE
+    W, b, h, ii, oi, loss = layer_problem(SHAPE)  # bench_sparse_training's layer problem
     touched = np.unique(np.asarray(ii)[:, :, None] * ob + np.asarray(oi)[:, None, :])
     adam, ltx = optax.adam(LR), lazy(optax.adam(LR))
 

@@ -192,12 +192,15 @@ def chunk_logits(x, W, b, k, plan: Plan) -> tuple[jax.Array, jax.Array, jax.Arra
     return start, Wc, cap(raw, plan.softcap)
 
 
+def output_weights(W, ids, rows: bool) -> jax.Array:
+    """``(len(ids), n_in)``: the weights of outputs ``ids``, from ``W`` in either layout."""
+    return jnp.take(W, ids, axis=0) if rows else jnp.take(W, ids, axis=1).T
+
+
 def target_logits(x, W, b, target, plan: Plan) -> tuple[jax.Array, jax.Array]:
     """``(the targets' weights (batch, n_in), the targets' capped logits (batch,))``."""
     dt, acc = dtypes(x, W, b)
-    Wt = jnp.take(W, target, axis=plan.out_axis).astype(dt)
-    if not plan.rows:
-        Wt = Wt.T
+    Wt = output_weights(W, target, plan.rows).astype(dt)
     raw = jnp.einsum("nd,nd->n", x.astype(dt), Wt, preferred_element_type=acc)
     if b is not None:
         raw = raw + b[target].astype(acc)

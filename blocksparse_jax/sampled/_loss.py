@@ -33,6 +33,7 @@ from blocksparse_jax import _sparse_sites as sites
 from blocksparse_jax._checks import as_array as _as_array
 from blocksparse_jax._checks import shape_str as _shape
 from blocksparse_jax._scope import named
+from blocksparse_jax.full._core import output_weights, outputs_dot
 from blocksparse_jax.full._params import FullSoftmaxParams, checked_target, prepare
 from blocksparse_jax.sampled._samplers import (
     SampledValues,
@@ -122,18 +123,9 @@ def _logits_jit(x, W, b, target, ids, *, rows):
         dt = _checks.common_float_dtype(x.dtype, W.dtype)
         acc = _checks.accumulation_dtype(x.dtype, W.dtype, *([] if b is None else [b.dtype]))
         x = x.astype(dt)
-        if rows:  # W (n_outputs, n_in): one row per class
-            true = jnp.einsum(
-                "nd,nd->n", x, jnp.take(W, target, axis=0).astype(dt), preferred_element_type=acc
-            )
-            sampled = jnp.einsum(
-                "nd,sd->ns", x, jnp.take(W, ids, axis=0).astype(dt), preferred_element_type=acc
-            )
-        else:
-            true = jnp.einsum(
-                "nd,dn->n", x, jnp.take(W, target, axis=1).astype(dt), preferred_element_type=acc
-            )
-            sampled = jnp.dot(x, jnp.take(W, ids, axis=1).astype(dt), preferred_element_type=acc)
+        Wt = output_weights(W, target, rows).astype(dt)
+        true = jnp.einsum("nd,nd->n", x, Wt, preferred_element_type=acc)
+        sampled = outputs_dot(x, output_weights(W, ids, rows).astype(dt), True, acc)
         if b is not None:
             true = true + b[target].astype(acc)
             sampled = sampled + b[ids].astype(acc)[None, :]
