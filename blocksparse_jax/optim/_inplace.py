@@ -303,8 +303,12 @@ def _by_block(leaf: LeafUpdate) -> Result:
         p = layout.update_block(p, k, _add(pb, ub), at)
         # The new parameter block reads the old state blocks: the state is written
         # after it (else XLA copies each state array to keep the old blocks readable).
+        # The new state blocks are computed again from the state read at the index
+        # they are written to, so that XLA updates each in place without a copy.
         k2 = after(k[None], layout.first(p, k[None]))[0]
         at2 = layout.block_start(k2)
+        eb2 = [layout.slice_block(e, k2, at2) for e in es]
+        _, eb_new = leaf.inner(gb.astype(g.dtype)[None], pb, eb2)
         es = [layout.update_block(e, k2, b, at2) for e, b in zip(es, eb_new, strict=True)]
         u_buf = lax.dynamic_update_slice_in_dim(u_buf, ub.astype(acc), s, 0)
         return (p, es), u_buf
