@@ -90,6 +90,9 @@ def time_round_robin(
     slow_s: float = math.inf,
     seed: int = 0,
     settle_s: float = 0.0,
+    burst: int = 1,
+    burst_s: float = 0.0,
+    first_calls: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Steady-state seconds of each runner, timed alternately.
 
@@ -101,17 +104,33 @@ def time_round_robin(
     running after its outputs are ready (XLA freeing a large temporary buffer)
     finishes before the next runner starts instead of landing in its time.
 
+    ``burst > 1`` or ``burst_s > 0`` times a runner as a training loop runs its
+    step: in each round it is called ``n`` times in a row, ``n`` the larger of
+    ``burst`` and the calls that fill ``burst_s`` seconds (at the speed of one
+    call made after the warm-up), with the pause after the last call only; the calls of
+    the second half of the burst (all but the first when ``n`` is 2 or 3) are
+    its times.  The calls just after a pause are slower for a while (threads
+    and caches woken up, other runners' data in the caches); the first call of
+    each burst goes to ``first_calls`` when given.
+
     Returns:
       ``{name: [seconds of each timed call]}``; take the median.
     """
     slow = set()
+    n_calls = {}
     for name, run in runners.items():
         for _ in range(warmup):
-            slow_call = _timed(run) > slow_s
+            last = _timed(run)
             time.sleep(settle_s)
-            if slow_call:
+            if last > slow_s:
                 slow.add(name)
                 break
+        fill = 1
+        if burst_s > 0 and name not in slow:
+            last = _timed(run)  # compiled by now: the speed of one call
+            time.sleep(settle_s)
+            fill = math.ceil(burst_s / max(last, 1e-6))
+        n_calls[name] = max(1, burst, fill)
     times = {name: [] for name in runners}
     order = list(runners)
     rng = random.Random(seed)
@@ -119,6 +138,10 @@ def time_round_robin(
         rng.shuffle(order)
         for name in order:
             if name not in slow or round_ == 0:
-                times[name].append(_timed(runners[name]))
+                n = n_calls[name]
+                calls = [_timed(runners[name]) for _ in range(n)]
                 time.sleep(settle_s)
+                times[name].extend(calls[max(1, n // 2) :] if n > 1 else calls)
+                if n > 1 and first_calls is not None:
+                    first_calls.setdefault(name, []).append(calls[0])
     return times
