@@ -97,8 +97,8 @@ def time_round_robin(
     """Steady-state seconds of each runner, timed alternately.
 
     Each runner is called ``warmup`` times (which also compiles it), then all are
-    called once per round for ``repeats`` rounds, in a new random order each round
-    (no runner always follows another).  A runner whose warm-up call took longer
+    called once (or in a burst, below) per round for ``repeats`` rounds, in a new
+    random order each round (no runner always follows another).  A runner whose warm-up call took longer
     than ``slow_s`` is timed in the first round only.  After every call the
     process pauses ``settle_s`` seconds (not timed), so that work a call leaves
     running after its outputs are ready (XLA freeing a large temporary buffer)
@@ -107,11 +107,11 @@ def time_round_robin(
     ``burst > 1`` or ``burst_s > 0`` times a runner as a training loop runs its
     step: in each round it is called ``n`` times in a row, ``n`` the larger of
     ``burst`` and the calls that fill ``burst_s`` seconds (at the speed of one
-    call made after the warm-up), with the pause after the last call only; the calls of
-    the second half of the burst (all but the first when ``n`` is 2 or 3) are
-    its times.  The calls just after a pause are slower for a while (threads
-    and caches woken up, other runners' data in the caches); the first call of
-    each burst goes to ``first_calls`` when given.
+    call made after the warm-up), with the pause after the last call only; the
+    calls of the second half of the burst (all but the first when ``n`` is 2 or
+    3) are its times.  The calls just after a pause are slower for a while
+    (threads and caches woken up, other runners' data in the caches); the first
+    call of each burst goes to ``first_calls`` when given.
 
     Returns:
       ``{name: [seconds of each timed call]}``; take the median.
