@@ -5,15 +5,28 @@ tests can build meshes; single-device tests simply use the first device.
 XLA's CPU backend compiles without LLVM's optimizations: most of the suite's
 time is compiling small programs, which then run a little slower; the HLO
 passes (and so the compiled memory analysis the tests assert on) are the same.
+Many tests compile the same programs (in other workers, in other tests, in the
+interpreters the documentation tests start), so the session shares JAX's
+persistent compilation cache in a temporary directory, which the process that
+made it removes at exit (unless ``JAX_COMPILATION_CACHE_DIR`` is set already).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # this process runs the session
+    _cache = tempfile.mkdtemp(prefix="blocksparse-jax-tests-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache  # inherited by workers and subprocesses
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
