@@ -418,7 +418,14 @@ def test_lazy_adam_in_chunks_equals_numpy_reference(distinct, monkeypatch, optax
 
 @pytest.mark.parametrize(
     "path_name,name",
-    [("vector", "adam"), ("loop", "adam"), ("vector", "adamw"), ("vector", "lion")],
+    [
+        ("vector", "adam"),
+        ("loop", "adam"),
+        ("vector", "adamw"),
+        ("loop", "adamw"),
+        ("vector", "lion"),
+        ("loop", "lion"),
+    ],
 )
 def test_lazy_equals_inner_when_every_block_is_touched(
     path_name, name, monkeypatch, optax_promotion
