@@ -24,57 +24,28 @@ import numpy as np
 
 from benchmarks._machine import machine_info
 from benchmarks._timing import _timed
-from benchmarks.bench_heads import BATCH, VOCAB, WIDTH, random_problem
+from benchmarks.bench_heads import BATCH, VOCAB, WIDTH, _step_runner, adam_step, random_problem
 
 
 def step_runners(vocab: int):
-    """``{name: (runner, steps to time)}``: the lazy hierarchical step and the dense exact step."""
+    """``{name: runner}``: the steps race's lazy hierarchical step and dense exact step."""
     import jax.numpy as jnp
     import optax
 
-    from blocksparse_jax import (
-        FullSoftmaxParams,
-        full_softmax_loss,
-        h_softmax_init,
-        h_softmax_loss,
-        value_and_sparse_grad,
-    )
-    from blocksparse_jax.optim import apply_updates, lazy, training_classes
+    from blocksparse_jax import FullSoftmaxParams, full_softmax_loss, h_softmax_init, h_softmax_loss
+    from blocksparse_jax.optim import lazy, training_classes
 
     x, W, t = random_problem(vocab)
     xj, tj = jnp.asarray(x), jnp.asarray(t)
-    adam, tx = optax.adam(1e-3), lazy(optax.adam(1e-3))
-
-    def hs_step(params, opt_state):
-        loss, grads = value_and_sparse_grad(lambda p: h_softmax_loss(xj, p, tj))(params)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = tx.update(grads, opt_state, params)
-        return apply_updates(params, updates), opt_state, loss
-
-    def exact_step(params, opt_state):
-        loss, grads = jax.value_and_grad(lambda p: full_softmax_loss(xj, p, tj))(params)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = adam.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
     n_classes = training_classes(vocab, n_in=WIDTH, batch=BATCH)
     hs = h_softmax_init(jax.random.key(1), WIDTH, vocab, n_classes=n_classes)
     exact = FullSoftmaxParams(jnp.asarray(W), jnp.zeros((vocab,), jnp.float32))
-    runners = {}
-    for name, fn, params, opt_state in (
-        ("hsoftmax_lazy_adam", hs_step, hs, tx.init(hs)),
-        ("exact_adam", exact_step, exact, adam.init(exact)),
-    ):
-        jitted = jax.jit(fn, donate_argnums=(0, 1))
-        state = [params, opt_state]
-
-        def run(jitted=jitted, state=state):
-            out = jitted(*state)
-            state[0], state[1] = out[0], out[1]
-            return out
-
-        runners[name] = run
-    return runners
+    hs_step = adam_step(lambda p: h_softmax_loss(xj, p, tj), lazily=True)
+    exact_step = adam_step(lambda p: full_softmax_loss(xj, p, tj), lazily=False)
+    return {
+        "hsoftmax_lazy_adam": _step_runner(hs_step, hs, lazy(optax.adam(1e-3)).init(hs)),
+        "exact_adam": _step_runner(exact_step, exact, optax.adam(1e-3).init(exact)),
+    }
 
 
 def main(argv=None):

@@ -297,37 +297,19 @@ def filter_race(vocab, *, warmup, rounds):
 def steps_race(vocab, *, warmup, rounds):
     import optax
 
-    from blocksparse_jax.optim import apply_updates, lazy, training_classes
+    from blocksparse_jax.optim import lazy, training_classes
 
     x, W, t = random_problem(vocab)
     xj, tj = jnp.asarray(x), jnp.asarray(t)
     params = FullSoftmaxParams(jnp.asarray(W), jnp.zeros((vocab,), jnp.float32))
     adam = optax.adam(1e-3)
-
-    def dense_step(loss_fn):
-        def step(params, opt_state, key):
-            loss, grads = jax.value_and_grad(loss_fn)(params, key)
-            with jax.numpy_dtype_promotion("standard"):
-                updates, opt_state = adam.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        return jax.jit(step, donate_argnums=(0, 1))
-
+    dense_step = lambda loss_fn: adam_step(loss_fn, lazily=False)
+    lazy_step = lambda loss_fn: adam_step(loss_fn, lazily=True)
     exact = dense_step(lambda p, key: full_softmax_loss(xj, p, tj))
     rows = params.to_rows()
     sampled_loss = lambda p, key: sampled_softmax_loss(key, xj, p, tj, n_sampled=N_SAMPLED)
     sampled = dense_step(sampled_loss)
     tx = lazy(adam)
-
-    def lazy_step(loss_fn):
-        def step(params, opt_state, *key):
-            loss, grads = value_and_sparse_grad(loss_fn)(params, *key)
-            with jax.numpy_dtype_promotion("standard"):
-                updates, opt_state = tx.update(grads, opt_state, params)
-            return apply_updates(params, updates), opt_state, loss
-
-        return jax.jit(step, donate_argnums=(0, 1))
-
     sampled_lazy = lazy_step(sampled_loss)
     n_classes = training_classes(vocab, n_in=WIDTH, batch=BATCH)  # the recommended count
     hs_params = h_softmax_init(jax.random.key(1), WIDTH, vocab, n_classes=n_classes)
@@ -372,6 +354,30 @@ def steps_race(vocab, *, warmup, rounds):
     fastest_exact = min(ms["exact_adam"], ms["exact_adam_rows"])
     row["fastest_exact_adam_over"] = {k: fastest_exact / v for k, v in ms.items()}
     return row
+
+
+def adam_step(loss_fn, *, lazily: bool):
+    """``loss_fn(params, *key)``'s jitted Adam step, parameters and state donated.
+
+    Dense: ``jax.value_and_grad`` + ``optax.adam``; ``lazily``:
+    ``value_and_sparse_grad`` + ``lazy(optax.adam)`` + ``optim.apply_updates``.
+    The step returns ``(params, opt_state, loss)``.
+    """
+    import optax
+
+    from blocksparse_jax.optim import apply_updates, lazy
+
+    tx = lazy(optax.adam(1e-3)) if lazily else optax.adam(1e-3)
+    grad_fn = value_and_sparse_grad if lazily else jax.value_and_grad
+    apply = apply_updates if lazily else optax.apply_updates
+
+    def step(params, opt_state, *key):
+        loss, grads = grad_fn(loss_fn)(params, *key)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(grads, opt_state, params)
+        return apply(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def _step_runner(step, params, opt_state, *extra):
